@@ -1,0 +1,138 @@
+"""What netdevs this node has: read from netlink (pyroute2) and sysfs.
+
+pyroute2's asyncio transport does not work under uvloop (pyroute2 #1335), and
+the main loop is uvloop, so netlink is read with the synchronous ``IPRoute`` in
+a worker thread (``scan``). The reading itself is a plain function so the CLI
+and tests can call it directly.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+from pyroute2 import IPRoute
+
+SYSFS = Path("/sys")
+PROCFS = Path("/proc")
+
+# Operational states in which a link can carry traffic. Virtual links that do
+# not report carrier stay "unknown" while up (the kernel's own convention).
+_USABLE_OPER_STATES = frozenset({"up", "unknown"})
+
+
+class NetDev(msgspec.Struct, frozen=True, kw_only=True):
+    """One network device of the node, as seen in one netns."""
+
+    name: str
+    ifindex: int
+    # Kernel driver behind the device (sysfs ``device/driver``); for a virtual
+    # device, its link kind ("veth", "bridge"...), which is what users write.
+    driver: str
+    kind: str | None = None
+    pci: str | None = None
+    mac: str | None = None
+    ipv4: tuple[str, ...] = ()
+    oper_state: str = "unknown"
+    admin_up: bool = False
+    rx_queues: int = 1
+    tx_queues: int = 1
+    numa_node: int | None = None
+    # True when no hardware device stands behind the netdev.
+    virtual: bool = True
+
+    @property
+    def link_up(self) -> bool:
+        """Administratively up and operationally usable."""
+        return self.admin_up and self.oper_state in _USABLE_OPER_STATES
+
+
+def _pci_address(device_dir: Path) -> str | None:
+    """The PCI function behind a netdev's ``device`` link, walking up through
+    intermediate buses such as virtio (``0000:00:03.0/virtio2``)."""
+    try:
+        path = device_dir.resolve(strict=True)
+    except OSError:
+        return None
+    for node in (path, *path.parents):
+        subsystem = node / "subsystem"
+        if subsystem.is_symlink() and subsystem.resolve().name == "pci":
+            return node.name
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _sysfs_facts(name: str, sysfs: Path) -> tuple[str | None, str | None, int | None]:
+    """(driver, pci, numa_node) from sysfs; all None for virtual devices."""
+    device = sysfs / "class" / "net" / name / "device"
+    if not device.exists():
+        return None, None, None
+    driver_link = device / "driver"
+    driver = driver_link.resolve().name if driver_link.exists() else None
+    numa = _read_int(device / "numa_node")
+    return driver, _pci_address(device), (numa if numa is not None and numa >= 0 else None)
+
+
+def build_netdevs(
+    links: Iterable[Any], addrs: Iterable[Any], sysfs: Path = SYSFS
+) -> tuple[NetDev, ...]:
+    """Turn netlink link and IPv4 address messages into NetDevs, sorted by name."""
+    ipv4: dict[int, list[str]] = {}
+    for a in addrs:
+        ipv4.setdefault(a["index"], []).append(f"{a.get('address')}/{a['prefixlen']}")
+    out = []
+    for m in links:
+        name = m.get("ifname")
+        if not name:
+            continue
+        info = m.get("linkinfo")
+        kind = info.get("kind") if info is not None else None
+        driver, pci, numa = _sysfs_facts(name, sysfs)
+        mac = m.get("address")
+        out.append(
+            NetDev(
+                name=name,
+                ifindex=m["index"],
+                driver=driver or kind or "",
+                kind=kind,
+                pci=pci,
+                mac=mac.lower() if mac else None,
+                ipv4=tuple(ipv4.get(m["index"], ())),
+                oper_state=str(m.get("operstate") or "unknown").lower(),
+                admin_up=bool(m["flags"] & 1),  # IFF_UP
+                rx_queues=m.get("num_rx_queues") or 1,
+                tx_queues=m.get("num_tx_queues") or 1,
+                numa_node=numa,
+                virtual=driver is None,
+            )
+        )
+    out.sort(key=lambda d: d.name)
+    return tuple(out)
+
+
+def read_inventory(sysfs: Path = SYSFS) -> tuple[NetDev, ...]:
+    """Read the netdevs of the calling thread's netns (blocking)."""
+    with IPRoute() as ipr:
+        links = ipr.get_links()
+        addrs = ipr.get_addr(family=socket.AF_INET)
+    return build_netdevs(links, addrs, sysfs)
+
+
+async def scan(sysfs: Path = SYSFS) -> tuple[NetDev, ...]:
+    """``read_inventory`` off the event loop; safe under uvloop."""
+    return await anyio.to_thread.run_sync(read_inventory, sysfs)
+
+
+def unprivileged_bpf_disabled(procfs: Path = PROCFS) -> int | None:
+    """``kernel.unprivileged_bpf_disabled``, or None when it cannot be read."""
+    return _read_int(procfs / "sys" / "kernel" / "unprivileged_bpf_disabled")

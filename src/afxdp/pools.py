@@ -1,0 +1,257 @@
+"""Pools: which of the node's netdevs each pool takes, and their states. No I/O.
+
+``assemble`` applies the seed README's rules to a config, the node's inventory
+and the node's name. The rules, in order, per pool (config order):
+
+- a pool that ``requiresUnprivilegedBpf`` takes nothing where the node forbids it;
+- the first ``nodes[]`` entry naming this node replaces the pool's drivers and
+  devices (an entry with neither makes the pool take nothing here);
+- explicit devices (by name, MAC or PCI) come first, then each driver's
+  devices sorted by name (deterministic, unlike the original), minus its
+  ``excludeDevices``, minus IPv4-addressed ones with ``excludeAddressed``, at
+  most ``primary`` of them;
+- a netdev is in at most one pool (the first in config order wins); names
+  starting with a reserved prefix are never pooled;
+- in cdq mode each primary backs secondaries named by the provider, at most
+  ``secondary`` of them (device's, else driver's, else the provider's capacity);
+- pools that end up empty are not advertised.
+
+A virtual netdev has no PCI device; its "driver" is its link kind (``veth``),
+so it is reached only when the config names that kind, its name or its MAC.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from afxdp import config as cfg
+from afxdp.errors import DeviceError
+from afxdp.inventory import NetDev
+from afxdp.secondary import SecondaryDeviceProvider
+
+PROHIBITED_PREFIXES = ("eno", "eth", "lo", "docker", "flannel", "cni")
+
+
+class DeviceState(enum.Enum):
+    FREE = "free"
+    ALLOCATED = "allocated"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass
+class PoolDevice:
+    """A device a pool advertises. Its ID is its netdev name."""
+
+    id: str
+    numa_node: int | None = None
+    # For cdq secondaries: the primary netdev and the 1-based secondary index.
+    parent: str | None = None
+    index: int | None = None
+    healthy: bool = True
+    allocated: bool = False
+
+    @property
+    def state(self) -> DeviceState:
+        if not self.healthy:
+            return DeviceState.UNHEALTHY
+        return DeviceState.ALLOCATED if self.allocated else DeviceState.FREE
+
+
+@dataclass
+class Pool:
+    """One advertised pool and the bookkeeping of its devices."""
+
+    config: cfg.Pool
+    devices: dict[str, PoolDevice] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def check_allocatable(self, ids: Sequence[str]) -> None:
+        """Raise DeviceError naming every ID that cannot be allocated, and why."""
+        problems = []
+        for dev_id, count in _counts(ids).items():
+            dev = self.devices.get(dev_id)
+            if dev is None:
+                problems.append(f"{dev_id}: unknown device in pool {self.name}")
+            elif count > 1:
+                problems.append(f"{dev_id}: requested {count} times")
+            elif dev.state is not DeviceState.FREE:
+                problems.append(f"{dev_id}: {dev.state.value}")
+        if problems:
+            raise DeviceError("; ".join(problems))
+
+    def allocate(self, ids: Sequence[str]) -> None:
+        """Mark ``ids`` allocated, all or none."""
+        self.check_allocatable(ids)
+        for dev_id in ids:
+            self.devices[dev_id].allocated = True
+
+    def release(self, ids: Iterable[str]) -> None:
+        """Mark ``ids`` free again; unknown IDs are ignored (release is idempotent)."""
+        for dev_id in ids:
+            dev = self.devices.get(dev_id)
+            if dev is not None:
+                dev.allocated = False
+
+    def set_link(self, netdev: str, healthy: bool) -> list[str]:
+        """Apply a link's health to the devices it carries; return the IDs that changed."""
+        changed = []
+        for dev in self.devices.values():
+            if netdev in (dev.id, dev.parent) and dev.healthy != healthy:
+                dev.healthy = healthy
+                changed.append(dev.id)
+        return changed
+
+
+def _counts(ids: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in ids:
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+@dataclass
+class Assembly:
+    """The pools of this node and what was skipped on the way, for the log."""
+
+    pools: list[Pool]
+    warnings: list[str]
+
+
+def is_prohibited(name: str) -> bool:
+    return name.startswith(PROHIBITED_PREFIXES)
+
+
+class _Index:
+    """The inventory looked up by name, MAC, PCI address and driver."""
+
+    def __init__(self, netdevs: Iterable[NetDev]) -> None:
+        self.by_name: dict[str, NetDev] = {}
+        self.by_mac: dict[str, NetDev] = {}
+        self.by_pci: dict[str, NetDev] = {}
+        self.by_driver: dict[str, list[NetDev]] = {}
+        # Sorted so that a MAC or PCI address shared by several netdevs (VLANs,
+        # bonds) resolves to the same one every time.
+        for nd in sorted(netdevs, key=lambda d: d.name):
+            self.by_name[nd.name] = nd
+            if nd.mac:
+                self.by_mac.setdefault(nd.mac, nd)
+            if nd.pci:
+                self.by_pci.setdefault(nd.pci, nd)
+            self.by_driver.setdefault(nd.driver, []).append(nd)
+
+    def resolve(self, dev: cfg.Device) -> NetDev | None:
+        if dev.name is not None:
+            return self.by_name.get(dev.name)
+        if dev.mac is not None:
+            return self.by_mac.get(dev.mac)
+        return self.by_pci.get(dev.pci or "")
+
+
+def assemble(
+    config: cfg.Config,
+    netdevs: Iterable[NetDev],
+    node_name: str,
+    *,
+    unprivileged_bpf_disabled: int | None,
+    secondary: SecondaryDeviceProvider,
+) -> Assembly:
+    """Build this node's pools (see the module docstring for the rules)."""
+    index = _Index(netdevs)
+    taken: dict[str, str] = {}  # netdev name -> pool that took it
+    warnings: list[str] = []
+    pools: list[Pool] = []
+    for i, pc in enumerate(config.pools):
+        where = f"pools[{i}] ({pc.name})"
+        if pc.requires_unprivileged_bpf and unprivileged_bpf_disabled != 0:
+            warnings.append(
+                f"{where}: takes no devices: it requires unprivileged BPF and this node has "
+                f"kernel.unprivileged_bpf_disabled={unprivileged_bpf_disabled}"
+            )
+            continue
+        drivers, devices, base = pc.drivers, pc.devices, f"pools[{i}]"
+        for j, node in enumerate(pc.nodes):
+            if node.hostname.lower() == node_name.lower():
+                drivers, devices, base = node.drivers, node.devices, f"pools[{i}].nodes[{j}]"
+                break
+        chosen = _choose(
+            index,
+            drivers=drivers,
+            devices=devices,
+            base=base,
+            pool=pc.name,
+            taken=taken,
+            warnings=warnings,
+        )
+        pool = Pool(pc)
+        for nd, limit in chosen:
+            if pc.mode == "primary":
+                pool.devices[nd.name] = PoolDevice(nd.name, nd.numa_node, healthy=nd.link_up)
+                continue
+            capacity = secondary.capacity(nd)
+            if capacity == 0:
+                warnings.append(
+                    f"{where}: {nd.name} (driver {nd.driver or 'none'}) cannot back cdq "
+                    "secondary devices; skipped"
+                )
+                continue
+            for k in range(1, min(limit or capacity, capacity) + 1):
+                sid = secondary.name(nd, k)
+                pool.devices[sid] = PoolDevice(
+                    sid, nd.numa_node, parent=nd.name, index=k, healthy=nd.link_up
+                )
+        if pool.devices:
+            pools.append(pool)
+        else:
+            warnings.append(f"{where}: no devices on node {node_name}; not advertised")
+    return Assembly(pools, warnings)
+
+
+def _choose(
+    index: _Index,
+    *,
+    drivers: Sequence[cfg.Driver],
+    devices: Sequence[cfg.Device],
+    base: str,
+    pool: str,
+    taken: dict[str, str],
+    warnings: list[str],
+) -> list[tuple[NetDev, int]]:
+    """The primary netdevs a pool takes, each with its secondary limit (0 = no limit)."""
+    chosen: list[tuple[NetDev, int]] = []
+
+    def take(nd: NetDev, limit: int) -> None:
+        taken[nd.name] = pool
+        chosen.append((nd, limit))
+
+    for j, dev in enumerate(devices):
+        where = f"{base}.devices[{j}] ({dev.describe()})"
+        nd = index.resolve(dev)
+        if nd is None:
+            warnings.append(f"{where}: no such netdev on this node; skipped")
+        elif is_prohibited(nd.name):
+            warnings.append(f"{where}: {nd.name} has a reserved name prefix; never pooled")
+        elif nd.name in taken:
+            warnings.append(f"{where}: {nd.name} is already in pool {taken[nd.name]}; skipped")
+        else:
+            take(nd, dev.secondary)
+    for drv in drivers:
+        excluded = {nd.name for nd in map(index.resolve, drv.exclude_devices) if nd}
+        count = 0
+        for nd in index.by_driver.get(drv.name, ()):
+            if drv.primary and count >= drv.primary:
+                break
+            if (
+                nd.name in taken
+                or nd.name in excluded
+                or is_prohibited(nd.name)
+                or (drv.exclude_addressed and nd.ipv4)
+            ):
+                continue
+            take(nd, drv.secondary)
+            count += 1
+    return chosen

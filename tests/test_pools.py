@@ -1,0 +1,214 @@
+"""Pool assembly on plain data: the seed README's rules, one by one."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from afxdp.config import load_config
+from afxdp.errors import DeviceError
+from afxdp.inventory import NetDev
+from afxdp.pools import Assembly, DeviceState, assemble
+from tests.fakes import FakeSubfunctions
+
+
+def nic(name: str, driver: str = "ice", **kw: Any) -> NetDev:
+    n = sum(map(ord, name))
+    defaults: dict[str, Any] = {
+        "ifindex": n,
+        "pci": f"0000:{n % 256:02x}:00.{n % 8}",
+        "mac": f"02:00:00:00:{n // 256 % 256:02x}:{n % 256:02x}",
+        "oper_state": "up",
+        "admin_up": True,
+        "virtual": False,
+        "numa_node": 0,
+    }
+    defaults.update(kw)
+    return NetDev(name=name, driver=driver, **defaults)
+
+
+def veth(name: str, **kw: Any) -> NetDev:
+    return nic(name, "veth", pci=None, virtual=True, kind="veth", numa_node=None, **kw)
+
+
+NODE = [
+    nic("ens801f0"),
+    nic("ens801f1"),
+    nic("ens801f2", ipv4=("10.0.0.5/24",)),
+    nic("ens801f3"),
+    nic("ens785f0", "i40e"),
+    nic("ens785f1", "i40e", oper_state="down"),
+    nic("eth0", "virtio_net"),
+    nic("eno1", "ice"),
+    veth("veth6"),
+    veth("veth7"),
+    NetDev(name="lo", ifindex=1, driver="", oper_state="unknown", admin_up=True),
+]
+
+
+def build(config: dict[str, Any], netdevs: list[NetDev] = NODE, node: str = "node1",
+          unpriv: int | None = 2, fake: FakeSubfunctions | None = None) -> Assembly:  # fmt: skip
+    loaded = load_config(json.dumps(config).encode())
+    return assemble(
+        loaded.config,
+        netdevs,
+        node,
+        unprivileged_bpf_disabled=unpriv,
+        secondary=fake or FakeSubfunctions(),
+    )
+
+
+def pool(name: str = "p", mode: str = "primary", **kw: Any) -> dict[str, Any]:
+    return {"name": name, "mode": mode, **kw}
+
+
+def ids(a: Assembly, i: int = 0) -> list[str]:
+    return list(a.pools[i].devices)
+
+
+def test_driver_takes_all_matching_sorted_and_never_reserved_names() -> None:
+    a = build({"pools": [pool(drivers=[{"name": "ice"}])]})
+    assert ids(a) == ["ens801f0", "ens801f1", "ens801f2", "ens801f3"]  # eno1 is reserved
+
+
+def test_primary_limit_is_deterministic() -> None:
+    for _ in range(3):
+        a = build({"pools": [pool(drivers=[{"name": "ice", "primary": 2}])]})
+        assert ids(a) == ["ens801f0", "ens801f1"]
+
+
+def test_exclude_devices_by_name_mac_and_pci() -> None:
+    f1, f3 = NODE[1], NODE[3]
+    a = build(
+        {"pools": [pool(drivers=[{"name": "ice", "excludeDevices": [
+            {"name": "ens801f0"}, {"mac": f1.mac}, {"pci": f3.pci}, {"name": "absent"}]}])]}
+    )  # fmt: skip
+    assert ids(a) == ["ens801f2"]
+
+
+def test_exclude_addressed_skips_only_ipv4_addressed() -> None:
+    a = build({"pools": [pool(drivers=[{"name": "ice", "excludeAddressed": True}])]})
+    assert ids(a) == ["ens801f0", "ens801f1", "ens801f3"]
+
+
+def test_devices_by_name_mac_and_pci_are_resolved() -> None:
+    a = build(
+        {"pools": [pool(devices=[
+            {"name": "ens785f0"}, {"mac": str(NODE[1].mac).upper()}, {"pci": NODE[3].pci},
+            {"name": "ghost"}, {"mac": "68:05:ca:2d:e9:1b"}])]}
+    )  # fmt: skip
+    assert ids(a) == ["ens785f0", "ens801f1", "ens801f3"]
+    assert any("devices[3] (name ghost): no such netdev" in w for w in a.warnings)
+    assert any("devices[4] (mac 68:05:ca:2d:e9:1b): no such netdev" in w for w in a.warnings)
+
+
+def test_reserved_names_are_refused_even_when_named() -> None:
+    a = build({"pools": [pool(devices=[{"name": "eth0"}, {"name": "eno1"}, {"name": "ens801f0"}])]})
+    assert ids(a) == ["ens801f0"]
+    assert sum("reserved name prefix" in w for w in a.warnings) == 2
+
+
+def test_a_device_is_in_at_most_one_pool_first_wins() -> None:
+    a = build(
+        {"pools": [
+            pool("a", devices=[{"name": "ens801f1"}]),
+            pool("b", drivers=[{"name": "ice"}], devices=[{"name": "ens801f1"}]),
+        ]}
+    )  # fmt: skip
+    assert ids(a, 0) == ["ens801f1"]
+    assert ids(a, 1) == ["ens801f0", "ens801f2", "ens801f3"]
+    assert any("ens801f1 is already in pool a" in w for w in a.warnings)
+
+
+def test_explicit_device_and_driver_in_one_pool_do_not_duplicate() -> None:
+    a = build(
+        {"pools": [pool(devices=[{"name": "ens801f3"}], drivers=[{"name": "ice", "primary": 2}])]}
+    )
+    assert ids(a) == ["ens801f3", "ens801f0", "ens801f1"]
+
+
+def test_node_section_replaces_general_one_for_that_node_only() -> None:
+    config = {
+        "pools": [
+            pool(
+                drivers=[{"name": "ice", "excludeDevices": [{"name": "ens801f3"}]}],
+                nodes=[
+                    {"hostname": "k8snode1", "drivers": [{"name": "ice"}]},
+                    {"hostname": "k8snode2", "devices": [{"name": "ens801f3"}, {"name": "ens801f1"}],
+                     "drivers": [{"name": "ice", "primary": 1, "excludeDevices": [{"name": "ens801f0"}]}]},
+                    {"hostname": "k8snode3"},
+                ],
+            )
+        ]
+    }  # fmt: skip
+    assert ids(build(config, node="other")) == ["ens801f0", "ens801f1", "ens801f2"]
+    assert ids(build(config, node="k8snode1")) == ["ens801f0", "ens801f1", "ens801f2", "ens801f3"]
+    assert ids(build(config, node="K8SNODE2")) == ["ens801f3", "ens801f1", "ens801f2"]
+    empty = build(config, node="k8snode3")
+    assert empty.pools == []
+    assert any("no devices on node k8snode3; not advertised" in w for w in empty.warnings)
+
+
+def test_virtual_devices_only_when_asked_for() -> None:
+    assert ids(build({"pools": [pool(drivers=[{"name": "ice"}, {"name": "i40e"}])]})) == [
+        "ens801f0", "ens801f1", "ens801f2", "ens801f3", "ens785f0", "ens785f1"]  # fmt: skip
+    assert ids(build({"pools": [pool(drivers=[{"name": "veth"}])]})) == ["veth6", "veth7"]
+    assert ids(build({"pools": [pool(devices=[{"name": "veth7"}])]})) == ["veth7"]
+
+
+def test_requires_unprivileged_bpf() -> None:
+    config = {"pools": [pool(drivers=[{"name": "ice"}], requiresUnprivilegedBpf=True)]}
+    assert build(config, unpriv=0).pools[0].name == "p"
+    for value in (1, 2, None):
+        refused = build(config, unpriv=value)
+        assert refused.pools == []
+        assert any(f"unprivileged_bpf_disabled={value}" in w for w in refused.warnings)
+
+
+def test_initial_health_follows_link_state_and_numa_is_kept() -> None:
+    a = build({"pools": [pool(drivers=[{"name": "i40e"}])]})
+    devs = a.pools[0].devices
+    assert devs["ens785f0"].state is DeviceState.FREE and devs["ens785f0"].numa_node == 0
+    assert devs["ens785f1"].state is DeviceState.UNHEALTHY
+
+
+def test_cdq_secondaries_with_device_driver_and_default_limits() -> None:
+    fake = FakeSubfunctions(capacity=64)
+    a = build(
+        {"pools": [pool("c", "cdq", devices=[{"name": "ens801f0", "secondary": 3}],
+                        drivers=[{"name": "ice", "secondary": 2, "primary": 1}, {"name": "i40e"}])]},
+        fake=fake,
+    )  # fmt: skip
+    devs = a.pools[0].devices
+    assert list(devs) == ["ens801f0sf1", "ens801f0sf2", "ens801f0sf3", "ens801f1sf1", "ens801f1sf2"]
+    assert devs["ens801f1sf2"].parent == "ens801f1" and devs["ens801f1sf2"].index == 2
+    assert sum("cannot back cdq secondary devices" in w for w in a.warnings) == 2  # both i40e
+    unlimited = build({"pools": [pool("c", "cdq", devices=[{"name": "ens801f3"}])]}, fake=fake)
+    assert len(unlimited.pools[0].devices) == 64
+    assert fake.created == []  # assembly plans; creation is the allocation's job
+
+
+def test_allocation_bookkeeping_names_every_problem_and_is_all_or_nothing() -> None:
+    p = build({"pools": [pool(drivers=[{"name": "ice"}, {"name": "i40e"}])]}).pools[0]
+    p.allocate(["ens801f0"])
+    with pytest.raises(DeviceError) as info:
+        p.allocate(["ens801f1", "ens801f0", "nope", "ens785f1", "ens801f2", "ens801f2"])
+    text = str(info.value)
+    assert "ens801f0: allocated" in text
+    assert "nope: unknown device in pool p" in text
+    assert "ens785f1: unhealthy" in text
+    assert "ens801f2: requested 2 times" in text
+    assert p.devices["ens801f1"].state is DeviceState.FREE  # nothing of the failed call stuck
+    p.release(["ens801f0", "ghost"])
+    assert p.devices["ens801f0"].state is DeviceState.FREE
+
+
+def test_link_health_applies_to_device_and_its_secondaries() -> None:
+    p = build({"pools": [pool("c", "cdq", devices=[{"name": "ens801f0", "secondary": 2}])]}).pools[
+        0
+    ]
+    assert p.set_link("ens801f0", healthy=False) == ["ens801f0sf1", "ens801f0sf2"]
+    assert p.set_link("ens801f0", healthy=False) == []
+    assert all(d.state is DeviceState.UNHEALTHY for d in p.devices.values())
