@@ -26,3 +26,9 @@ def lab() -> Iterator[Lab]:
     """Network namespaces and veth pairs that are removed even when the test fails."""
     with Lab() as lab:
         yield lab
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    """Async tests run on uvloop, as the service does."""
+    return ("asyncio", {"use_uvloop": True})

@@ -1,0 +1,199 @@
+"""Typed ctypes binding to the system ``libbpf.so.1``: only what the project needs.
+
+Every failure raises ``BpfError`` carrying the operation and errno. This is the
+one module that declares BPF functions with ctypes; everything else calls these
+wrappers. libbpf 1.x returns negative errno (and sets errno); pointer-returning
+calls return NULL and set errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno as errno_mod
+import os
+from pathlib import Path
+
+from afxdp.errors import AfxdpError
+
+c_void_p, c_int, c_uint32, c_uint64, c_char_p = (
+    ctypes.c_void_p,
+    ctypes.c_int,
+    ctypes.c_uint32,
+    ctypes.c_uint64,
+    ctypes.c_char_p,
+)
+
+
+class BpfError(AfxdpError):
+    """A libbpf call failed."""
+
+    def __init__(self, op: str, err: int, detail: str = "") -> None:
+        self.op = op
+        self.errno = err
+        what = f" ({detail})" if detail else ""
+        super().__init__(f"{op}{what}: {os.strerror(err)} [errno {err}]")
+
+
+class XdpFlags(enum.IntFlag):
+    """``XDP_FLAGS_*`` of linux/if_link.h."""
+
+    UPDATE_IF_NOEXIST = 1 << 0
+    SKB_MODE = 1 << 1  # generic XDP
+    DRV_MODE = 1 << 2  # native XDP
+    HW_MODE = 1 << 3
+    REPLACE = 1 << 4
+
+
+BPF_MAP_TYPE_XSKMAP = 17
+BPF_ANY = 0
+BPF_OBJ_NAME_LEN = 16
+
+
+class _XdpAttachOpts(ctypes.Structure):
+    # struct bpf_xdp_attach_opts { size_t sz; int old_prog_fd; size_t :0; }
+    _fields_ = (("sz", ctypes.c_size_t), ("old_prog_fd", c_int))
+
+
+class MapInfo(ctypes.Structure):
+    """The leading fields of ``struct bpf_map_info`` (the kernel fills what fits)."""
+
+    _fields_ = (
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("key_size", c_uint32),
+        ("value_size", c_uint32),
+        ("max_entries", c_uint32),
+        ("map_flags", c_uint32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    )
+
+
+def _load() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    sigs: dict[str, tuple[type | None, list[type]]] = {
+        "bpf_object__open_file": (c_void_p, [c_char_p, c_void_p]),
+        "bpf_object__load": (c_int, [c_void_p]),
+        "bpf_object__close": (None, [c_void_p]),
+        "bpf_object__find_program_by_name": (c_void_p, [c_void_p, c_char_p]),
+        "bpf_object__find_map_by_name": (c_void_p, [c_void_p, c_char_p]),
+        "bpf_program__fd": (c_int, [c_void_p]),
+        "bpf_map__fd": (c_int, [c_void_p]),
+        "bpf_xdp_attach": (c_int, [c_int, c_int, c_uint32, c_void_p]),
+        "bpf_xdp_detach": (c_int, [c_int, c_uint32, c_void_p]),
+        "bpf_xdp_query_id": (c_int, [c_int, c_int, ctypes.POINTER(c_uint32)]),
+        "bpf_obj_pin": (c_int, [c_int, c_char_p]),
+        "bpf_obj_get": (c_int, [c_char_p]),
+        "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
+        "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+        "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    return lib
+
+
+_lib = _load()
+
+
+def _check(op: str, rc: int, detail: str = "") -> int:
+    if rc < 0:
+        raise BpfError(op, -rc, detail)
+    return rc
+
+
+def _errno() -> int:
+    return ctypes.get_errno() or errno_mod.EINVAL
+
+
+class BpfObject:
+    """An opened and loaded BPF object file; close it to release its fds."""
+
+    def __init__(self, path: Path) -> None:
+        ptr = _lib.bpf_object__open_file(os.fsencode(path), None)
+        if not ptr:
+            raise BpfError("bpf_object__open_file", _errno(), str(path))
+        self._ptr: int | None = ptr
+        try:
+            _check("bpf_object__load", _lib.bpf_object__load(ptr), str(path))
+        except BpfError:
+            self.close()
+            raise
+
+    def _obj(self) -> int:
+        if self._ptr is None:
+            raise BpfError("bpf_object", errno_mod.EBADF, "object is closed")
+        return self._ptr
+
+    def program_fd(self, name: str) -> int:
+        prog = _lib.bpf_object__find_program_by_name(self._obj(), name.encode())
+        if not prog:
+            raise BpfError("bpf_object__find_program_by_name", errno_mod.ENOENT, name)
+        return _check("bpf_program__fd", _lib.bpf_program__fd(prog), name)
+
+    def map_fd(self, name: str) -> int:
+        found = _lib.bpf_object__find_map_by_name(self._obj(), name.encode())
+        if not found:
+            raise BpfError("bpf_object__find_map_by_name", errno_mod.ENOENT, name)
+        return _check("bpf_map__fd", _lib.bpf_map__fd(found), name)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            _lib.bpf_object__close(self._ptr)
+            self._ptr = None
+
+
+def xdp_attach(ifindex: int, prog_fd: int, flags: XdpFlags) -> None:
+    _check("bpf_xdp_attach", _lib.bpf_xdp_attach(ifindex, prog_fd, int(flags), None))
+
+
+def xdp_detach(ifindex: int, flags: XdpFlags, expected_prog_fd: int | None = None) -> None:
+    """Detach the XDP program in ``flags``' mode; with ``expected_prog_fd``, only
+    if that program is the one attached (never remove someone else's)."""
+    opts = None
+    if expected_prog_fd is not None:
+        flags |= XdpFlags.REPLACE
+        opts = ctypes.byref(_XdpAttachOpts(ctypes.sizeof(_XdpAttachOpts), expected_prog_fd))
+    _check("bpf_xdp_detach", _lib.bpf_xdp_detach(ifindex, int(flags), opts))
+
+
+def xdp_query_id(ifindex: int, flags: int = 0) -> int:
+    """ID of the XDP program attached in ``flags``' mode (any mode when 0); 0 if none."""
+    prog_id = c_uint32(0)
+    _check("bpf_xdp_query_id", _lib.bpf_xdp_query_id(ifindex, int(flags), ctypes.byref(prog_id)))
+    return prog_id.value
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    _check("bpf_obj_pin", _lib.bpf_obj_pin(fd, os.fsencode(path)), str(path))
+
+
+def obj_get(path: Path) -> int:
+    """Open a pinned object; the caller owns the returned fd."""
+    return _check("bpf_obj_get", _lib.bpf_obj_get(os.fsencode(path)), str(path))
+
+
+def map_update_u32(fd: int, key: int, value: int) -> None:
+    k, v = c_uint32(key), c_uint32(value)
+    _check(
+        "bpf_map_update_elem",
+        _lib.bpf_map_update_elem(fd, ctypes.byref(k), ctypes.byref(v), BPF_ANY),
+        f"key {key}",
+    )
+
+
+def map_delete_u32(fd: int, key: int) -> None:
+    k = c_uint32(key)
+    _check("bpf_map_delete_elem", _lib.bpf_map_delete_elem(fd, ctypes.byref(k)), f"key {key}")
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    size = c_uint32(ctypes.sizeof(info))
+    _check(
+        "bpf_obj_get_info_by_fd",
+        _lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+    )
+    return info

@@ -1,0 +1,154 @@
+"""Our XDP redirect program on one netdev: load, attach, pin its map, detach.
+
+Every call here blocks (libbpf, netlink); async callers run them in a worker
+thread. ``bpf_xdp_attach`` resolves ifindexes in the calling thread's netns,
+which is the service's (host) netns: programs are attached at allocation time,
+before the CNI moves the device into the pod, and stay attached across the move.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import socket
+from importlib import resources
+from pathlib import Path
+
+from afxdp.bpf.libbpf import (
+    BpfError,
+    BpfObject,
+    XdpFlags,
+    obj_pin,
+    xdp_attach,
+    xdp_detach,
+    xdp_query_id,
+)
+from afxdp.errors import DeviceError
+from afxdp.netns import run_in
+
+PROGRAM = "xdp_afxdp_redirect"
+MAP = "xsks_map"
+
+
+def object_path() -> Path:
+    """The compiled program shipped in the package (built by hatch_build.py)."""
+    path = Path(str(resources.files("afxdp.bpf") / "xdp_redirect.o"))
+    if not path.is_file():
+        raise DeviceError(f"{path}: XDP object missing; the package was built without clang")
+    return path
+
+
+class AttachMode(enum.Enum):
+    NATIVE = "native"
+    GENERIC = "generic"
+
+    @property
+    def flag(self) -> XdpFlags:
+        return XdpFlags.DRV_MODE if self is AttachMode.NATIVE else XdpFlags.SKB_MODE
+
+
+# A driver without native XDP answers one of these to a DRV_MODE attach.
+_NO_NATIVE = frozenset({errno.EOPNOTSUPP, errno.EINVAL})
+
+
+def ifindex_of(netdev: str) -> int:
+    """The ifindex of ``netdev`` in the calling thread's netns."""
+    try:
+        return socket.if_nametoindex(netdev)
+    except OSError:
+        raise DeviceError(f"{netdev}: no such netdev in this network namespace") from None
+
+
+def _attach_here(netdev: str, prog_fd: int, modes: list[AttachMode]) -> tuple[int, AttachMode, int]:
+    """Attach in the calling thread's netns; (ifindex, mode used, program id)."""
+    ifindex = ifindex_of(netdev)
+    for m in modes:
+        try:
+            xdp_attach(ifindex, prog_fd, XdpFlags.UPDATE_IF_NOEXIST | m.flag)
+        except BpfError as exc:
+            if exc.errno in (errno.EBUSY, errno.EEXIST):
+                other = xdp_query_id(ifindex)
+                raise DeviceError(
+                    f"{netdev}: another XDP program (id {other}) is attached"
+                ) from exc
+            if m is modes[-1] or exc.errno not in _NO_NATIVE:
+                raise
+            continue
+        return ifindex, m, xdp_query_id(ifindex, m.flag)
+    raise AssertionError("unreachable: the last mode either returns or raises")
+
+
+def _detach_here(netdev: str, mode: AttachMode, prog_fd: int) -> None:
+    xdp_detach(ifindex_of(netdev), mode.flag, expected_prog_fd=prog_fd)
+
+
+class XdpAttachment:
+    """Our program attached to ``netdev``, and its XSKMAP."""
+
+    def __init__(self, netdev: str, obj: BpfObject, netns: Path | None) -> None:
+        self.netdev = netdev
+        self.netns = netns
+        self._obj = obj
+        self.prog_fd = obj.program_fd(PROGRAM)
+        self.map_fd = obj.map_fd(MAP)
+        self.ifindex = 0
+        self.mode = AttachMode.NATIVE
+        self.prog_id = 0
+        self.pinned: Path | None = None
+        self.attached = False
+
+    @classmethod
+    def attach(
+        cls, netdev: str, mode: AttachMode | None = None, netns: Path | None = None
+    ) -> XdpAttachment:
+        """Load a fresh copy of the program (its own XSKMAP) and attach it to
+        ``netdev`` in ``netns`` (a netns file; the caller's netns when None).
+
+        Without ``mode``, native is tried first and generic used when the driver
+        has no native XDP. A netdev that already has an XDP program is refused:
+        replacing it would silently break whoever put it there.
+        """
+        obj = BpfObject(object_path())
+        try:
+            self = cls(netdev, obj, netns)
+            modes = [mode] if mode else [AttachMode.NATIVE, AttachMode.GENERIC]
+            self.ifindex, self.mode, self.prog_id = run_in(
+                netns, _attach_here, netdev, self.prog_fd, modes
+            )
+        except BaseException:
+            obj.close()
+            raise
+        self.attached = True
+        return self
+
+    def pin_map(self, path: Path) -> None:
+        """Pin the XSKMAP at ``path`` (on bpffs) for pinned-map pools."""
+        obj_pin(self.map_fd, path)
+        self.pinned = path
+
+    def detach(self, netns: Path | None = None) -> None:
+        """Unpin, detach (only if our program is still the attached one), close.
+
+        ``netns`` says where the netdev is now (default: where it was attached).
+        Idempotent, and a netdev that is gone from there is not an error: there
+        is nothing left for us to detach.
+        """
+        if self.pinned is not None:
+            self.pinned.unlink(missing_ok=True)
+            self.pinned = None
+        if self.attached:
+            try:
+                run_in(netns or self.netns, _detach_here, self.netdev, self.mode, self.prog_fd)
+            except DeviceError:
+                pass
+            except BpfError as exc:
+                # EEXIST: a different program is attached now; not ours to remove.
+                if exc.errno not in (errno.ENODEV, errno.ENOENT, errno.EEXIST):
+                    raise
+            self.attached = False
+        self._obj.close()
+
+    def dup_map_fd(self) -> int:
+        """A new fd for the XSKMAP, owned by the caller."""
+        return os.dup(self.map_fd)

@@ -1,0 +1,53 @@
+"""Who holds a device: kubelet's PodResources API (DESIGN.md 3.2).
+
+The UDS server uses it to check that a client's hostname is the pod that was
+given the device. A fresh channel per question: kubelet restarts, and these
+questions are rare (one per pod connection).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from afxdp.deviceplugin.podresources import api_grpc, api_pb2
+from afxdp.uds.handshake import HostCheck, hostname_matches
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 5.0
+
+
+class PodResourcesChecker:
+    """Answers "is ``hostname`` the pod holding ``device`` of ``resource``?"."""
+
+    def __init__(self, socket_path: Path, timeout: float = TIMEOUT) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    async def list(self) -> api_pb2.ListPodResourcesResponse:
+        channel = Channel(path=str(self.socket_path))
+        try:
+            stub = api_grpc.PodResourcesListerStub(channel)
+            return await stub.List(api_pb2.ListPodResourcesRequest(), timeout=self.timeout)
+        finally:
+            channel.close()
+
+    async def check(self, hostname: str, resource: str, device: str) -> HostCheck:
+        try:
+            pods = await self.list()
+        except (TimeoutError, GRPCError, StreamTerminatedError, OSError) as exc:
+            log.warning("pod resources lookup at %s failed: %s", self.socket_path, exc)
+            return HostCheck.ERROR
+        for pod in pods.pod_resources:
+            if not hostname_matches(hostname, pod.name):
+                continue
+            for container in pod.containers:
+                for devs in container.devices:
+                    if devs.resource_name == resource and device in devs.device_ids:
+                        return HostCheck.OK
+        log.info("refused %r: no pod of that name holds %s device %s", hostname, resource, device)
+        return HostCheck.REFUSED

@@ -1,0 +1,103 @@
+"""FAKE kubelet: a test double of kubelet's gRPC side (kubelet cannot run here).
+
+Built on grpcio, the C-core gRPC stack, so our grpclib code is checked against
+an independent implementation. Method paths are spelled out by hand (no
+generated grpcio stubs): they are the wire contract being tested.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from afxdp.deviceplugin.podresources import api_pb2 as pr
+from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
+
+
+def _unary(fn: Callable[[Any, Any], Any], req: Any, resp: Any) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+    )
+
+
+class FakeKubelet:
+    """Serves Registration (device-plugins/kubelet.sock) and PodResourcesLister
+    (pod-resources/kubelet.sock) under ``kubelet_dir``."""
+
+    def __init__(self, kubelet_dir: Path) -> None:
+        self.dir = kubelet_dir
+        self.plugin_dir = kubelet_dir / "device-plugins"
+        self.plugin_dir.mkdir(parents=True, exist_ok=True)
+        (kubelet_dir / "pod-resources").mkdir(parents=True, exist_ok=True)
+        self.registrations: list[dp.RegisterRequest] = []
+        self.registered = threading.Condition()
+        self.pods: list[pr.PodResources] = []
+        self.list_calls = 0
+        self.fail_list = False
+        self._servers: list[grpc.Server] = []
+
+    def hold(self, pod: str, resource: str, *device_ids: str, namespace: str = "default") -> None:
+        """Make pod ``pod`` hold ``device_ids`` of ``resource`` in one container."""
+        self.pods.append(
+            pr.PodResources(
+                name=pod,
+                namespace=namespace,
+                containers=[
+                    pr.ContainerResources(
+                        name="app",
+                        devices=[
+                            pr.ContainerDevices(resource_name=resource, device_ids=device_ids)
+                        ],
+                    )
+                ],
+            )
+        )
+
+    def _register(self, req: dp.RegisterRequest, ctx: grpc.ServicerContext) -> dp.Empty:
+        with self.registered:
+            self.registrations.append(req)
+            self.registered.notify_all()
+        return dp.Empty()
+
+    def _list(self, req: pr.ListPodResourcesRequest, ctx: grpc.ServicerContext) -> Any:
+        self.list_calls += 1
+        if self.fail_list:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "fake kubelet told to fail")
+        return pr.ListPodResourcesResponse(pod_resources=self.pods)
+
+    def _serve(self, socket: Path, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        socket.unlink(missing_ok=True)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
+        server.add_insecure_port(f"unix://{socket}")
+        server.start()
+        self._servers.append(server)
+
+    def start_pod_resources(self) -> None:
+        self._serve(
+            self.dir / "pod-resources" / "kubelet.sock",
+            "v1.PodResourcesLister",
+            {"List": _unary(self._list, pr.ListPodResourcesRequest, pr.ListPodResourcesResponse)},
+        )
+
+    def start_registration(self) -> None:
+        self._serve(
+            self.plugin_dir / "kubelet.sock",
+            "v1beta1.Registration",
+            {"Register": _unary(self._register, dp.RegisterRequest, dp.Empty)},
+        )
+
+    def wait_registrations(self, count: int, timeout: float = 5.0) -> list[dp.RegisterRequest]:
+        with self.registered:
+            self.registered.wait_for(lambda: len(self.registrations) >= count, timeout)
+            return list(self.registrations)
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.stop(grace=None)
+        self._servers.clear()

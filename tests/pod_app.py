@@ -1,0 +1,78 @@
+"""A tiny AF_XDP "pod" app for the privileged tests, run inside the pod netns.
+
+It gets the XSKMAP (over the UDS handshake, or from a pinned map), binds an
+AF_XDP socket to queue 0 of the device, and counts frames to a UDP port that
+arrive in its RX ring versus in a kernel UDP socket. It talks to the test over
+stdin/stdout, one JSON object per line.
+
+usage: pod_app.py uds SOCKET HOSTNAME NETDEV PORT COUNT
+       pod_app.py pinned MAP_PATH - NETDEV PORT COUNT
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import sys
+import time
+
+from afxdp.bpf import libbpf
+from afxdp.uds.client import UdsClient
+from afxdp.xsk import XskSocket
+
+
+def say(**kw: object) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def udp_dport(frame: bytes) -> int | None:
+    if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        return None
+    ihl = (frame[14] & 0xF) * 4
+    return int(struct.unpack_from("!H", frame, 14 + ihl + 2)[0])
+
+
+def main() -> None:
+    mode, where, hostname, netdev, port, count = sys.argv[1:7]
+    client = None
+    if mode == "uds":
+        client = UdsClient(where)
+        client.connect(hostname)
+        map_fd = client.xsk_map_fd(netdev)
+    else:
+        map_fd = libbpf.obj_get(where)  # type: ignore[arg-type]
+    info = libbpf.map_info(map_fd)
+    kernel = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    kernel.bind(("0.0.0.0", int(port)))
+    kernel.setblocking(False)
+    say(event="ready", map_type=info.type, map_name=info.name.decode())
+
+    def drain() -> int:
+        n = 0
+        while True:
+            try:
+                kernel.recv(2048)
+                n += 1
+            except BlockingIOError:
+                return n
+
+    sys.stdin.readline()  # the test sent control traffic: it went to the kernel
+    before = drain()
+    xsk = XskSocket(netdev, 0)
+    libbpf.map_update_u32(map_fd, 0, xsk.fileno())
+    say(event="xsk", control_to_kernel=before)
+    got, deadline = 0, time.monotonic() + 15
+    while got < int(count) and time.monotonic() < deadline:
+        if xsk.wait(0.2):
+            got += sum(udp_dport(f) == int(port) for f in xsk.recv())
+    time.sleep(0.2)
+    say(event="done", xsk=got, kernel=drain(), stats=xsk.stats().__dict__)
+    xsk.close()
+    if client is not None:
+        client.fin()
+        client.close()
+
+
+if __name__ == "__main__":
+    main()
