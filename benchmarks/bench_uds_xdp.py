@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from tests.kubelet import FakeKubelet
 
 from afxdp.bpf import pinning
 from afxdp.bpf.xdp import XdpAttachment
@@ -34,8 +35,6 @@ from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import UdsServer
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
-from tests.kubelet import FakeKubelet  # noqa: E402
 
 SESSIONS = 500
 IDLE_SERVERS = 2000
@@ -135,7 +134,7 @@ def handshake_latency(tmp: Path) -> dict[str, Any]:
     try:
 
         async def via_kubelet(host: str) -> HostCheck:
-            return await checker.check(host, "afxdp/pool1", "devA")
+            return await checker.check(host, resource="afxdp/pool1", device="devA")
 
         async def static(host: str) -> HostCheck:
             return HostCheck.OK

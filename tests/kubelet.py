@@ -101,3 +101,47 @@ class FakeKubelet:
         for server in self._servers:
             server.stop(grace=None)
         self._servers.clear()
+
+
+_PLUGIN_METHODS: dict[str, tuple[Any, Any]] = {
+    "GetDevicePluginOptions": (dp.Empty, dp.DevicePluginOptions),
+    "GetPreferredAllocation": (dp.PreferredAllocationRequest, dp.PreferredAllocationResponse),
+    "Allocate": (dp.AllocateRequest, dp.AllocateResponse),
+    "PreStartContainer": (dp.PreStartContainerRequest, dp.PreStartContainerResponse),
+}
+
+
+class PluginClient:
+    """Kubelet's side of one plugin socket (grpcio, blocking: call from a thread)."""
+
+    def __init__(self, socket: Path) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{socket}")
+
+    def call(self, method: str, request: Any, timeout: float = 5.0) -> Any:
+        req_type, resp_type = _PLUGIN_METHODS[method]
+        assert isinstance(request, req_type)
+        fn = self.channel.unary_unary(
+            f"/v1beta1.DevicePlugin/{method}",
+            request_serializer=req_type.SerializeToString,
+            response_deserializer=resp_type.FromString,
+        )
+        return fn(request, timeout=timeout)
+
+    def allocate(self, *containers: list[str]) -> dp.AllocateResponse:
+        req = dp.AllocateRequest(
+            container_requests=[dp.ContainerAllocateRequest(devices_ids=c) for c in containers]
+        )
+        resp: dp.AllocateResponse = self.call("Allocate", req)
+        return resp
+
+    def list_and_watch(self) -> Any:
+        """The ListAndWatch stream: iterate it for device lists; ``.cancel()`` it when done."""
+        fn = self.channel.unary_stream(
+            "/v1beta1.DevicePlugin/ListAndWatch",
+            request_serializer=dp.Empty.SerializeToString,
+            response_deserializer=dp.ListAndWatchResponse.FromString,
+        )
+        return fn(dp.Empty())
+
+    def close(self) -> None:
+        self.channel.close()

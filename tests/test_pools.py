@@ -10,7 +10,7 @@ import pytest
 from afxdp.config import load_config
 from afxdp.errors import DeviceError
 from afxdp.inventory import NetDev
-from afxdp.pools import Assembly, DeviceState, assemble
+from afxdp.pools import Assembly, DeviceState, assemble, preferred
 from tests.fakes import FakeSubfunctions
 
 
@@ -212,3 +212,27 @@ def test_link_health_applies_to_device_and_its_secondaries() -> None:
     assert p.set_link("ens801f0", healthy=False) == ["ens801f0sf1", "ens801f0sf2"]
     assert p.set_link("ens801f0", healthy=False) == []
     assert all(d.state is DeviceState.UNHEALTHY for d in p.devices.values())
+
+
+def numa_pool() -> Any:
+    netdevs = [nic(f"n{i}", numa_node=i % 2) for i in range(6)]  # n0,n2,n4 on 0; n1,n3,n5 on 1
+    netdevs.append(nic("n9", numa_node=None))
+    return build({"pools": [pool(drivers=[{"name": "ice"}])]}, netdevs).pools[0]
+
+
+def test_preferred_allocation_honours_must_include_and_numa() -> None:
+    p = numa_pool()
+    everything = list(p.devices)
+    assert preferred(p, everything, [], 2) == [
+        "n0",
+        "n2",
+    ]  # node 0 has as many as node 1: lower wins
+    assert preferred(p, everything, ["n3"], 3) == ["n3", "n1", "n5"]  # follow n3 to node 1
+    assert preferred(p, everything, ["n3", "n0"], 2) == ["n3", "n0"]
+    assert preferred(p, everything, ["n4"], 2) == ["n4", "n0"]  # node 0 is node 0, not "no node"
+    p.allocate(["n1"])
+    p.set_link("n5", healthy=False)
+    # n1 allocated, n5 unhealthy: node 1 has only n3 left, then node-less and others.
+    assert preferred(p, everything, ["n3"], 3) == ["n3", "n0", "n2"]
+    assert preferred(p, ["n5", "n1"], [], 1) == ["n1"]  # only bad ones offered: still an answer
+    assert preferred(p, everything, [], 0) == []

@@ -53,7 +53,7 @@ async def serving(
     checker = PodResourcesChecker(kubelet.dir / "pod-resources" / "kubelet.sock")
 
     async def check(host: str) -> HostCheck:
-        return await checker.check(host, RESOURCE, "devA")
+        return await checker.check(host, resource=RESOURCE, device="devA")
 
     server = UdsServer(netdev="devA", map_fd=map_fd, path=socket_path(tmp_path / "uds", "devA"),
                        check_host=check, **kw)  # fmt: skip

@@ -119,7 +119,7 @@ async def test_frames_reach_the_pods_xsk_through_the_handshake(
     checker = PodResourcesChecker(kubelet.dir / "pod-resources" / "kubelet.sock")
 
     async def check(host: str) -> HostCheck:
-        return await checker.check(host, "afxdp/pool1", dev)
+        return await checker.check(host, resource="afxdp/pool1", device=dev)
 
     att = await anyio.to_thread.run_sync(XdpAttachment.attach, dev)
     app = None

@@ -8,6 +8,7 @@ questions are rare (one per pod connection).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from grpclib.client import Channel
@@ -28,7 +29,7 @@ class PodResourcesChecker:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    async def list(self) -> api_pb2.ListPodResourcesResponse:
+    async def list_pods(self) -> api_pb2.ListPodResourcesResponse:
         channel = Channel(path=str(self.socket_path))
         try:
             stub = api_grpc.PodResourcesListerStub(channel)
@@ -36,11 +37,32 @@ class PodResourcesChecker:
         finally:
             channel.close()
 
-    async def check(self, hostname: str, resource: str, device: str) -> HostCheck:
+    async def _pods(self) -> api_pb2.ListPodResourcesResponse | None:
+        """The pods kubelet knows, or None (logged) when it cannot be asked."""
         try:
-            pods = await self.list()
-        except (TimeoutError, GRPCError, StreamTerminatedError, OSError) as exc:
+            return await self.list_pods()
+        except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
             log.warning("pod resources lookup at %s failed: %s", self.socket_path, exc)
+            return None
+
+    async def stale(self, resource: str, devices: Sequence[str]) -> list[str]:
+        """Those of ``devices`` that no pod holds; none when kubelet cannot say."""
+        pods = await self._pods()
+        if pods is None:
+            return []
+        held = {
+            dev_id
+            for pod in pods.pod_resources
+            for container in pod.containers
+            for devs in container.devices
+            if devs.resource_name == resource
+            for dev_id in devs.device_ids
+        }
+        return [d for d in devices if d not in held]
+
+    async def check(self, hostname: str, *, resource: str, device: str) -> HostCheck:
+        pods = await self._pods()
+        if pods is None:
             return HostCheck.ERROR
         for pod in pods.pod_resources:
             if not hostname_matches(hostname, pod.name):

@@ -255,3 +255,41 @@ def _choose(
             take(nd, drv.secondary)
             count += 1
     return chosen
+
+
+def preferred(
+    pool: Pool, available: Sequence[str], must_include: Sequence[str], size: int
+) -> list[str]:
+    """Kubelet's GetPreferredAllocation for one container.
+
+    Keeps ``must_include``; fills up to ``size`` from ``available`` preferring
+    free healthy devices on one NUMA node (the must-include devices' node, else
+    the node with the most candidates), then any other free healthy device,
+    then whatever else kubelet offered. Deterministic: ties go by name.
+    """
+    chosen = list(dict.fromkeys(must_include))
+    rest = sorted(set(available) - set(chosen))
+    if len(chosen) >= size:
+        return chosen[:size] if size > 0 else chosen
+
+    def numa(dev_id: str) -> int | None:
+        dev = pool.devices.get(dev_id)
+        return dev.numa_node if dev else None
+
+    good = [d for d in rest if d in pool.devices and pool.devices[d].state is DeviceState.FREE]
+    anchor = _most_common([numa(d) for d in chosen])
+    if anchor is None:
+        anchor = _most_common([numa(d) for d in good])
+    same_node = [d for d in good if anchor is not None and numa(d) == anchor]
+    ordered = same_node + [d for d in good if d not in same_node]
+    ordered += [d for d in rest if d not in ordered]
+    return chosen + ordered[: size - len(chosen)]
+
+
+def _most_common(values: Iterable[int | None]) -> int | None:
+    counts: dict[int, int] = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    # Highest count first, then the lowest node number for determinism.
+    return min(counts, key=lambda n: (-counts[n], n)) if counts else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,20 +11,16 @@ from typing import Any
 import msgspec
 import uvloop
 
-from afxdp import inventory, pools
-from afxdp.cli.common import Exit, default_node_name
-from afxdp.config import load_config_file
-from afxdp.errors import ConfigError
+from afxdp import control, inventory, pools
+from afxdp.cli.common import Exit, default_node_name, load_or_report
+from afxdp.config import LoadedConfig
 from afxdp.secondary import DevlinkSubfunctions
+from afxdp.service import Paths
 
 
 def _validate(args: argparse.Namespace) -> int:
-    try:
-        loaded = load_config_file(args.file)
-    except ConfigError as exc:
-        print(f"{args.file}: invalid, {len(exc.issues)} error(s):", file=sys.stderr)
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
+    loaded = load_or_report(args.file)
+    if loaded is None:
         return Exit.CONFIG
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -32,8 +29,7 @@ def _validate(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-async def _discover_report(config_path: Path, node_name: str) -> dict[str, Any]:
-    loaded = load_config_file(config_path)
+async def _discover_report(loaded: LoadedConfig, node_name: str) -> dict[str, Any]:
     netdevs = await inventory.scan()
     assembly = pools.assemble(
         loaded.config,
@@ -61,14 +57,12 @@ async def _discover_report(config_path: Path, node_name: str) -> dict[str, Any]:
 
 
 def _discover(args: argparse.Namespace) -> int:
-    try:
-        # uvloop on purpose: the service runs on it, so the dry run proves the
-        # inventory path works there too.
-        report = uvloop.run(_discover_report(args.config, args.node_name))
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(f"error: {issue}", file=sys.stderr)
+    loaded = load_or_report(args.config)
+    if loaded is None:
         return Exit.CONFIG
+    # uvloop on purpose: the service runs on it, so the dry run proves the
+    # inventory path works there too.
+    report = uvloop.run(_discover_report(loaded, args.node_name))
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(report)).decode() + "\n")
         return Exit.OK
@@ -86,6 +80,31 @@ def _discover(args: argparse.Namespace) -> int:
         print("no pools would be advertised on this node")
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
+    return Exit.OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        doc = control.read_status(args.run_dir)
+    except OSError as exc:
+        print(f"afxdpd is not answering on {args.run_dir / control.SOCKET_NAME}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return Exit.HOST
+    if args.json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return Exit.OK
+    print(f"node {doc['node']}: {'ready' if doc['ready'] else 'NOT READY'}")
+    for p in doc["pools"]:
+        reg = "registered" if p["registered"] else "NOT registered"
+        print(f"pool {p['resource']} [{p['mode']}] {reg} ({p['registrations']} registration(s))")
+        for d in p["devices"]:
+            numa = "-" if d["numa"] is None else d["numa"]
+            print(f"  {d['id']:<16} {d['state']:<10} numa={numa}")
+    for a in doc["allocations"]:
+        how = a["uds_socket"] or a["pinned_map"] or "raw netdev"
+        xdp = f"xdp={a['xdp_mode']} prog={a['xdp_prog_id']}" if a["xdp_mode"] else "no xdp"
+        print(f"allocated {a['device']} ({a['pool']}): {xdp} {how} "
+              f"connections={a['uds_connections']}")  # fmt: skip
     return Exit.OK
 
 
@@ -109,6 +128,11 @@ def parser() -> argparse.ArgumentParser:
     )
     discover.add_argument("--json", action="store_true", help="machine-readable output")
     discover.set_defaults(func=_discover)
+    status = sub.add_parser("status", help="what the running afxdpd offers and has handed out")
+    status.add_argument("--run-dir", type=Path, default=Paths().run_dir,
+                        help="afxdpd's --run-dir (default: %(default)s)")  # fmt: skip
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
     return ap
 
 

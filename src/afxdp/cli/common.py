@@ -5,6 +5,11 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import sys
+from pathlib import Path
+
+from afxdp.config import LoadedConfig, load_config_file
+from afxdp.errors import ConfigError
 
 
 class Exit(enum.IntEnum):
@@ -20,3 +25,14 @@ class Exit(enum.IntEnum):
 def default_node_name() -> str:
     """``$NODE_NAME`` (the DaemonSet passes ``spec.nodeName``), else the hostname."""
     return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def load_or_report(path: Path) -> LoadedConfig | None:
+    """The config at ``path``, or None after printing every error to stderr."""
+    try:
+        return load_config_file(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid, {len(exc.issues)} error(s):", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return None

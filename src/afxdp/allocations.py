@@ -1,0 +1,183 @@
+"""What an allocated device gets, and taking it back.
+
+For each device of an Allocate: (cdq) its secondary netdev is created; unless
+the pool disables it, our XDP program is attached with a fresh XSKMAP; then
+either the map is pinned (pinned-map pools) or a UDS server starts listening
+on the device's socket. All devices of a request succeed or none does: on any
+failure everything already done for the request is undone, in reverse order.
+Release (CNI DEL, or a stale allocation found at Allocate time) undoes the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup, TaskStatus
+
+from afxdp.bpf import pinning
+from afxdp.bpf.xdp import XdpAttachment
+from afxdp.errors import AfxdpError, DeviceError
+from afxdp.inventory import NetDev
+from afxdp.pools import Pool, PoolDevice
+from afxdp.secondary import SecondaryDeviceProvider
+from afxdp.uds.handshake import HostCheck
+from afxdp.uds.server import UdsServer, socket_path
+
+log = logging.getLogger(__name__)
+
+POD_DIR = Path("/tmp/afxdp_dp")
+
+
+@dataclass
+class Handout:
+    """One allocated device and what was set up for it."""
+
+    pool: str
+    device: str
+    secondary_created: bool = False
+    xdp: XdpAttachment | None = None
+    uds: UdsServer | None = None
+    uds_scope: anyio.CancelScope | None = None
+    pinned: Path | None = None
+    mounts: list[tuple[str, str]] = field(default_factory=list)  # (host, container)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "device": self.device,
+            "xdp_mode": self.xdp.mode.value if self.xdp else None,
+            "xdp_prog_id": self.xdp.prog_id if self.xdp else None,
+            "uds_socket": str(self.uds.path) if self.uds else None,
+            "uds_connections": self.uds.connections if self.uds else 0,
+            "pinned_map": str(self.pinned) if self.pinned else None,
+        }
+
+
+class HostChecker(Protocol):
+    """Is ``hostname`` the pod holding ``device`` of ``resource``? (PodResources)"""
+
+    def __call__(self, hostname: str, *, resource: str, device: str) -> Awaitable[HostCheck]: ...
+
+
+class Allocations:
+    """The node's allocated devices (all pools), each with its handout."""
+
+    def __init__(
+        self,
+        *,
+        task_group: TaskGroup,
+        uds_dir: Path,
+        pin_dir: Path,
+        check_host: HostChecker,
+        secondary: SecondaryDeviceProvider,
+        netdev_of: Callable[[str], NetDev | None],
+    ) -> None:
+        self._tg = task_group
+        self.uds_dir = uds_dir
+        self.pin_dir = pin_dir
+        self._check_host = check_host
+        self._secondary = secondary
+        self._netdev_of = netdev_of
+        self.handouts: dict[str, Handout] = {}
+
+    async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
+        """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
+        done: list[Handout] = []
+        try:
+            for dev_id in ids:
+                handout = Handout(pool.name, dev_id)
+                done.append(handout)
+                await self._set_up(pool, pool.devices[dev_id], handout)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                for handout in reversed(done):
+                    await self._tear_down(handout)
+            if isinstance(exc, AfxdpError | OSError):
+                raise DeviceError(f"{done[-1].device}: {exc}") from exc
+            raise
+        for handout in done:
+            self.handouts[handout.device] = handout
+        return done
+
+    async def _set_up(self, pool: Pool, dev: PoolDevice, handout: Handout) -> None:
+        cfg = pool.config
+        if dev.parent is not None and dev.index is not None:
+            parent = self._netdev_of(dev.parent)
+            if parent is None:
+                raise DeviceError(f"primary {dev.parent} is gone")
+            await anyio.to_thread.run_sync(self._secondary.create, parent, dev.index)
+            handout.secondary_created = True
+        if cfg.uds_server_disable and not cfg.bpf_map_pinning_enable:
+            return  # the pool hands out raw netdevs: nothing is loaded
+        handout.xdp = await anyio.to_thread.run_sync(XdpAttachment.attach, dev.id)
+        if cfg.bpf_map_pinning_enable:
+            path = pinning.map_path(self.pin_dir, pool.name, dev.id)
+            await anyio.to_thread.run_sync(self._pin, handout.xdp, path, cfg.uid)
+            handout.pinned = path
+            handout.mounts.append((str(path), str(POD_DIR / dev.id / pinning.MAP_FILE)))
+            return
+        server = UdsServer(
+            netdev=dev.id,
+            map_fd=handout.xdp.map_fd,
+            path=socket_path(self.uds_dir, dev.id),
+            check_host=partial(self._check_host, resource=cfg.resource_name, device=dev.id),
+            uid=cfg.uid,
+            idle_timeout=cfg.uds_timeout,
+        )
+        # Listening before Allocate returns: the container mounts the socket next.
+        server.listen()
+        handout.uds = server
+        handout.uds_scope = await self._tg.start(_serve, server)
+        handout.mounts.append((str(server.path), str(POD_DIR / dev.id / "afxdp.sock")))
+
+    def _pin(self, xdp: XdpAttachment, path: Path, uid: int) -> None:
+        pinning.ensure_bpffs(self.pin_dir)
+        pinning.prepare(path, uid)
+        xdp.pin_map(path)
+        pinning.grant(path, uid)
+
+    async def _tear_down(self, handout: Handout) -> None:
+        """Undo a handout; every step runs even when an earlier one fails."""
+        if handout.uds_scope is not None:
+            handout.uds_scope.cancel()
+        if handout.uds is not None:
+            handout.uds.close()
+        if handout.pinned is not None:
+            pinning.remove(handout.pinned)
+        if handout.xdp is not None:
+            try:
+                await anyio.to_thread.run_sync(handout.xdp.detach)
+            except AfxdpError as exc:
+                log.error("%s: detaching XDP failed: %s", handout.device, exc)
+        if handout.secondary_created:
+            try:
+                await anyio.to_thread.run_sync(self._secondary.delete, handout.device)
+            except AfxdpError as exc:
+                log.error("%s: deleting the secondary device failed: %s", handout.device, exc)
+
+    async def release(self, device: str) -> bool:
+        """Take ``device``'s handout back; False when it had none."""
+        handout = self.handouts.pop(device, None)
+        if handout is None:
+            return False
+        with anyio.CancelScope(shield=True):
+            await self._tear_down(handout)
+        log.info("%s: released", device)
+        return True
+
+    async def release_all(self) -> None:
+        for device in list(self.handouts):
+            await self.release(device)
+
+
+async def _serve(server: UdsServer, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
+    with anyio.CancelScope() as scope:
+        task_status.started(scope)
+        await server.serve()

@@ -1,0 +1,119 @@
+"""Serving a pool's DevicePlugin socket and keeping kubelet registered with it.
+
+Serve first, then register (kubelet dials back at once). A restarted kubelet
+deletes every socket in its device-plugins dir and recreates its own
+``kubelet.sock``: either change restarts our server on a fresh socket and
+registers again. Allocations are ours, not the server's, so they survive.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.server import Server
+
+from afxdp.deviceplugin.plugin import PoolPlugin
+from afxdp.deviceplugin.v1beta1 import api_grpc
+from afxdp.deviceplugin.v1beta1 import api_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1beta1"
+POLL = 0.1  # seconds between looks at the sockets; re-registration well within 2 s
+RETRY = 0.5
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+class Registration:
+    """One pool's server and its registration with kubelet."""
+
+    def __init__(self, plugin: PoolPlugin, kubelet_dir: Path) -> None:
+        self.plugin = plugin
+        self.dir = kubelet_dir / "device-plugins"
+        self.socket = self.dir / f"afxdp-{plugin.pool.name}.sock"
+        self.kubelet_socket = self.dir / "kubelet.sock"
+        self.registered = False
+        self.registrations = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve and stay registered until cancelled; started once first serving."""
+        started = False
+        while True:
+            server = await self._serve()
+            ours = _inode(self.socket)
+            try:
+                if not started:
+                    task_status.started()
+                    started = True
+                kubelet_inode = await self._register()
+                await self._watch(ours, kubelet_inode)
+                log.info("%s: kubelet restarted or our socket vanished; serving again", self.socket)
+            finally:
+                self.registered = False
+                server.close()
+                with anyio.CancelScope(shield=True):
+                    await server.wait_closed()
+                # grpclib leaves the file; remove it unless it is already another's.
+                if ours is not None and _inode(self.socket) == ours:
+                    self.socket.unlink(missing_ok=True)
+
+    async def _serve(self) -> Server:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)  # stale, from a previous run
+        server = Server([self.plugin])
+        await server.start(path=str(self.socket))
+        return server
+
+    async def _register(self) -> int | None:
+        """Register (waiting for kubelet as long as it takes); kubelet.sock's inode."""
+        resource = self.plugin.pool.config.resource_name
+        while True:
+            if _inode(self.socket) is None:
+                return None  # our socket is gone already: start over
+            kubelet_inode = _inode(self.kubelet_socket)
+            if kubelet_inode is not None:
+                try:
+                    await self._register_once(resource)
+                except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
+                    log.warning("registering %s with kubelet failed: %s; retrying", resource, exc)
+                else:
+                    self.registered = True
+                    self.registrations += 1
+                    log.info("registered %s at %s", resource, self.socket.name)
+                    return kubelet_inode
+            await anyio.sleep(RETRY)
+
+    async def _register_once(self, resource: str) -> None:
+        channel = Channel(path=str(self.kubelet_socket))
+        try:
+            await api_grpc.RegistrationStub(channel).Register(
+                pb.RegisterRequest(
+                    version=API_VERSION,
+                    endpoint=self.socket.name,
+                    resource_name=resource,
+                    options=pb.DevicePluginOptions(get_preferred_allocation_available=True),
+                ),
+                timeout=5,
+            )
+        finally:
+            channel.close()
+
+    async def _watch(self, our_inode: int | None, kubelet_inode: int | None) -> None:
+        """Return when our socket or kubelet's changes."""
+        while (
+            our_inode is not None
+            and _inode(self.socket) == our_inode
+            and _inode(self.kubelet_socket) == kubelet_inode
+        ):
+            await anyio.sleep(POLL)

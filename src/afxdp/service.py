@@ -1,0 +1,158 @@
+"""The composition root: one asyncio process per node, all parts in one task group.
+
+Start-up order matters: the netlink watch is subscribed before the inventory is
+read (no link event is lost in between), pools are built, every pool's server
+is serving (and then registers), link events start flowing, and only then is
+the service ready. Shutdown takes every handed-out device back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from afxdp import control, inventory, pools
+from afxdp.allocations import Allocations
+from afxdp.config import Config
+from afxdp.deviceplugin.plugin import PoolPlugin
+from afxdp.deviceplugin.registration import Registration
+from afxdp.inventory import NetDev
+from afxdp.netwatch import Change, LinkEvent, NetWatch
+from afxdp.podresources import PodResourcesChecker
+from afxdp.secondary import SecondaryDeviceProvider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Paths:
+    kubelet_dir: Path = Path("/var/lib/kubelet")
+    uds_dir: Path = Path("/tmp/afxdp_dp")
+    pin_dir: Path = Path("/var/run/afxdp_dp")
+    run_dir: Path = Path("/run/afxdp")
+
+
+@dataclass
+class Service:
+    config: Config
+    node_name: str
+    paths: Paths
+    secondary: SecondaryDeviceProvider
+    plugins: dict[str, PoolPlugin] = field(default_factory=dict)
+    registrations: dict[str, Registration] = field(default_factory=dict)
+    netdevs: dict[str, NetDev] = field(default_factory=dict)
+    allocations: Allocations | None = None
+    ready: bool = False
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        watch = NetWatch()
+        watch.open()
+        self.netdevs = {nd.name: nd for nd in await inventory.scan()}
+        assembly = pools.assemble(
+            self.config,
+            self.netdevs.values(),
+            self.node_name,
+            unprivileged_bpf_disabled=inventory.unprivileged_bpf_disabled(),
+            secondary=self.secondary,
+        )
+        for warning in assembly.warnings:
+            log.warning("%s", warning)
+        pod_resources = PodResourcesChecker(
+            self.paths.kubelet_dir / "pod-resources" / "kubelet.sock"
+        )
+        async with anyio.create_task_group() as tg:
+            self.allocations = Allocations(
+                task_group=tg,
+                uds_dir=self.paths.uds_dir,
+                pin_dir=self.paths.pin_dir,
+                check_host=pod_resources.check,
+                secondary=self.secondary,
+                netdev_of=self.netdevs.get,
+            )
+            try:
+                for pool in assembly.pools:
+                    plugin = PoolPlugin(pool, self.allocations, pod_resources.stale)
+                    reg = Registration(plugin, self.paths.kubelet_dir)
+                    self.plugins[pool.name], self.registrations[pool.name] = plugin, reg
+                    await tg.start(reg.run)
+                tg.start_soon(watch.run, self.on_link, self.resync)
+                await tg.start(control.serve, self.paths.run_dir, self.status)
+                self.ready = True
+                log.info(
+                    "ready on node %s: %s",
+                    self.node_name,
+                    ", ".join(f"{p.config.resource_name}={len(p.devices)}" for p in assembly.pools)
+                    or "no pools",
+                )
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                self.ready = False
+                with anyio.CancelScope(shield=True):
+                    await self.allocations.release_all()
+                tg.cancel_scope.cancel()
+
+    def on_link(self, event: LinkEvent) -> None:
+        """Apply a link event to every pool's health; push lists that changed.
+
+        An allocated device's link belongs to its pod: the CNI takes it down
+        and moves it into the pod's netns, which must not make it Unhealthy.
+        Only its destruction counts; its real state is read again on release.
+        """
+        for plugin in self.plugins.values():
+            dev = plugin.pool.devices.get(event.name)
+            if dev is not None and dev.allocated and event.change is not Change.REMOVED:
+                continue
+            if plugin.pool.set_link(event.name, event.change is Change.UP):
+                log.info("%s: %s -> %s", plugin.pool.name, event.name, event.change.value)
+                plugin.changes.bump()
+
+    async def resync(self) -> None:
+        """Re-read every link and apply what is true now (after lost events)."""
+        self.netdevs = {nd.name: nd for nd in await inventory.scan()}
+        for plugin in self.plugins.values():
+            for dev in plugin.pool.devices.values():
+                if dev.allocated:
+                    continue  # its link is in its pod's netns
+                link = self.netdevs.get(dev.parent or dev.id)
+                if plugin.pool.set_link(dev.parent or dev.id, link is not None and link.link_up):
+                    plugin.changes.bump()
+
+    async def release(self, device: str) -> bool:
+        """A pod is gone (CNI DEL): give ``device`` back to its pool, as it is now."""
+        for plugin in self.plugins.values():
+            if await plugin.release(device):
+                await self.resync()
+                return True
+        return False
+
+    def status(self) -> dict[str, Any]:
+        handouts = self.allocations.handouts if self.allocations else {}
+        return {
+            "node": self.node_name,
+            "ready": self.ready,
+            "pools": [
+                {
+                    "resource": p.pool.config.resource_name,
+                    "mode": p.pool.config.mode,
+                    "registered": self.registrations[name].registered,
+                    "registrations": self.registrations[name].registrations,
+                    "devices": [
+                        {
+                            "id": d.id,
+                            "state": d.state.value,
+                            "numa": d.numa_node,
+                            "parent": d.parent,
+                        }
+                        for d in p.pool.devices.values()
+                    ],
+                }
+                for name, p in self.plugins.items()
+            ],
+            "allocations": [h.status() for h in handouts.values()],
+        }

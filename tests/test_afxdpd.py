@@ -1,0 +1,92 @@
+"""``afxdpd`` and ``afxdpctl status`` as processes, as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from afxdp.bpf import libbpf
+from tests.kernel import Lab, ip
+from tests.kubelet import FakeKubelet, PluginClient
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def afxdpd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "afxdp.cli.afxdpd", *args]
+
+
+def test_invalid_config_exits_1_naming_every_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"pools": [{"name": "a-b", "mode": "x", "drivers": [{"name": "ice"}]}]}')
+    done = subprocess.run(afxdpd("--config", str(cfg)), capture_output=True, text=True, env=ENV, check=False)
+    assert done.returncode == 1
+    assert "pools[0].name: must only contain letters and digits" in done.stderr
+    assert "pools[0].mode: must be one of primary, cdq" in done.stderr
+
+
+def test_unusable_log_file_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"logFile": "dp.log", "pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}')
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    done = subprocess.run(afxdpd("--config", str(cfg), "--log-dir", str(not_a_dir)),
+                          capture_output=True, text=True, env=ENV, check=False)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+
+
+@pytest.mark.privileged
+def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab) -> None:
+    dev, peer = lab.veth(lab.name("ad"), lab.name("ae"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"logLevel": "debug", "logFile": "afxdp-dp.log", "pools": [
+        {"name": "demo", "mode": "primary", "devices": [{"name": dev}]}]}))  # fmt: skip
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_registration()
+    kubelet.start_pod_resources()
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        afxdpd("--config", str(cfg), "--node-name", "node1", "--kubelet-dir", str(kubelet.dir),
+               "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
+               "--run-dir", str(run_dir), "--log-dir", str(tmp_path / "log")),
+        env=ENV, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        regs = kubelet.wait_registrations(1, timeout=20)
+        assert [r.resource_name for r in regs] == ["afxdp/demo"]
+        deadline = time.monotonic() + 10
+        while not (run_dir / "control.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        PluginClient(kubelet.plugin_dir / "afxdp-demo.sock").allocate([dev])
+        status = subprocess.run(
+            [sys.executable, "-m", "afxdp.cli.afxdpctl", "status", "--run-dir", str(run_dir)],
+            capture_output=True, text=True, env=ENV, check=True,
+        )  # fmt: skip
+        assert "node node1: ready" in status.stdout
+        assert "pool afxdp/demo [primary] registered" in status.stdout
+        assert f"allocated {dev} (demo): xdp=native" in status.stdout
+        assert libbpf.xdp_query_id(socket.if_nametoindex(dev)) != 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kubelet.stop()
+    assert libbpf.xdp_query_id(socket.if_nametoindex(dev)) == 0
+    assert not (tmp_path / "uds" / dev).exists()
+    assert not (kubelet.plugin_dir / "afxdp-demo.sock").exists()
+    assert not (run_dir / "control.sock").exists()
+    log = (tmp_path / "log" / "afxdp-dp.log").read_text()
+    assert "ready on node node1: afxdp/demo=1" in log
+    assert oct((tmp_path / "log" / "afxdp-dp.log").stat().st_mode & 0o777) == "0o644"
