@@ -27,7 +27,9 @@ def afxdpd(*args: str) -> list[str]:
 def test_invalid_config_exits_1_naming_every_error(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text('{"pools": [{"name": "a-b", "mode": "x", "drivers": [{"name": "ice"}]}]}')
-    done = subprocess.run(afxdpd("--config", str(cfg)), capture_output=True, text=True, env=ENV, check=False)
+    done = subprocess.run(
+        afxdpd("--config", str(cfg)), capture_output=True, text=True, env=ENV, check=False
+    )
     assert done.returncode == 1
     assert "pools[0].name: must only contain letters and digits" in done.stderr
     assert "pools[0].mode: must be one of primary, cdq" in done.stderr
@@ -35,7 +37,9 @@ def test_invalid_config_exits_1_naming_every_error(tmp_path: Path) -> None:
 
 def test_unusable_log_file_exits_2(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
-    cfg.write_text('{"logFile": "dp.log", "pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}')
+    cfg.write_text(
+        '{"logFile": "dp.log", "pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}'
+    )
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     done = subprocess.run(afxdpd("--config", str(cfg), "--log-dir", str(not_a_dir)),
