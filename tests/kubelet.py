@@ -7,12 +7,16 @@ generated grpcio stubs): they are the wire contract being tested.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+# The tests fork (subprocesses) while grpcio threads run; its fork handlers only
+# print warnings about that.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import grpc
 
 from afxdp.deviceplugin.podresources import api_pb2 as pr

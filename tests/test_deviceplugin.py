@@ -4,12 +4,9 @@ veth pairs."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +17,12 @@ import pytest
 from afxdp import control
 from afxdp.bpf import libbpf
 from afxdp.bpf.xdp import XdpAttachment
-from afxdp.config import load_config
 from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
-from afxdp.service import Paths, Service
-from tests.fakes import FakeSubfunctions
 from tests.kernel import Lab, ip
-from tests.kubelet import FakeKubelet, PluginClient
+from tests.node import NodeUnderTest as Node
+from tests.node import pool_config, running
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
-
-
-class Node:
-    """A service under test with its kubelet double and its devices."""
-
-    def __init__(self, tmp: Path, lab: Lab, config: dict[str, Any], devices: list[str]) -> None:
-        self.tmp, self.lab, self.config, self.devices = tmp, lab, config, devices
-        self.kubelet = FakeKubelet(tmp / "kubelet")
-        self.paths = Paths(tmp / "kubelet", tmp / "uds", tmp / "pins", tmp / "run")
-        self.service: Service | None = None
-
-    def plugin(self, pool: str = "pool1") -> PluginClient:
-        return PluginClient(self.kubelet.plugin_dir / f"afxdp-{pool}.sock")
-
-    async def call(self, fn: Any, *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(fn, *args)
 
 
 @pytest.fixture
@@ -57,30 +36,9 @@ def devices(lab: Lab) -> Iterator[list[str]]:
     yield names
 
 
-def pool_config(devices: list[str], **extra: Any) -> dict[str, Any]:
-    return {"pools": [{"name": "pool1", "mode": "primary",
-                       "devices": [{"name": d} for d in devices], **extra}]}  # fmt: skip
-
-
-@asynccontextmanager
-async def running(node: Node) -> AsyncIterator[Node]:
-    node.kubelet.start_registration()
-    node.kubelet.start_pod_resources()
-    config = load_config(json.dumps(node.config).encode()).config
-    node.service = Service(config, "node1", node.paths, FakeSubfunctions())
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(node.service.run)
-            yield node
-            tg.cancel_scope.cancel()
-    finally:
-        node.kubelet.stop()
-        subprocess.run(["umount", str(node.paths.pin_dir)], capture_output=True, check=False)
-
-
 @pytest.fixture
 def node(tmp_path: Path, lab: Lab, devices: list[str]) -> Node:
-    return Node(tmp_path, lab, pool_config(devices), devices)
+    return Node(tmp_path, lab, devices)
 
 
 def health(resp: dp.ListAndWatchResponse) -> dict[str, str]:
@@ -288,8 +246,8 @@ async def test_preferred_allocation(node: Node) -> None:
 
 async def test_pinned_map_pool(tmp_path: Path, lab: Lab, devices: list[str]) -> None:
     d0 = devices[0]
-    node = Node(tmp_path, lab, pool_config([d0], udsServerDisable=True, bpfMapPinningEnable=True,
-                                           uid=1500), devices)  # fmt: skip
+    config = pool_config([d0], udsServerDisable=True, bpfMapPinningEnable=True, uid=1500)
+    node = Node(tmp_path, lab, devices, config)
     async with running(node):
         resp = await node.call(node.plugin().allocate, [d0])
         (mount,) = resp.container_responses[0].mounts

@@ -86,6 +86,9 @@ class Allocations:
         self._secondary = secondary
         self._netdev_of = netdev_of
         self.handouts: dict[str, Handout] = {}
+        # Programs left attached on release (skipUnloadBpf): detached before
+        # the device is handed out again, since Allocate refuses foreign ones.
+        self.lingering: dict[str, XdpAttachment] = {}
 
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
@@ -114,6 +117,9 @@ class Allocations:
                 raise DeviceError(f"primary {dev.parent} is gone")
             await anyio.to_thread.run_sync(self._secondary.create, parent, dev.index)
             handout.secondary_created = True
+        lingering = self.lingering.pop(dev.id, None)
+        if lingering is not None:
+            await anyio.to_thread.run_sync(lingering.detach)
         if cfg.uds_server_disable and not cfg.bpf_map_pinning_enable:
             return  # the pool hands out raw netdevs: nothing is loaded
         handout.xdp = await anyio.to_thread.run_sync(XdpAttachment.attach, dev.id)
@@ -143,7 +149,7 @@ class Allocations:
         xdp.pin_map(path)
         pinning.grant(path, uid)
 
-    async def _tear_down(self, handout: Handout) -> None:
+    async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
         """Undo a handout; every step runs even when an earlier one fails."""
         if handout.uds_scope is not None:
             handout.uds_scope.cancel()
@@ -151,7 +157,9 @@ class Allocations:
             handout.uds.close()
         if handout.pinned is not None:
             pinning.remove(handout.pinned)
-        if handout.xdp is not None:
+        if handout.xdp is not None and keep_xdp:
+            self.lingering[handout.device] = handout.xdp
+        elif handout.xdp is not None:
             try:
                 await anyio.to_thread.run_sync(handout.xdp.detach)
             except AfxdpError as exc:
@@ -162,19 +170,22 @@ class Allocations:
             except AfxdpError as exc:
                 log.error("%s: deleting the secondary device failed: %s", handout.device, exc)
 
-    async def release(self, device: str) -> bool:
+    async def release(self, device: str, keep_xdp: bool = False) -> bool:
         """Take ``device``'s handout back; False when it had none."""
         handout = self.handouts.pop(device, None)
         if handout is None:
             return False
         with anyio.CancelScope(shield=True):
-            await self._tear_down(handout)
+            await self._tear_down(handout, keep_xdp)
         log.info("%s: released", device)
         return True
 
     async def release_all(self) -> None:
         for device in list(self.handouts):
             await self.release(device)
+        for device, xdp in list(self.lingering.items()):
+            await anyio.to_thread.run_sync(xdp.detach)
+            del self.lingering[device]
 
 
 async def _serve(server: UdsServer, *, task_status: TaskStatus[anyio.CancelScope]) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import anyio
 from anyio.abc import SocketStream, TaskStatus
 
+from afxdp.unixserver import serve_unix
+
 SOCKET_NAME = "control.sock"
 
 
@@ -24,20 +26,11 @@ async def serve(
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    path = run_dir / SOCKET_NAME
-    path.unlink(missing_ok=True)
-    listener = await anyio.create_unix_listener(path, mode=0o600)
-
     async def answer(stream: SocketStream) -> None:
         async with stream:
             await stream.send(json.dumps(status()).encode())
 
-    try:
-        task_status.started()
-        await listener.serve(answer)
-    finally:
-        path.unlink(missing_ok=True)
+    await serve_unix(run_dir / SOCKET_NAME, answer, task_status=task_status)
 
 
 def read_status(run_dir: Path, timeout: float = 5.0) -> dict[str, Any]:

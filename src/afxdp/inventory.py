@@ -128,6 +128,18 @@ def read_inventory(sysfs: Path = SYSFS) -> tuple[NetDev, ...]:
     return build_netdevs(links, addrs, sysfs)
 
 
+def read_one(name: str, sysfs: Path = SYSFS) -> NetDev | None:
+    """One netdev of the calling thread's netns, or None (blocking)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        links = ipr.get_links(found[0])
+        addrs = ipr.get_addr(family=socket.AF_INET, index=found[0])
+    devs = build_netdevs(links, addrs, sysfs)
+    return devs[0] if devs else None
+
+
 async def scan(sysfs: Path = SYSFS) -> tuple[NetDev, ...]:
     """``read_inventory`` off the event loop; safe under uvloop."""
     return await anyio.to_thread.run_sync(read_inventory, sysfs)

@@ -18,6 +18,9 @@ from anyio.abc import TaskStatus
 
 from afxdp import control, inventory, pools
 from afxdp.allocations import Allocations
+from afxdp.cni import server as cni_server
+from afxdp.cni.attachments import AttachmentStore
+from afxdp.cni.handler import CniHandler
 from afxdp.config import Config
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
@@ -82,7 +85,12 @@ class Service:
                     await tg.start(reg.run)
                 tg.start_soon(watch.run, self.on_link, self.resync)
                 await tg.start(control.serve, self.paths.run_dir, self.status)
+                cni = CniHandler(self, AttachmentStore(self.paths.run_dir / "cni-attachments.json"))
+                await tg.start(cni_server.serve, self.paths.run_dir, cni)
                 self.ready = True
+                replayed = await cni_server.replay_queue(self.paths.run_dir, cni)
+                if replayed:
+                    log.info("replayed %d DEL(s) queued while afxdpd was down", replayed)
                 log.info(
                     "ready on node %s: %s",
                     self.node_name,
@@ -123,11 +131,26 @@ class Service:
                 if plugin.pool.set_link(dev.parent or dev.id, link is not None and link.link_up):
                     plugin.changes.bump()
 
-    async def release(self, device: str) -> bool:
-        """A pod is gone (CNI DEL): give ``device`` back to its pool, as it is now."""
+    def device_allocated(self, device: str) -> bool | None:
+        """Whether ``device`` is allocated; None when no pool has it."""
         for plugin in self.plugins.values():
-            if await plugin.release(device):
-                await self.resync()
+            dev = plugin.pool.devices.get(device)
+            if dev is not None:
+                return dev.allocated
+        return None
+
+    async def release(self, device: str, keep_xdp: bool = False) -> bool:
+        """A pod is gone (CNI DEL): give ``device`` back to its pool, as it is now.
+
+        ``keep_xdp`` (the NAD's skipUnloadBpf) leaves the program attached.
+        """
+        for plugin in self.plugins.values():
+            dev = plugin.pool.devices.get(device)
+            if dev is not None and await plugin.release(device, keep_xdp):
+                link = dev.parent or dev.id
+                now = await anyio.to_thread.run_sync(inventory.read_one, link)
+                if plugin.pool.set_link(link, now is not None and now.link_up):
+                    plugin.changes.bump()
                 return True
         return False
 

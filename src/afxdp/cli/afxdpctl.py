@@ -13,6 +13,7 @@ import uvloop
 
 from afxdp import control, inventory, pools
 from afxdp.cli.common import Exit, default_node_name, load_or_report
+from afxdp.cni import shim
 from afxdp.config import LoadedConfig
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths
@@ -108,6 +109,12 @@ def _status(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _install_cni(args: argparse.Namespace) -> int:
+    dest = shim.install(args.bin_dir)
+    print(f"installed the afxdp CNI plugin at {dest}")
+    return Exit.OK
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="afxdpctl", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -133,6 +140,12 @@ def parser() -> argparse.ArgumentParser:
                         help="afxdpd's --run-dir (default: %(default)s)")  # fmt: skip
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
+    install = sub.add_parser(
+        "install-cni", help="copy the CNI plugin (the static 'afxdp' shim) into a CNI bin dir"
+    )
+    install.add_argument("bin_dir", type=Path, nargs="?", default=Path("/opt/cni/bin"),
+                         help="default: %(default)s")  # fmt: skip
+    install.set_defaults(func=_install_cni)
     return ap
 
 

@@ -151,10 +151,10 @@ class PoolPlugin(api_grpc.DevicePluginBase):
             await self.allocations.release(dev_id)
             self.pool.release([dev_id])
 
-    async def release(self, device: str) -> bool:
+    async def release(self, device: str, keep_xdp: bool = False) -> bool:
         """The device's pod is gone (CNI DEL): take the device back."""
         if device not in self.pool.devices:
             return False
-        released = await self.allocations.release(device)
+        await self.allocations.release(device, keep_xdp)
         self.pool.release([device])
-        return released
+        return True

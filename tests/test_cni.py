@@ -1,0 +1,338 @@
+"""CNI through the built static shim, executed as a runtime executes a plugin
+(env + stdin), against the running service: real netns, real veth, real
+host-local IPAM from containernetworking-plugins."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from afxdp.cni import shim
+from tests.kernel import Lab, ip
+from tests.node import NodeUnderTest, running
+
+pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
+CNI_PATH = "/usr/lib/cni"
+SUBNET = "10.78.0"
+
+
+class Node(NodeUnderTest):
+    """A node whose CNI requests go through the shim to its service."""
+
+    def __init__(self, tmp: Path, lab: Lab, devices: list[str]) -> None:
+        super().__init__(tmp, lab, devices)
+        self.ipam_dir = tmp / "ipam"
+
+    def netconf(self, dev: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "cniVersion": version,
+            "name": "afxdp-net",
+            "type": "afxdp",
+            "mode": "primary",
+            "deviceID": dev,
+            "daemonSocket": str(self.paths.run_dir / "cni.sock"),
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": f"{SUBNET}.0/24", "gateway": f"{SUBNET}.1"}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": str(self.ipam_dir),
+            },
+        }
+        conf.update(extra)
+        return conf
+
+    def leases(self) -> set[str]:
+        d = self.ipam_dir / "afxdp-net"
+        return {p.name for p in d.iterdir() if p.name.startswith(SUBNET)} if d.exists() else set()
+
+
+async def cni(command: str, conf: dict[str, Any] | bytes | None, *, netns: str = "",
+              container: str = "ctr1", ifname: str = "net1", **env: str) -> tuple[int, Any, str]:  # fmt: skip
+    """Run the shim as a runtime would; (exit code, parsed stdout or None, stderr)."""
+    full_env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns,
+                "CNI_IFNAME": ifname, "CNI_PATH": CNI_PATH,
+                "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=pod-a;K8S_POD_NAMESPACE=default", **env}  # fmt: skip
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    stdin = conf if isinstance(conf, bytes) else json.dumps(conf or {}).encode()
+    done = await anyio.run_process([str(shim.path())], input=stdin, env=full_env, check=False,
+                                   stderr=subprocess.PIPE)  # fmt: skip
+    out = json.loads(done.stdout) if done.stdout.strip() else None
+    return done.returncode, out, done.stderr.decode()
+
+
+@pytest.fixture
+def node(tmp_path: Path, lab: Lab) -> Node:
+    devices = []
+    for i in range(3):
+        a, b = lab.veth(lab.name(f"cn{i}"), lab.name(f"co{i}"))
+        ip("link", "set", a, "up")
+        ip("link", "set", b, "up")
+        devices.append(a)
+    return Node(tmp_path, lab, devices)
+
+
+def pod_link(netns: str, dev: str) -> dict[str, Any] | None:
+    done = subprocess.run(
+        ["ip", "-n", netns, "-j", "addr", "show", dev], capture_output=True, text=True, check=False
+    )
+    return json.loads(done.stdout)[0] if done.returncode == 0 else None
+
+
+def host_has(dev: str) -> bool:
+    return (
+        subprocess.run(["ip", "link", "show", dev], capture_output=True, check=False).returncode
+        == 0
+    )
+
+
+async def test_add_check_del_through_the_shim(node: Node) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnpod")
+    netns = f"/run/netns/{ns}"
+    async with running(node):
+        await node.allocate(dev)
+        code, result, err = await cni("ADD", node.netconf(dev), netns=netns)
+        assert code == 0, (result, err)
+        (iface,) = result["interfaces"]
+        assert (iface["name"], iface["sandbox"]) == (dev, netns)  # keeps its name
+        (addr,) = result["ips"]
+        assert addr["address"].startswith(f"{SUBNET}.") and addr["gateway"] == f"{SUBNET}.1"
+        assert "version" not in addr  # 1.0 shape
+        inside = pod_link(ns, dev)
+        assert inside is not None and "UP" in inside["flags"]
+        assert inside["address"] == iface["mac"]
+        assert f"{addr['address'].split('/')[0]}" in [a["local"] for a in inside["addr_info"]]
+        assert "default via 10.78.0.1" in ip("route", netns=ns)
+        assert not host_has(dev)
+        assert await node.states() == {
+            dev: "allocated",
+            node.devices[1]: "free",
+            node.devices[2]: "free",
+        }
+        assert len(node.leases()) == 1
+
+        check = node.netconf(dev, prevResult=result)
+        code, out, err = await cni("CHECK", check, netns=netns)
+        assert (code, out) == (0, None), err
+        ip("addr", "flush", "dev", dev, netns=ns)
+        code, out, _ = await cni("CHECK", check, netns=netns)
+        assert code == 1 and out["code"] == 100 and "lacks address" in out["msg"]
+
+        code, out, err = await cni("DEL", node.netconf(dev), netns=netns)
+        assert (code, out) == (0, None), err
+        assert host_has(dev) and pod_link(ns, dev) is None
+        assert node.leases() == set()
+        assert (await node.states())[dev] == "free"  # back, up, healthy, free
+        assert not (node.paths.uds_dir / dev).exists()  # UDS server stopped
+        code, out, err = await cni("DEL", node.netconf(dev), netns=netns)  # again
+        assert (code, out) == (0, None), err
+
+
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.1.0"])
+async def test_results_follow_the_requested_version(node: Node, version: str) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnver")
+    async with running(node):
+        await node.allocate(dev)
+        code, result, err = await cni("ADD", node.netconf(dev, version), netns=f"/run/netns/{ns}")
+        assert code == 0, (result, err)
+        assert result["cniVersion"] == version
+        (addr,) = result["ips"]
+        if version < "1.0.0":
+            assert addr["version"] == "4"
+        else:
+            assert "version" not in addr  # host-local speaks at most 1.0.0: negotiated
+        code, _, err = await cni("DEL", node.netconf(dev, version), netns=f"/run/netns/{ns}")
+        assert code == 0, err
+
+
+async def test_del_after_the_netns_is_gone(node: Node) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cngone")
+    async with running(node):
+        await node.allocate(dev)
+        code, _, err = await cni("ADD", node.netconf(dev), netns=f"/run/netns/{ns}")
+        assert code == 0, err
+        ip("netns", "del", ns)  # destroys the veth with it
+        code, out, err = await cni("DEL", node.netconf(dev), netns=f"/run/netns/{ns}")
+        assert (code, out) == (0, None), err
+        assert node.leases() == set()
+        assert (await node.states())[dev] == "unhealthy"  # the link really is gone
+
+
+async def test_del_while_the_service_is_down_is_queued_and_replayed(node: Node) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnq")
+    async with running(node):
+        await node.allocate(dev)
+        code, _, err = await cni("ADD", node.netconf(dev), netns=f"/run/netns/{ns}")
+        assert code == 0, err
+    # afxdpd is down now; its shutdown gave the device's XDP back, not its netns.
+    assert pod_link(ns, dev) is not None and len(node.leases()) == 1
+    code, out, err = await cni("DEL", node.netconf(dev), netns=f"/run/netns/{ns}")
+    assert (code, out) == (0, None), err
+    queued = list((node.paths.run_dir / "del-queue").glob("*.del"))
+    assert len(queued) == 1
+    code, out, _ = await cni("ADD", node.netconf(dev), netns=f"/run/netns/{ns}")
+    assert code == 1 and out["code"] == 11 and "cni.sock" in out["msg"]
+    code, out, _ = await cni("STATUS", node.netconf(dev))
+    assert code == 1 and out["code"] == 50
+    code, out, _ = await cni("VERSION", {"cniVersion": "1.0.0"})
+    assert code == 0 and "1.1.0" in out["supportedVersions"]
+    async with running(node):
+        assert not queued[0].exists()
+        assert host_has(dev) and pod_link(ns, dev) is None
+        assert node.leases() == set()
+
+
+async def test_status_version_and_gc(node: Node) -> None:
+    d0, d1, _ = node.devices
+    ns0, ns1 = node.lab.netns("cngc0"), node.lab.netns("cngc1")
+    async with running(node):
+        code, out, _ = await cni("STATUS", node.netconf(d0, "1.1.0"))
+        assert (code, out) == (0, None)
+        code, out, _ = await cni("VERSION", {"cniVersion": "1.1.0"})
+        assert out == {
+            "cniVersion": "1.1.0",
+            "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"],
+        }
+        for dev, ns, ctr in ((d0, ns0, "keep"), (d1, ns1, "stale")):
+            await node.allocate(dev)
+            code, _, err = await cni(
+                "ADD", node.netconf(dev), netns=f"/run/netns/{ns}", container=ctr
+            )
+            assert code == 0, err
+        assert len(node.leases()) == 2
+        gc = node.netconf("", "1.1.0")
+        gc.pop("deviceID")
+        gc["cni.dev/valid-attachments"] = [{"containerID": "keep", "ifname": "net1"}]
+        code, out, err = await cni("GC", gc, container="")
+        assert (code, out) == (0, None), err
+        assert pod_link(ns0, d0) is not None and pod_link(ns1, d1) is None and host_has(d1)
+        assert len(node.leases()) == 1
+        assert (await node.states())[d1] == "free"
+
+
+async def test_bad_requests_get_spec_errors_and_change_nothing(node: Node) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnbad")
+    netns = f"/run/netns/{ns}"
+    async with running(node):
+        await node.allocate(dev)
+        sock = node.paths.run_dir / "cni.sock"
+        cases: list[tuple[dict[str, Any] | bytes, dict[str, str], int, str]] = [
+            # The shim still finds the socket in a config that is not JSON.
+            (b'{"daemonSocket": "%s", not json' % str(sock).encode(), {}, 6, "not valid JSON"),
+            ({**node.netconf(dev), "cniVersion": "0.2.0"}, {}, 1, "incompatible CNI versions"),
+            (
+                {k: v for k, v in node.netconf(dev).items() if k != "deviceID"},
+                {},
+                7,
+                "deviceID: is required",
+            ),
+            (node.netconf("bad/dev"), {}, 7, "deviceID: must be"),
+            (node.netconf(dev, mode="fast"), {}, 7, "mode: must be primary or cdq"),
+            (node.netconf(node.devices[1]), {}, 7, "is not allocated to a pod"),
+            (node.netconf("nosuchdev"), {}, 7, "is not a device of any afxdp pool"),
+            (
+                node.netconf(dev, ipam={"type": "nosuch-ipam"}),
+                {},
+                7,
+                "no IPAM plugin 'nosuch-ipam'",
+            ),
+            (node.netconf(dev), {"CNI_IFNAME": "bad/name"}, 4, "CNI_IFNAME"),
+            (node.netconf(dev), {"CNI_ARGS": "novalue"}, 4, "CNI_ARGS"),
+            (node.netconf(dev), {"CNI_CONTAINERID": "-bad"}, 4, "CNI_CONTAINERID"),
+            (node.netconf(dev), {"CNI_NETNS": "/run/netns/none-such"}, 3, "does not exist"),
+        ]
+        for stdin, env, code_want, text in cases:
+            code, out, _ = await cni("ADD", stdin, netns=env.pop("CNI_NETNS", netns), **env)
+            assert (
+                code == 1
+                and out["code"] == code_want
+                and text in out["msg"] + out.get("details", "")
+            ), (text, out)
+            assert "cniVersion" in out
+        code, out, _ = await cni("FROB", node.netconf(dev), netns=netns)
+        assert out["code"] == 4
+        code, out, _ = await cni("ADD", node.netconf(dev), netns=netns, CNI_PATH=None)  # type: ignore[arg-type]
+        assert out["code"] == 4 and "CNI_PATH" in out["msg"]
+        injections = ["-K -device- tx off; reboot", "$(reboot)", "`id`", "-K -device- tx off && id",
+                      "-K -device- | nc", "-K -device- tx off > /etc/x", "-K\n-device-\ttx\\off", "", "-K 'x'"]  # fmt: skip
+        for bad in injections:
+            code, out, _ = await cni("ADD", node.netconf(dev, ethtoolCmds=[bad]), netns=netns)
+            assert code == 1 and out["code"] == 7 and "ethtoolCmds[0]" in out["msg"], (bad, out)
+        # Nothing of all that was done.
+        assert host_has(dev) and node.leases() == set()
+
+
+async def test_a_failure_after_ipam_rolls_everything_back(node: Node) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnrb")
+    async with running(node):
+        await node.allocate(dev)
+        # veth has no RSS indirection table: this ethtool command fails after IPAM ran.
+        conf = node.netconf(dev, ethtoolCmds=["-K -device- tx off", "-X -device- equal 2"])
+        code, out, _ = await cni("ADD", conf, netns=f"/run/netns/{ns}")
+        assert code == 1 and out["code"] == 5 and "ethtool -X" in out["msg"], out
+        assert host_has(dev) and pod_link(ns, dev) is None
+        assert node.leases() == set()  # the IPAM lease was given back
+        # IPAM itself failing: a one-address range, taken by the first ADD.
+        other = node.devices[1]
+        await node.allocate(other)
+        one = [
+            [{"subnet": f"{SUBNET}.0/30", "rangeStart": f"{SUBNET}.2", "rangeEnd": f"{SUBNET}.2"}]
+        ]
+        full = node.netconf(dev)
+        full["ipam"]["ranges"] = one
+        code, _, err = await cni("ADD", full, netns=f"/run/netns/{ns}", container="first")
+        assert code == 0, err
+        full = node.netconf(other)
+        full["ipam"]["ranges"] = one
+        code, out, _ = await cni("ADD", full, netns=f"/run/netns/{ns}", container="second")
+        assert code == 1 and "IPAM host-local" in out["msg"], out
+        assert host_has(other) and pod_link(ns, other) is None
+
+
+async def test_ethtool_commands_run_on_the_device(node: Node) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cneth")
+    async with running(node):
+        await node.allocate(dev)
+        conf = node.netconf(dev, ethtoolCmds=["-K -device- tx off"])
+        code, _, err = await cni("ADD", conf, netns=f"/run/netns/{ns}")
+        assert code == 0, err
+        features = subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-k", dev],
+                                  capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert "tx-checksumming: off" in features
+        code, _, err = await cni("DEL", conf, netns=f"/run/netns/{ns}")
+        assert code == 0, err
+
+
+async def test_adds_for_different_devices_run_concurrently(node: Node) -> None:
+    namespaces = [node.lab.netns(f"cc{i}") for i in range(3)]
+    async with running(node):
+        for dev in node.devices:
+            await node.allocate(dev)
+        results: dict[str, int] = {}
+
+        async def add(dev: str, ns: str) -> None:
+            code, _, _err = await cni(
+                "ADD", node.netconf(dev), netns=f"/run/netns/{ns}", container=ns
+            )
+            results[dev] = code
+
+        async with anyio.create_task_group() as tg:
+            for dev, ns in zip(node.devices, namespaces, strict=True):
+                tg.start_soon(add, dev, ns)
+        assert results == dict.fromkeys(node.devices, 0)
+        assert len(node.leases()) == 3
+        for dev, ns in zip(node.devices, namespaces, strict=True):
+            code, _, _ = await cni("DEL", node.netconf(dev), netns=f"/run/netns/{ns}", container=ns)
+            assert code == 0
+    assert all(host_has(d) for d in node.devices)
