@@ -5,8 +5,11 @@ AF_XDP socket to queue 0 of the device, and counts frames to a UDP port that
 arrive in its RX ring versus in a kernel UDP socket. It talks to the test over
 stdin/stdout, one JSON object per line.
 
-usage: pod_app.py uds SOCKET HOSTNAME NETDEV PORT COUNT
-       pod_app.py pinned MAP_PATH - NETDEV PORT COUNT
+It then sends COUNT UDP frames of its own through the socket's TX ring, from
+POD_MAC/POD_IP to PEER_MAC/PEER_IP port PORT-1.
+
+usage: pod_app.py uds SOCKET HOSTNAME NETDEV PORT COUNT POD_MAC POD_IP PEER_MAC PEER_IP
+       pod_app.py pinned MAP_PATH - NETDEV PORT COUNT POD_MAC POD_IP PEER_MAC PEER_IP
 """
 
 from __future__ import annotations
@@ -33,8 +36,23 @@ def udp_dport(frame: bytes) -> int | None:
     return int(struct.unpack_from("!H", frame, 14 + ihl + 2)[0])
 
 
+def udp_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, *, port: int, n: int) -> bytes:
+    payload = b"afxdp-tx-%05d" % n
+    udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload  # no UDP checksum
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), n & 0xFFFF, 0, 64, 17, 0,
+                               socket.inet_aton(src_ip), socket.inet_aton(dst_ip)))  # fmt: skip
+    words = struct.unpack("!10H", bytes(ip))
+    total = sum(words)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into("!H", ip, 10, ~total & 0xFFFF)
+    macs = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
+    return macs + b"\x08\x00" + bytes(ip) + udp
+
+
 def main() -> None:
     mode, where, hostname, netdev, port, count = sys.argv[1:7]
+    pod_mac, pod_ip, peer_mac, peer_ip = sys.argv[7:11]
     client = None
     if mode == "uds":
         client = UdsClient(where)
@@ -67,7 +85,17 @@ def main() -> None:
         if xsk.wait(0.2):
             got += sum(udp_dport(f) == int(port) for f in xsk.recv())
     time.sleep(0.2)
-    say(event="done", xsk=got, kernel=drain(), stats=xsk.stats().__dict__)
+    kernel_count = drain()
+    frames = [
+        udp_frame(pod_mac, peer_mac, pod_ip, peer_ip, port=int(port) - 1, n=i)
+        for i in range(int(count))
+    ]
+    sent = 0
+    while sent < len(frames) and time.monotonic() < deadline + 10:
+        sent += xsk.send(frames[sent : sent + 64])
+        time.sleep(0.001)
+    xsk.flush()
+    say(event="done", xsk=got, kernel=kernel_count, sent=sent, stats=xsk.stats().__dict__)
     xsk.close()
     if client is not None:
         client.fin()

@@ -5,6 +5,7 @@ host-local IPAM from containernetworking-plugins."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
+from afxdp.bpf import libbpf
 from afxdp.cni import shim
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest, running
@@ -336,3 +338,24 @@ async def test_adds_for_different_devices_run_concurrently(node: Node) -> None:
             code, _, _ = await cni("DEL", node.netconf(dev), netns=f"/run/netns/{ns}", container=ns)
             assert code == 0
     assert all(host_has(d) for d in node.devices)
+
+
+async def test_skip_unload_bpf_keeps_the_program_until_the_next_allocation(node: Node) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnskip")
+    index = socket.if_nametoindex(dev)
+    async with running(node):
+        await node.allocate(dev)
+        first = libbpf.xdp_query_id(index)
+        conf = node.netconf(dev, skipUnloadBpf=True)
+        code, _, err = await cni("ADD", conf, netns=f"/run/netns/{ns}")
+        assert code == 0, err
+        code, _, err = await cni("DEL", conf, netns=f"/run/netns/{ns}")
+        assert code == 0, err
+        index = socket.if_nametoindex(dev)  # home again (the ifindex may change on a move)
+        assert libbpf.xdp_query_id(index) == first  # left attached, as asked
+        assert not (node.paths.uds_dir / dev).exists()  # but its UDS server is gone
+        assert (await node.states())[dev] == "free"
+        await node.allocate(dev)  # ours, so it is replaced, not refused
+        assert libbpf.xdp_query_id(index) not in (0, first)
+    assert libbpf.xdp_query_id(index) == 0

@@ -27,6 +27,22 @@ pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
 POD_IP, PEER_IP, PORT, COUNT = "10.251.0.2", "10.251.0.1", 9999, 200
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
+PEER_RECEIVER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+s.settimeout(0.5)
+got, deadline = 0, time.monotonic() + 20
+while got < int(sys.argv[2]) and time.monotonic() < deadline:
+    try:
+        if s.recv(2048).startswith(b"afxdp-tx-"):
+            got += 1
+    except TimeoutError:
+        pass
+print(got, flush=True)
+"""
+
 SENDER = r"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -79,8 +95,9 @@ def wired(lab: Lab) -> Iterator[tuple[str, str, str, str]]:
     yield dev, peer, pod_ns, peer_ns
 
 
-def plug(dev: str, peer: str, pod_ns: str, peer_ns: str) -> None:
-    """What the CNI does with the device, and a peer host to send from."""
+def plug(dev: str, peer: str, pod_ns: str, peer_ns: str) -> list[str]:
+    """What the CNI does with the device, and a peer host to send from; the
+    pod app's addressing arguments (POD_MAC POD_IP PEER_MAC PEER_IP)."""
     ip("link", "set", dev, "netns", pod_ns)
     ip("link", "set", peer, "netns", peer_ns)
     ip("addr", "add", f"{POD_IP}/24", "dev", dev, netns=pod_ns)
@@ -88,8 +105,10 @@ def plug(dev: str, peer: str, pod_ns: str, peer_ns: str) -> None:
     ip("addr", "add", f"{PEER_IP}/24", "dev", peer, netns=peer_ns)
     ip("link", "set", peer, "up", netns=peer_ns)
     mac = json.loads(ip("-j", "link", "show", dev, netns=pod_ns))[0]["address"]
+    peer_mac = json.loads(ip("-j", "link", "show", peer, netns=peer_ns))[0]["address"]
     # Static: once the XSK takes queue 0, ARP replies would go to it too.
     ip("neigh", "replace", POD_IP, "lladdr", mac, "dev", peer, netns=peer_ns)
+    return [mac, POD_IP, peer_mac, PEER_IP]
 
 
 def unplug(dev: str, pod_ns: str) -> None:
@@ -97,6 +116,21 @@ def unplug(dev: str, pod_ns: str) -> None:
 
 
 async def run_pod(app: PodApp, peer_ns: str) -> dict[str, Any]:
+    """Frames from the peer into the pod's RX ring; then the pod's TX to the peer."""
+    receiver = subprocess.Popen(in_netns(peer_ns, sys.executable, "-c", PEER_RECEIVER, str(PORT - 1), str(COUNT)),
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert receiver.stdout is not None
+    assert receiver.stdout.readline().strip() == "ready"
+    try:
+        done = await _rx(app, peer_ns)
+        done["peer_received"] = int(await anyio.to_thread.run_sync(receiver.stdout.readline))
+    finally:
+        receiver.kill()
+        receiver.wait()
+    return done
+
+
+async def _rx(app: PodApp, peer_ns: str) -> dict[str, Any]:
     ready = await anyio.to_thread.run_sync(app.event)
     assert (ready["map_type"], ready["map_name"]) == (libbpf.BPF_MAP_TYPE_XSKMAP, "xsks_map")
     # Control: before the XSK is in the map, frames go to the kernel stack.
@@ -128,7 +162,7 @@ async def test_frames_reach_the_pods_xsk_through_the_handshake(
         server = UdsServer(netdev=dev, map_fd=att.map_fd, path=socket_path(tmp_path / "uds", dev),
                            check_host=check)  # fmt: skip
         server.listen()
-        await anyio.to_thread.run_sync(plug, dev, peer, pod_ns, peer_ns)
+        addressing = await anyio.to_thread.run_sync(plug, dev, peer, pod_ns, peer_ns)
         # The program stayed attached across the move into the pod.
         assert (
             json.loads(ip("-j", "link", "show", dev, netns=pod_ns))[0]["xdp"]["prog"]["id"]
@@ -136,11 +170,14 @@ async def test_frames_reach_the_pods_xsk_through_the_handshake(
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve)
-            app = PodApp(pod_ns, "uds", str(server.path), "pod-x", dev, str(PORT), str(COUNT))
+            app = PodApp(
+                pod_ns, "uds", str(server.path), "pod-x", dev, str(PORT), str(COUNT), *addressing
+            )
             done = await run_pod(app, peer_ns)
             tg.cancel_scope.cancel()
         assert done["xsk"] == COUNT, done
         assert done["kernel"] == 0, done
+        assert done["sent"] == COUNT and done["peer_received"] == COUNT, done  # TX ring works too
         assert server.connections == 1
         assert not server.path.exists()  # removed when the allocation ended
     finally:
@@ -167,8 +204,8 @@ async def test_frames_reach_the_pods_xsk_through_a_pinned_map(
         att.pin_map(path)
         pinning.grant(path, uid=1500)
         assert path.stat().st_uid == 1500
-        await anyio.to_thread.run_sync(plug, dev, peer, pod_ns, peer_ns)
-        app = PodApp(pod_ns, "pinned", str(path), "-", dev, str(PORT), str(COUNT))
+        addressing = await anyio.to_thread.run_sync(plug, dev, peer, pod_ns, peer_ns)
+        app = PodApp(pod_ns, "pinned", str(path), "-", dev, str(PORT), str(COUNT), *addressing)
         done = await run_pod(app, peer_ns)
         assert done["xsk"] == COUNT, done
         assert done["kernel"] == 0, done

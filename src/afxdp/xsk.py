@@ -199,7 +199,8 @@ class XskSocket:
             self.sock.recv(0, socket.MSG_DONTWAIT)
 
     def send(self, frames: Iterable[bytes]) -> int:
-        """Queue frames for transmission and kick the kernel; returns how many were queued."""
+        """Queue frames for transmission and have the kernel send them; returns how many
+        were queued (all queued frames are sent unless the kernel keeps refusing)."""
         self._reclaim()
         prod = self.tx.producer
         n = 0
@@ -211,11 +212,19 @@ class XskSocket:
             _XDP_DESC.pack_into(self.tx.map, self.tx.slot(prod + n), addr, len(frame), 0)
             n += 1
         self.tx.producer = prod + n
-        if n:
-            # EAGAIN: the kernel is busy sending; the frames stay queued.
-            with suppress(BlockingIOError, InterruptedError):
-                self.sock.send(b"", socket.MSG_DONTWAIT)
+        self.flush()
         return n
+
+    def flush(self, attempts: int = 1000) -> None:
+        """Kick the kernel until the TX ring is empty. In copy mode each kick sends
+        at most a small batch (32 frames), so one kick per call is not enough."""
+        for _ in range(attempts):
+            if not self.tx.ready():
+                break
+            # EAGAIN/EBUSY: a batch went out or the device is busy; kick again.
+            with suppress(BlockingIOError, InterruptedError, OSError):
+                self.sock.send(b"", socket.MSG_DONTWAIT)
+        self._reclaim()
 
     def _reclaim(self) -> None:
         cons = self.comp.consumer
