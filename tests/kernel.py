@@ -7,9 +7,11 @@ Names carry a random suffix so parallel or leftover runs never collide.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
+import tempfile
 from pathlib import Path
 from types import TracebackType
 
@@ -34,6 +36,25 @@ def ip(*args: str, netns: str | None = None) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
     return done.stdout
+
+
+_FOREIGN_OBJ: list[Path] = []
+
+
+def foreign_xdp(dev: str) -> int:
+    """Attach somebody else's XDP program (loaded by iproute2, not by us) to
+    ``dev`` in generic mode; its program id."""
+    if not _FOREIGN_OBJ:
+        out = Path(tempfile.mkdtemp(prefix="afxdp-test-")) / "xdp_pass.o"
+        triplet = subprocess.run(["gcc", "-dumpmachine"], capture_output=True, text=True,
+                                 check=True).stdout.strip()  # fmt: skip
+        subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{triplet}", "-c",
+                        str(Path(__file__).parent / "bpf" / "xdp_pass.c"), "-o", str(out)],
+                       check=True)  # fmt: skip
+        _FOREIGN_OBJ.append(out)
+    ip("link", "set", "dev", dev, "xdpgeneric", "obj", str(_FOREIGN_OBJ[0]), "sec", "xdp")
+    link = json.loads(ip("-j", "-d", "link", "show", dev))[0]
+    return int(link["xdp"]["prog"]["id"])
 
 
 class Lab:

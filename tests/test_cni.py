@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from afxdp.bpf import libbpf
+from afxdp.bpf.xdp import XdpAttachment
 from afxdp.cni import shim
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest, running
@@ -359,3 +360,36 @@ async def test_skip_unload_bpf_keeps_the_program_until_the_next_allocation(node:
         await node.allocate(dev)  # ours, so it is replaced, not refused
         assert libbpf.xdp_query_id(index) not in (0, first)
     assert libbpf.xdp_query_id(index) == 0
+
+
+def pod_prog_id(netns: str, dev: str) -> int | None:
+    link = json.loads(ip("-j", "link", "show", dev, netns=netns))[0]
+    prog: int | None = link.get("xdp", {}).get("prog", {}).get("id")
+    return prog
+
+
+async def test_pods_keep_their_device_and_program_across_an_afxdpd_restart(node: Node) -> None:
+    d0, d1, _ = node.devices
+    ns = node.lab.netns("cnrs")
+    async with running(node):
+        await node.allocate(d0)
+        code, _, err = await cni("ADD", node.netconf(d0), netns=f"/run/netns/{ns}")
+        assert code == 0, err
+        prog = pod_prog_id(ns, d0)
+        assert prog
+        await node.allocate(d1)  # allocated but never ADDed: undone at shutdown
+    # afxdpd stopped: the pod still has its device and our program on it.
+    assert pod_prog_id(ns, d0) == prog
+    assert libbpf.xdp_query_id(socket.if_nametoindex(d1)) == 0
+    # A crash would have left a program of ours on a free device: simulate it.
+    leftover = XdpAttachment.attach(d1)
+    leftover.abandon()
+    async with running(node):
+        states = await node.states()
+        assert states[d0] == "allocated" and states[d1] == "free"
+        await node.allocate(d1)  # the leftover program is ours: replaced, not refused
+        assert libbpf.xdp_query_id(socket.if_nametoindex(d1)) not in (0, leftover.prog_id)
+        code, _, err = await cni("DEL", node.netconf(d0), netns=f"/run/netns/{ns}")
+        assert code == 0, err
+        assert host_has(d0) and libbpf.xdp_query_id(socket.if_nametoindex(d0)) == 0
+        assert (await node.states())[d0] == "free"

@@ -16,9 +16,8 @@ import pytest
 
 from afxdp import control
 from afxdp.bpf import libbpf
-from afxdp.bpf.xdp import XdpAttachment
 from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
-from tests.kernel import Lab, ip
+from tests.kernel import Lab, foreign_xdp, ip
 from tests.node import NodeUnderTest as Node
 from tests.node import pool_config, running
 
@@ -113,7 +112,7 @@ def socket_index(name: str) -> int:
 
 async def test_allocate_errors_name_the_device_and_roll_back(node: Node) -> None:
     d0, d1, d2 = node.devices
-    foreign = XdpAttachment.attach(d2)  # somebody else's program on d2
+    foreign = foreign_xdp(d2)
     try:
         async with running(node):
             client = node.plugin()
@@ -139,8 +138,7 @@ async def test_allocate_errors_name_the_device_and_roll_back(node: Node) -> None
                 await node.call(client.allocate, [d1, d2])
             assert err.value.code() is grpc.StatusCode.INTERNAL
             assert (
-                f"{d2}: {d2}: another XDP program (id {foreign.prog_id}) is attached"
-                in err.value.details()
+                f"{d2}: {d2}: another XDP program (id {foreign}) is attached" in err.value.details()
             )
             assert libbpf.xdp_query_id(socket_index(d1)) == 0
             assert not (node.paths.uds_dir / d1).exists()
@@ -150,9 +148,9 @@ async def test_allocate_errors_name_the_device_and_roll_back(node: Node) -> None
             # And d1 is still usable.
             resp = await node.call(client.allocate, [d1])
             assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": d1}
-            assert libbpf.xdp_query_id(foreign.ifindex) == foreign.prog_id  # theirs untouched
+            assert libbpf.xdp_query_id(socket_index(d2)) == foreign  # theirs untouched
     finally:
-        foreign.detach()
+        ip("link", "set", "dev", d2, "xdpgeneric", "off")
 
 
 async def test_a_missed_release_is_reclaimed_when_no_pod_holds_the_device(node: Node) -> None:

@@ -22,7 +22,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup, TaskStatus
 
 from afxdp.bpf import pinning
-from afxdp.bpf.xdp import XdpAttachment
+from afxdp.bpf.xdp import XdpAttachment, detach_stale, ifindex_of
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.inventory import NetDev
 from afxdp.pools import Pool, PoolDevice
@@ -89,6 +89,9 @@ class Allocations:
         # Programs left attached on release (skipUnloadBpf): detached before
         # the device is handed out again, since Allocate refuses foreign ones.
         self.lingering: dict[str, XdpAttachment] = {}
+        # Devices a previous run of afxdpd handed out that are still in their
+        # pods (device -> pool): their program stays until the pod's DEL.
+        self.orphans: dict[str, str] = {}
 
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
@@ -120,6 +123,11 @@ class Allocations:
         lingering = self.lingering.pop(dev.id, None)
         if lingering is not None:
             await anyio.to_thread.run_sync(lingering.detach)
+        # The device is free, so a program of ours on it was left by a previous
+        # run (a crash, or a device that came home while afxdpd was down).
+        stale = await anyio.to_thread.run_sync(detach_stale, dev.id)
+        if stale is not None:
+            log.warning("%s: detached program %d left by a previous run", dev.id, stale)
         if cfg.uds_server_disable and not cfg.bpf_map_pinning_enable:
             return  # the pool hands out raw netdevs: nothing is loaded
         handout.xdp = await anyio.to_thread.run_sync(XdpAttachment.attach, dev.id)
@@ -174,14 +182,35 @@ class Allocations:
         """Take ``device``'s handout back; False when it had none."""
         handout = self.handouts.pop(device, None)
         if handout is None:
-            return False
+            pool = self.orphans.pop(device, None)
+            if pool is not None:
+                await self._release_orphan(device, pool, keep_xdp)
+            return pool is not None
         with anyio.CancelScope(shield=True):
             await self._tear_down(handout, keep_xdp)
         log.info("%s: released", device)
         return True
 
-    async def release_all(self) -> None:
-        for device in list(self.handouts):
+    async def _release_orphan(self, device: str, pool: str, keep_xdp: bool) -> None:
+        pinning.remove(pinning.map_path(self.pin_dir, pool, device))
+        if not keep_xdp:
+            try:
+                await anyio.to_thread.run_sync(detach_stale, device)
+            except AfxdpError as exc:  # not home (its netns is gone with it): nothing to do
+                log.info("%s: no program to detach: %s", device, exc)
+        log.info("%s: released (handed out by a previous run)", device)
+
+    async def shutdown(self) -> None:
+        """Stop serving. Devices in pods keep their program and pinned map, so the
+        pods keep receiving while afxdpd restarts; everything else is undone."""
+        for device, handout in list(self.handouts.items()):
+            try:
+                await anyio.to_thread.run_sync(ifindex_of, device)
+            except DeviceError:  # not in our netns: in its pod
+                if handout.xdp is not None:
+                    handout.xdp.abandon()
+                handout.xdp, handout.pinned, handout.secondary_created = None, None, False
+                log.info("%s: left to its pod (program and map stay)", device)
             await self.release(device)
         for device, xdp in list(self.lingering.items()):
             await anyio.to_thread.run_sync(xdp.detach)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 
 from afxdp import control, inventory, pools
@@ -56,9 +57,17 @@ class Service:
         watch = NetWatch()
         watch.open()
         self.netdevs = {nd.name: nd for nd in await inventory.scan()}
+        store = AttachmentStore(self.paths.run_dir / "cni-attachments.json")
+        # Devices in pods since before this start are not in our netns: count
+        # them as their attachments describe them, as allocated.
+        in_pods = {
+            a.device: msgspec.convert(a.netdev, NetDev)
+            for a in store.all()
+            if a.netdev and a.device not in self.netdevs
+        }
         assembly = pools.assemble(
             self.config,
-            self.netdevs.values(),
+            [*self.netdevs.values(), *in_pods.values()],
             self.node_name,
             unprivileged_bpf_disabled=inventory.unprivileged_bpf_disabled(),
             secondary=self.secondary,
@@ -77,6 +86,12 @@ class Service:
                 secondary=self.secondary,
                 netdev_of=self.netdevs.get,
             )
+            for pool in assembly.pools:
+                for dev_id in in_pods.keys() & pool.devices.keys():
+                    pool.devices[dev_id].allocated = True
+                    pool.devices[dev_id].healthy = True
+                    self.allocations.orphans[dev_id] = pool.name
+                    log.info("%s: in its pod since before this start; allocated", dev_id)
             try:
                 for pool in assembly.pools:
                     plugin = PoolPlugin(pool, self.allocations, pod_resources.stale)
@@ -85,7 +100,7 @@ class Service:
                     await tg.start(reg.run)
                 tg.start_soon(watch.run, self.on_link, self.resync)
                 await tg.start(control.serve, self.paths.run_dir, self.status)
-                cni = CniHandler(self, AttachmentStore(self.paths.run_dir / "cni-attachments.json"))
+                cni = CniHandler(self, store)
                 await tg.start(cni_server.serve, self.paths.run_dir, cni)
                 self.ready = True
                 replayed = await cni_server.replay_queue(self.paths.run_dir, cni)
@@ -102,7 +117,7 @@ class Service:
             finally:
                 self.ready = False
                 with anyio.CancelScope(shield=True):
-                    await self.allocations.release_all()
+                    await self.allocations.shutdown()
                 tg.cancel_scope.cancel()
 
     def on_link(self, event: LinkEvent) -> None:
@@ -130,6 +145,10 @@ class Service:
                 link = self.netdevs.get(dev.parent or dev.id)
                 if plugin.pool.set_link(dev.parent or dev.id, link is not None and link.link_up):
                     plugin.changes.bump()
+
+    def describe(self, device: str) -> dict[str, Any]:
+        nd = self.netdevs.get(device)
+        return msgspec.to_builtins(nd) if nd is not None else {}
 
     def device_allocated(self, device: str) -> bool | None:
         """Whether ``device`` is allocated; None when no pool has it."""

@@ -69,6 +69,25 @@ class MapInfo(ctypes.Structure):
     )
 
 
+class ProgInfo(ctypes.Structure):
+    """The leading fields of ``struct bpf_prog_info``, up to its name."""
+
+    _fields_ = (
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", c_uint32),
+        ("xlated_prog_len", c_uint32),
+        ("jited_prog_insns", c_uint64),
+        ("xlated_prog_insns", c_uint64),
+        ("load_time", c_uint64),
+        ("created_by_uid", c_uint32),
+        ("nr_map_ids", c_uint32),
+        ("map_ids", c_uint64),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    )
+
+
 def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
     sigs: dict[str, tuple[type | None, list[type]]] = {
@@ -87,6 +106,7 @@ def _load() -> ctypes.CDLL:
         "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
         "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
+        "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -189,11 +209,27 @@ def map_delete_u32(fd: int, key: int) -> None:
     _check("bpf_map_delete_elem", _lib.bpf_map_delete_elem(fd, ctypes.byref(k)), f"key {key}")
 
 
-def map_info(fd: int) -> MapInfo:
-    info = MapInfo()
+def _info(fd: int, info: ctypes.Structure) -> None:
     size = c_uint32(ctypes.sizeof(info))
     _check(
         "bpf_obj_get_info_by_fd",
         _lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
     )
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    _info(fd, info)
     return info
+
+
+def prog_name(prog_id: int) -> str:
+    """The name of the loaded program ``prog_id`` (cut at 15 characters by the kernel)."""
+    fd = _check("bpf_prog_get_fd_by_id", _lib.bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
+    try:
+        info = ProgInfo()
+        _info(fd, info)
+        name: str = info.name.decode()
+        return name
+    finally:
+        os.close(fd)

@@ -15,6 +15,7 @@ import socket
 from importlib import resources
 from pathlib import Path
 
+from afxdp.bpf import libbpf
 from afxdp.bpf.libbpf import (
     BpfError,
     BpfObject,
@@ -83,6 +84,23 @@ def _detach_here(netdev: str, mode: AttachMode, prog_fd: int) -> None:
     xdp_detach(ifindex_of(netdev), mode.flag, expected_prog_fd=prog_fd)
 
 
+def _detach_stale_here(netdev: str) -> int | None:
+    ifindex = ifindex_of(netdev)
+    for mode in AttachMode:
+        prog_id = xdp_query_id(ifindex, mode.flag)
+        # The kernel keeps 15 characters of a program's name.
+        if prog_id and libbpf.prog_name(prog_id) == PROGRAM[: libbpf.BPF_OBJ_NAME_LEN - 1]:
+            xdp_detach(ifindex, mode.flag)
+            return prog_id
+    return None
+
+
+def detach_stale(netdev: str, netns: Path | None = None) -> int | None:
+    """Detach a program of ours that nothing owns any more (left by a previous run of
+    afxdpd); its id, or None. Programs of others are never touched."""
+    return run_in(netns, _detach_stale_here, netdev)
+
+
 class XdpAttachment:
     """Our program attached to ``netdev``, and its XSKMAP."""
 
@@ -147,6 +165,13 @@ class XdpAttachment:
                 if exc.errno not in (errno.ENODEV, errno.ENOENT, errno.EEXIST):
                     raise
             self.attached = False
+        self._obj.close()
+
+    def abandon(self) -> None:
+        """Close our handles but leave the program attached and the map pinned
+        (a pod is using them; ``detach_stale`` finds the program later)."""
+        self.attached = False
+        self.pinned = None
         self._obj.close()
 
     def dup_map_fd(self) -> int:

@@ -28,6 +28,9 @@ class Attachment:
     netconf: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
     host_up: bool = True
+    # The device as the host saw it before the move, so that a restarted afxdpd
+    # can still count it in its pool while it is in the pod.
+    netdev: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -63,6 +63,10 @@ class DeviceSide(Protocol):
 
     async def release(self, device: str, keep_xdp: bool = False) -> bool: ...
 
+    def describe(self, device: str) -> dict[str, Any]:
+        """What the host knows of ``device`` (kept with the attachment)."""
+        ...
+
 
 async def _in(netns: str | Path | None, fn: Callable[..., Any], *args: Any) -> Any:
     """A blocking netlink call in a worker thread, inside ``netns`` when given."""
@@ -176,8 +180,9 @@ class CniHandler:
         inside = await _in(netns, link.setup, dev, ips, routes)
         out = results.build(conf.cni_version, ipam_result, dev, inside.mac, netns)
         self.store.put(
-            Attachment(env.container_id, env.ifname, dev, netns, conf.name,
-                       env=env.raw, netconf=conf.raw, result=out, host_up=host_up)
+            Attachment(env.container_id, env.ifname, dev, netns, conf.name, env=env.raw,
+                       netconf=conf.raw, result=out, host_up=host_up,
+                       netdev=self.devices.describe(dev))
         )  # fmt: skip
         log.info("ADD %s: %s moved into %s", env.container_id, dev, netns)
         return out
