@@ -86,9 +86,6 @@ class Allocations:
         self._secondary = secondary
         self._netdev_of = netdev_of
         self.handouts: dict[str, Handout] = {}
-        # Programs left attached on release (skipUnloadBpf): detached before
-        # the device is handed out again, since Allocate refuses foreign ones.
-        self.lingering: dict[str, XdpAttachment] = {}
         # Devices a previous run of afxdpd handed out that are still in their
         # pods (device -> pool): their program stays until the pod's DEL.
         self.orphans: dict[str, str] = {}
@@ -120,11 +117,8 @@ class Allocations:
                 raise DeviceError(f"primary {dev.parent} is gone")
             await anyio.to_thread.run_sync(self._secondary.create, parent, dev.index)
             handout.secondary_created = True
-        lingering = self.lingering.pop(dev.id, None)
-        if lingering is not None:
-            await anyio.to_thread.run_sync(lingering.detach)
-        # The device is free, so a program of ours on it was left by a previous
-        # run (a crash, or a device that came home while afxdpd was down).
+        # The device is free, so a program of ours on it is left over: by
+        # skipUnloadBpf, a crash, or a device that came home while we were down.
         stale = await anyio.to_thread.run_sync(detach_stale, dev.id)
         if stale is not None:
             log.warning("%s: detached program %d left by a previous run", dev.id, stale)
@@ -166,7 +160,7 @@ class Allocations:
         if handout.pinned is not None:
             pinning.remove(handout.pinned)
         if handout.xdp is not None and keep_xdp:
-            self.lingering[handout.device] = handout.xdp
+            handout.xdp.abandon()  # replaced at the device's next allocation
         elif handout.xdp is not None:
             try:
                 await anyio.to_thread.run_sync(handout.xdp.detach)
@@ -212,9 +206,6 @@ class Allocations:
                 handout.xdp, handout.pinned, handout.secondary_created = None, None, False
                 log.info("%s: left to its pod (program and map stay)", device)
             await self.release(device)
-        for device, xdp in list(self.lingering.items()):
-            await anyio.to_thread.run_sync(xdp.detach)
-            del self.lingering[device]
 
 
 async def _serve(server: UdsServer, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
