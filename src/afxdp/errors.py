@@ -35,7 +35,3 @@ class ConfigError(AfxdpError):
 
 class DeviceError(AfxdpError):
     """A device cannot be used as asked (unknown, unhealthy, already allocated...)."""
-
-
-class PoolError(AfxdpError):
-    """The node's pools cannot be built."""

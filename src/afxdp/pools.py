@@ -58,6 +58,15 @@ class PoolDevice:
             return DeviceState.UNHEALTHY
         return DeviceState.ALLOCATED if self.allocated else DeviceState.FREE
 
+    def summary(self) -> dict[str, object]:
+        """The device as status reports show it."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "numa": self.numa_node,
+            "parent": self.parent,
+        }
+
 
 @dataclass
 class Pool:

@@ -140,11 +140,15 @@ class Service:
         self.netdevs = {nd.name: nd for nd in await inventory.scan()}
         for plugin in self.plugins.values():
             for dev in plugin.pool.devices.values():
-                if dev.allocated:
-                    continue  # its link is in its pod's netns
-                link = self.netdevs.get(dev.parent or dev.id)
-                if plugin.pool.set_link(dev.parent or dev.id, link is not None and link.link_up):
-                    plugin.changes.bump()
+                if not dev.allocated:  # an allocated one's link is in its pod's netns
+                    name = dev.parent or dev.id
+                    self._apply_link(plugin, name, self.netdevs.get(name))
+
+    @staticmethod
+    def _apply_link(plugin: PoolPlugin, name: str, link: NetDev | None) -> None:
+        """Set the health of the devices on link ``name`` from what it is now."""
+        if plugin.pool.set_link(name, link is not None and link.link_up):
+            plugin.changes.bump()
 
     def describe(self, device: str) -> dict[str, Any]:
         nd = self.netdevs.get(device)
@@ -166,10 +170,10 @@ class Service:
         for plugin in self.plugins.values():
             dev = plugin.pool.devices.get(device)
             if dev is not None and await plugin.release(device, keep_xdp):
-                link = dev.parent or dev.id
-                now = await anyio.to_thread.run_sync(inventory.read_one, link)
-                if plugin.pool.set_link(link, now is not None and now.link_up):
-                    plugin.changes.bump()
+                name = dev.parent or dev.id
+                self._apply_link(
+                    plugin, name, await anyio.to_thread.run_sync(inventory.read_one, name)
+                )
                 return True
         return False
 
@@ -184,15 +188,7 @@ class Service:
                     "mode": p.pool.config.mode,
                     "registered": self.registrations[name].registered,
                     "registrations": self.registrations[name].registrations,
-                    "devices": [
-                        {
-                            "id": d.id,
-                            "state": d.state.value,
-                            "numa": d.numa_node,
-                            "parent": d.parent,
-                        }
-                        for d in p.pool.devices.values()
-                    ],
+                    "devices": [d.summary() for d in p.pool.devices.values()],
                 }
                 for name, p in self.plugins.items()
             ],

@@ -104,7 +104,6 @@ def _load() -> ctypes.CDLL:
         "bpf_obj_pin": (c_int, [c_int, c_char_p]),
         "bpf_obj_get": (c_int, [c_char_p]),
         "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
-        "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
         "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
     }
@@ -202,11 +201,6 @@ def map_update_u32(fd: int, key: int, value: int) -> None:
         _lib.bpf_map_update_elem(fd, ctypes.byref(k), ctypes.byref(v), BPF_ANY),
         f"key {key}",
     )
-
-
-def map_delete_u32(fd: int, key: int) -> None:
-    k = c_uint32(key)
-    _check("bpf_map_delete_elem", _lib.bpf_map_delete_elem(fd, ctypes.byref(k)), f"key {key}")
 
 
 def _info(fd: int, info: ctypes.Structure) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import os
 import socket
 from importlib import resources
 from pathlib import Path
@@ -173,7 +172,3 @@ class XdpAttachment:
         self.attached = False
         self.pinned = None
         self._obj.close()
-
-    def dup_map_fd(self) -> int:
-        """A new fd for the XSKMAP, owned by the caller."""
-        return os.dup(self.map_fd)

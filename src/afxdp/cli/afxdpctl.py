@@ -46,10 +46,7 @@ async def _discover_report(loaded: LoadedConfig, node_name: str) -> dict[str, An
             {
                 "resource": p.config.resource_name,
                 "mode": p.config.mode,
-                "devices": [
-                    {"id": d.id, "state": d.state.value, "numa": d.numa_node, "parent": d.parent}
-                    for d in p.devices.values()
-                ],
+                "devices": [d.summary() for d in p.devices.values()],
             }
             for p in assembly.pools
         ],

@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +44,7 @@ class AttachmentStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._items: dict[tuple[str, str], Attachment] = {}
+        self._writing = anyio.Lock()
         try:
             for item in json.loads(path.read_text()):
                 a = Attachment(**item)
@@ -56,19 +60,26 @@ class AttachmentStore:
     def all(self) -> list[Attachment]:
         return list(self._items.values())
 
-    def put(self, attachment: Attachment) -> None:
+    async def put(self, attachment: Attachment) -> None:
         self._items[attachment.key] = attachment
-        self._save()
+        await self._save()
 
-    def remove(self, key: tuple[str, str]) -> None:
+    async def remove(self, key: tuple[str, str]) -> None:
         if self._items.pop(key, None) is not None:
-            self._save()
+            await self._save()
 
-    def _save(self) -> None:
+    async def _save(self) -> None:
+        # fsync blocks: write in a worker thread, one write at a time, from a
+        # snapshot taken on the event loop.
+        doc = [asdict(a) for a in self._items.values()]
+        async with self._writing:
+            await anyio.to_thread.run_sync(self._write, doc)
+
+    def _write(self, doc: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with tmp.open("w") as f:
-            json.dump([asdict(a) for a in self._items.values()], f)
+            json.dump(doc, f)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 
@@ -29,7 +29,6 @@ class Applied:
     device: str
     ntuple: bool = False
     rxfh: bool = False
-    commands: list[list[str]] = field(default_factory=list)
 
     @classmethod
     def assumed(cls, device: str, argvs: list[list[str]]) -> Applied:
@@ -38,7 +37,6 @@ class Applied:
             device,
             ntuple=any(_NTUPLE_WORDS.intersection(a) for a in argvs),
             rxfh=any(_RXFH_WORDS.intersection(a) for a in argvs),
-            commands=list(argvs),
         )
 
 
@@ -72,7 +70,6 @@ async def apply(argvs: list[list[str]], device: str, applied: Applied) -> None:
         applied.ntuple = True
     for argv in argvs:
         await _ethtool(argv)
-        applied.commands.append(argv)
         applied.rxfh = applied.rxfh or bool(_RXFH_WORDS.intersection(argv))
 
 

@@ -179,7 +179,7 @@ class CniHandler:
         ips, routes = (ipam_result["ips"], ipam_result["routes"]) if ipam_result else ([], [])
         inside = await _in(netns, link.setup, dev, ips, routes)
         out = results.build(conf.cni_version, ipam_result, dev, inside.mac, netns)
-        self.store.put(
+        await self.store.put(
             Attachment(env.container_id, env.ifname, dev, netns, conf.name, env=env.raw,
                        netconf=conf.raw, result=out, host_up=host_up,
                        netdev=self.devices.describe(dev))
@@ -217,7 +217,7 @@ class CniHandler:
             for problem in await ethtool.reset(ethtool.Applied.assumed(dev, argvs)):
                 log.warning("DEL %s: %s", dev, problem)
         await self.devices.release(dev, keep_xdp=conf.skip_unload_bpf)
-        self.store.remove((env.container_id, env.ifname))
+        await self.store.remove((env.container_id, env.ifname))
         log.info("DEL %s: %s%s", env.container_id, dev, " (brought home)" if home else "")
         if problems:
             first = problems[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,3 @@ def configure(name: str, ips: list[dict[str, Any]], routes: list[dict[str, Any]]
 
 def exists(netns: str) -> bool:
     return bool(netns) and Path(netns).exists()
-
-
-def family(address: str) -> int:
-    return socket.AF_INET6 if ":" in address else socket.AF_INET
