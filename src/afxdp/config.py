@@ -15,6 +15,7 @@ both would be regressions for users.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,11 +36,13 @@ UID_MIN, UID_MAX = 1000, 256000
 UDS_TIMEOUT_MIN, UDS_TIMEOUT_MAX, UDS_TIMEOUT_DEFAULT = 30, 300, 30
 NAME_MAX = 50
 POOL_NAME_MAX = 20
-HOSTNAME_MAX = 63
+# A node name as kubelet registers it: a DNS subdomain (FQDNs with dots on many
+# clouds), labels of at most 63 characters, 253 in all.
+HOSTNAME_MAX = 253
 
 _NAME_RE = re.compile(r"[a-zA-Z0-9_-]+")
 _POOL_NAME_RE = re.compile(r"[a-zA-Z0-9]+")
-_HOSTNAME_RE = re.compile(r"[a-zA-Z0-9-]+")
+_HOSTNAME_RE = re.compile(r"[a-zA-Z0-9-]{1,63}(\.[a-zA-Z0-9-]{1,63})*")
 _LOG_FILE_RE = re.compile(r"[a-zA-Z0-9_-]+(\.log|\.txt)")
 # Anchored (the original's was not, so "xx0000:81:00.1yy" passed); upper case is
 # accepted and folded, since sysfs spells addresses in lower case.
@@ -128,6 +131,8 @@ def load_config(data: bytes | str) -> LoadedConfig:
     """Decode and validate a config document; raise ConfigError listing every problem."""
     try:
         raw = msgspec.json.decode(data)
+    except UnicodeDecodeError:
+        raise ConfigError(_invalid_utf8(data)) from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ConfigError([ConfigIssue("<document>", f"not valid JSON: {exc}")]) from None
     v = _Validator()
@@ -135,6 +140,46 @@ def load_config(data: bytes | str) -> LoadedConfig:
     if v.errors or config is None:
         raise ConfigError(v.errors)
     return LoadedConfig(config, tuple(v.warnings))
+
+
+def _invalid_utf8(data: bytes | str) -> list[ConfigIssue]:
+    """Where a document that is not UTF-8 has its bad bytes, by JSON path.
+
+    msgspec only says "invalid UTF-8"; the stdlib parser keeps the bad bytes as
+    surrogates (surrogateescape), so a walk can name each string that has them.
+    """
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    try:
+        doc = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError as exc:
+        return [ConfigIssue("<document>", f"not valid UTF-8 JSON: {exc}")]
+    issues: list[ConfigIssue] = []
+
+    def bad(text: str) -> str | None:
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            byte = ord(text[exc.start]) - 0xDC00
+            return f"is not valid UTF-8 (byte 0x{byte & 0xFF:02x} at character {exc.start})"
+        return None
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, str) and (problem := bad(node)):
+            issues.append(ConfigIssue(path, problem))
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]")
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                key_path = f"{path}.{key}" if path else key
+                if problem := bad(key):
+                    issues.append(ConfigIssue(key_path.encode(errors="replace").decode(),
+                                              f"key {problem}"))  # fmt: skip
+                else:
+                    walk(value, key_path)
+
+    walk(doc, "")
+    return issues or [ConfigIssue("<document>", "is not valid UTF-8")]
 
 
 def load_config_file(path: str | Path) -> LoadedConfig:
@@ -455,7 +500,8 @@ class _Validator:
             hostname,
             f"{path}.hostname",
             _HOSTNAME_RE,
-            "letters, digits and hyphens (a node name as kubectl get nodes shows it)",
+            "letters, digits, hyphens and dots, labels of at most 63 characters "
+            "(a node name as kubectl get nodes shows it)",
             HOSTNAME_MAX,
         )
         # A node with neither drivers nor devices is valid (the README's own

@@ -2,11 +2,14 @@
 
 Protocol (trivial on purpose): connect to ``<run-dir>/control.sock``; the
 service writes one JSON document and closes. Only root may connect (mode 0600).
+A client that hangs up before reading (an interrupted ``afxdpctl status``) is
+normal, not an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -15,22 +18,34 @@ from typing import Any
 import anyio
 from anyio.abc import SocketStream, TaskStatus
 
-from afxdp.unixserver import serve_unix
+from afxdp.unixserver import ServerStats, serve_unix
+
+log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
+MAX_CLIENTS = 16
+SEND_TIMEOUT = 10.0
 
 
 async def serve(
     run_dir: Path,
     status: Callable[[], dict[str, Any]],
     *,
+    stats: ServerStats | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     async def answer(stream: SocketStream) -> None:
-        async with stream:
-            await stream.send(json.dumps(status()).encode())
+        doc = json.dumps(status()).encode()
+        # A client that neither reads nor hangs up must not hold a task forever.
+        with anyio.move_on_after(SEND_TIMEOUT):
+            try:
+                await stream.send(doc)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                log.debug("a status client left before its answer: %s", exc)
 
-    await serve_unix(run_dir / SOCKET_NAME, answer, task_status=task_status)
+    await serve_unix(
+        run_dir / SOCKET_NAME, answer, limit=MAX_CLIENTS, stats=stats, task_status=task_status
+    )
 
 
 def read_status(run_dir: Path, timeout: float = 5.0) -> dict[str, Any]:

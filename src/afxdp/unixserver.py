@@ -1,27 +1,117 @@
-"""A root-only stream unix socket under the run dir, served until cancelled."""
+"""A root-only stream unix socket under the run dir, served until cancelled.
+
+A peer never takes the server down: each connection runs in its own task and
+any failure in it (a peer that hung up mid-reply, a bug in ``answer``) is
+logged once and ends that connection only. Accept errors that mean "out of a
+resource" (EMFILE, ENFILE, ENOBUFS, ENOMEM) or a peer that left while queued
+are retried with a backoff instead of ending the server. At most ``limit``
+connections are served at once; the excess is accepted and closed at once (so
+the kernel's backlog cannot fill up) and counted.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 from anyio.abc import SocketStream, TaskStatus
+
+log = logging.getLogger(__name__)
+
+# Accept errors that say nothing is wrong with the listening socket itself.
+TRANSIENT_ACCEPT_ERRORS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
+)
+BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
+
+
+class Backoff:
+    """Delays that double from BACKOFF_MIN to BACKOFF_MAX; reset on success."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+
+    def next(self) -> float:
+        self.delay = min(BACKOFF_MAX, max(BACKOFF_MIN, self.delay * 2))
+        return self.delay
+
+    def reset(self) -> None:
+        self.delay = 0.0
+
+
+@dataclass
+class ServerStats:
+    """What a server did (for status): connections served, refused, failed."""
+
+    served: int = 0
+    refused: int = 0
+    failed: int = 0
+    accept_errors: int = 0
+    active: int = 0
 
 
 async def serve_unix(
     path: Path,
     answer: Callable[[SocketStream], Awaitable[None]],
     *,
+    limit: int = 64,
+    stats: ServerStats | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``answer`` per connection on ``path`` (mode 0600, stale file replaced);
-    started once listening; the file is removed when serving ends."""
+    started once listening; the file is removed when serving ends, if it is still
+    the one this server created (a process never removes another's socket)."""
+    stats = stats if stats is not None else ServerStats()
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     listener = await anyio.create_unix_listener(path, mode=0o600)
+    ours = os.stat(path).st_ino
+    backoff = Backoff()
+
+    async def confined(stream: SocketStream) -> None:
+        try:
+            async with stream:
+                await answer(stream)
+            stats.served += 1
+        except Exception:
+            stats.failed += 1
+            log.exception("%s: a connection failed; the server goes on", path.name)
+        finally:
+            stats.active -= 1
+
     try:
-        task_status.started()
-        await listener.serve(answer)
+        async with listener, anyio.create_task_group() as tg:
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (OSError, anyio.BrokenResourceError) as exc:
+                    # anyio wraps the accept's OSError in BrokenResourceError.
+                    cause = exc if isinstance(exc, OSError) else exc.__cause__
+                    if not isinstance(cause, OSError) or cause.errno not in TRANSIENT_ACCEPT_ERRORS:
+                        raise
+                    exc = cause
+                    stats.accept_errors += 1
+                    delay = backoff.next()
+                    if delay == BACKOFF_MIN:  # once per streak, not once per retry
+                        log.warning("%s: accept failed (%s); backing off", path.name, exc)
+                    await anyio.sleep(delay)
+                    continue
+                backoff.reset()
+                if stats.active >= limit:
+                    stats.refused += 1
+                    await stream.aclose()
+                    continue
+                stats.active += 1
+                tg.start_soon(confined, stream)
     finally:
-        path.unlink(missing_ok=True)
+        try:
+            if os.stat(path).st_ino == ours:
+                path.unlink()
+        except FileNotFoundError:
+            pass

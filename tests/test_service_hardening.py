@@ -1,0 +1,361 @@
+"""The service stays up whatever its peers do: control clients that hang up,
+answers that fail, fd exhaustion, a second afxdpd; allocations end when kubelet
+says so; bad bytes in a config get an error with their path."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc
+import pytest
+from anyio.abc import SocketStream
+
+from afxdp import control, service
+from afxdp.allocations import Allocations
+from afxdp.config import load_config
+from afxdp.errors import ConfigError
+from afxdp.unixserver import ServerStats, serve_unix
+from tests.kernel import Lab, ip
+from tests.kubelet import FakeKubelet
+from tests.node import NodeUnderTest, running
+
+pytestmark = pytest.mark.anyio
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def _hang_up(path: Path, *, reset: bool) -> None:
+    """Connect and leave without reading; with ``reset`` the kernel sends an RST-like close."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        if reset:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def test_status_clients_that_hang_up_never_stop_the_control_server(tmp_path: Path) -> None:
+    big = {"pad": "x" * 400_000}  # larger than a socket buffer: the send meets the hang-up
+    stats = ServerStats()
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: control.serve(tmp_path, lambda: big, stats=stats,
+                                                         task_status=task_status))  # fmt: skip
+        for i in range(20):
+            await anyio.to_thread.run_sync(
+                partial(_hang_up, tmp_path / "control.sock", reset=bool(i % 2))
+            )
+        doc = await anyio.to_thread.run_sync(control.read_status, tmp_path)
+        assert doc == big
+        tg.cancel_scope.cancel()
+    assert stats.failed == 0
+    assert stats.served >= 1
+    assert not (tmp_path / "control.sock").exists()
+
+
+async def test_a_failing_answer_ends_only_its_own_connection(tmp_path: Path) -> None:
+    calls = 0
+
+    async def answer(stream: SocketStream) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in one handler")
+        await stream.send(b"fine")
+
+    stats = ServerStats()
+    path = tmp_path / "s.sock"
+
+    def ask() -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            return s.recv(100)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: serve_unix(path, answer, stats=stats,
+                                                      task_status=task_status))  # fmt: skip
+        assert await anyio.to_thread.run_sync(ask) == b""  # the failed one is closed
+        assert await anyio.to_thread.run_sync(ask) == b"fine"
+        tg.cancel_scope.cancel()
+    assert (stats.failed, stats.served) == (1, 1)
+
+
+async def test_connections_over_the_limit_are_refused_and_counted(tmp_path: Path) -> None:
+    release = anyio.Event()
+
+    async def answer(stream: SocketStream) -> None:
+        await release.wait()
+        await stream.send(b"ok")
+
+    stats = ServerStats()
+    path = tmp_path / "s.sock"
+    clients = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: serve_unix(path, answer, limit=3, stats=stats,
+                                                      task_status=task_status))  # fmt: skip
+        for _ in range(5):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(path))
+            clients.append(s)
+        with anyio.fail_after(5):
+            while stats.refused < 2:
+                await anyio.sleep(0.01)
+        assert stats.active == 3
+        release.set()
+        replies = [await anyio.to_thread.run_sync(c.recv, 10) for c in clients]
+        tg.cancel_scope.cancel()
+    for c in clients:
+        c.close()
+    assert sorted(replies) == [b"", b"", b"ok", b"ok", b"ok"]
+
+
+_EMFILE_SERVER = textwrap.dedent("""
+    import resource, sys, anyio
+    from pathlib import Path
+    from afxdp.unixserver import ServerStats, serve_unix
+
+    async def main():
+        stats = ServerStats()
+        async def answer(stream):  # holds its fd until the client speaks or leaves
+            try:
+                await stream.receive()
+            except anyio.EndOfStream:
+                return
+            await stream.send(b"%d" % stats.accept_errors)
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: serve_unix(Path(sys.argv[1]), answer, limit=1000,
+                                                          stats=stats, task_status=task_status))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+            print("ready", flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, backend_options={"use_uvloop": True})
+""")
+
+
+def test_fd_exhaustion_backs_off_and_serves_again_when_fds_return(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-c", _EMFILE_SERVER, str(path)], env=ENV,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    held: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        # Far more connections than the server has fds: it holds each one it
+        # accepts until the client leaves, so it runs out.
+        for _ in range(150):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(path))
+            held.append(s)
+        time.sleep(0.5)  # let it hit EMFILE (it only retries; nothing to wait for)
+        assert proc.poll() is None, "the server died of EMFILE"
+        for s in held:
+            s.close()
+        held.clear()
+        deadline = time.monotonic() + 10
+        errors = b""
+        while time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(str(path))
+                s.send(b"?")
+                errors = s.recv(100)
+            if errors:
+                break
+        assert errors and int(errors) > 0, "accept never failed: the test proved nothing"
+        assert proc.poll() is None
+    finally:
+        for s in held:
+            s.close()
+        proc.kill()
+        proc.wait()
+
+
+def _afxdpd(tmp_path: Path, kubelet: FakeKubelet, cfg: Path, **popen: Any) -> subprocess.Popen[str]:
+    args = ["--config", str(cfg), "--node-name", "node1", "--kubelet-dir", str(kubelet.dir),
+            "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
+            "--run-dir", str(tmp_path / "run"), "--log-dir", str(tmp_path / "log")]  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "afxdp.cli.afxdpd", *args], env=ENV,
+                            text=True, **popen)  # fmt: skip
+
+
+def _wait_for(path: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.privileged
+def test_afxdpd_survives_interrupted_status_and_refuses_a_second_instance(
+    tmp_path: Path, lab: Lab
+) -> None:
+    dev, peer = lab.veth(lab.name("sh"), lab.name("si"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pools": [{"name": "p", "mode": "primary",
+                                          "devices": [{"name": dev}]}]}))  # fmt: skip
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_registration()
+    kubelet.start_pod_resources()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(512, hard)
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    first = _afxdpd(tmp_path, kubelet, cfg, stderr=subprocess.DEVNULL, preexec_fn=low_fd_limit)
+    run_dir = tmp_path / "run"
+    try:
+        _wait_for(run_dir / "cni.sock")
+        for i in range(10):
+            _hang_up(run_dir / "control.sock", reset=bool(i % 2))
+        status = control.read_status(run_dir)
+        assert status["ready"] is True
+        assert first.poll() is None
+        assert status["fd_limit"] == {"soft": hard, "hard": hard}
+        assert status["fd_limit"]["soft"] > low
+
+        second = _afxdpd(tmp_path, kubelet, cfg, stderr=subprocess.PIPE)
+        _out, err = second.communicate(timeout=30)
+        assert second.returncode == 5
+        assert f"another afxdpd (pid {first.pid}) already serves {run_dir}" in err
+        # The second one touched nothing of the first's.
+        assert (run_dir / "cni.sock").exists()
+        assert control.read_status(run_dir)["ready"] is True
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        kubelet.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, lab: Lab) -> NodeUnderTest:
+    dev, peer = lab.veth(lab.name("rc"), lab.name("rd"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    return NodeUnderTest(tmp_path, lab, [dev])
+
+
+@pytest.mark.privileged
+async def test_an_allocation_ends_when_kubelet_no_longer_lists_its_pod(
+    node: NodeUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "RECONCILE_GRACE", 0.0)
+    dev = node.devices[0]
+    async with running(node):
+        assert node.service is not None
+        await node.allocate(dev)
+        sock = node.paths.uds_dir / dev / "afxdp.sock"
+        assert sock.exists()
+        node.kubelet.hold("pod-a", "afxdp/pool1", dev)
+        assert await node.service.reconcile() == []
+        assert (await node.states())[dev] == "allocated"
+        node.kubelet.pods.clear()
+        assert await node.service.reconcile() == [dev]
+        assert (await node.states())[dev] == "free"
+        assert not sock.exists()
+
+
+@pytest.mark.privileged
+async def test_a_young_allocation_is_not_ended_before_kubelet_lists_it(node: NodeUnderTest) -> None:
+    dev = node.devices[0]
+    async with running(node):
+        assert node.service is not None
+        await node.allocate(dev)
+        assert await node.service.reconcile() == []  # kubelet lists nothing yet
+        assert (await node.states())[dev] == "allocated"
+
+
+@pytest.mark.privileged
+async def test_no_reconcile_when_kubelet_cannot_be_asked(
+    node: NodeUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "RECONCILE_GRACE", 0.0)
+    dev = node.devices[0]
+    async with running(node):
+        assert node.service is not None
+        await node.allocate(dev)
+        (node.kubelet.dir / "pod-resources" / "kubelet.sock").unlink()
+        assert await node.service.reconcile() == []
+        assert (await node.states())[dev] == "allocated"
+
+
+@pytest.mark.privileged
+async def test_an_allocate_that_fails_unexpectedly_leaves_nothing_allocated(
+    node: NodeUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: Allocations, pool: Any, ids: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    dev = node.devices[0]
+    async with running(node):
+        monkeypatch.setattr(Allocations, "start", broken)
+        with pytest.raises(grpc.RpcError) as err:
+            await node.allocate(dev)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert (await node.states())[dev] == "free"
+        monkeypatch.undo()
+        await node.allocate(dev)
+        assert (await node.states())[dev] == "allocated"
+
+
+def test_invalid_utf8_in_a_config_names_the_json_path() -> None:
+    doc = b'{"pools": [{"name": "caf\xe9", "mode": "primary", "drivers": [{"name": "x\xff"}]}]}'
+    with pytest.raises(ConfigError) as err:
+        load_config(doc)
+    paths = {i.path: i.message for i in err.value.issues}
+    assert paths.keys() == {"pools[0].name", "pools[0].drivers[0].name"}
+    assert "not valid UTF-8 (byte 0xe9" in paths["pools[0].name"]
+    assert "not valid UTF-8 (byte 0xff" in paths["pools[0].drivers[0].name"]
+
+
+def test_afxdpctl_config_validate_reports_invalid_utf8_without_a_traceback(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_bytes(b'{"pools": [{"name": "caf\xe9", "mode": "primary"}]}')
+    done = subprocess.run([sys.executable, "-m", "afxdp.cli.afxdpctl", "config", "validate",
+                           str(cfg)], capture_output=True, text=True, env=ENV, check=False)  # fmt: skip
+    assert done.returncode == 1
+    assert "pools[0].name: is not valid UTF-8" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def _with_node(hostname: str) -> bytes:
+    return json.dumps({"pools": [{"name": "p", "mode": "primary", "nodes": [
+        {"hostname": hostname, "drivers": [{"name": "ice"}]}]}]}).encode()  # fmt: skip
+
+
+@pytest.mark.parametrize("hostname", ["ip-10-0-0-1.eu-west-1.compute.internal", "node-1", "a.b"])
+def test_node_hostnames_accept_dns_subdomains(hostname: str) -> None:
+    cfg = load_config(_with_node(hostname)).config
+    assert cfg.pools[0].nodes[0].hostname == hostname
+
+
+@pytest.mark.parametrize(
+    ("hostname", "rule"),
+    [
+        ("a" * 64 + ".example", "labels of at most 63 characters"),
+        ("node..one", "labels of at most 63 characters"),
+        ("node_1", "letters, digits, hyphens and dots"),
+        (".".join(["abcdefgh"] * 30), "must be between 1 and 253 characters"),
+    ],
+)
+def test_node_hostnames_that_are_not_dns_subdomains_are_refused(hostname: str, rule: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_with_node(hostname))
+    [issue] = err.value.issues
+    assert issue.path == "pools[0].nodes[0].hostname"
+    assert rule in issue.message
