@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import anyio.to_thread
 from anyio.abc import TaskGroup, TaskStatus
 
 from afxdp.bpf import pinning
@@ -29,6 +28,7 @@ from afxdp.pools import Pool, PoolDevice
 from afxdp.secondary import SecondaryDeviceProvider
 from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import UdsServer, socket_path
+from afxdp.workers import Work, run_sync
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Handout:
     uds_scope: anyio.CancelScope | None = None
     pinned: Path | None = None
     mounts: list[tuple[str, str]] = field(default_factory=list)  # (host, container)
+    since: float = field(default_factory=anyio.current_time)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -89,6 +90,9 @@ class Allocations:
         # Devices a previous run of afxdpd handed out that are still in their
         # pods (device -> pool): their program stays until the pod's DEL.
         self.orphans: dict[str, str] = {}
+        # Devices whose pod's DEL said skipUnloadBpf: their program stays when
+        # the allocation ends (it is replaced at the next Allocate).
+        self.keep_xdp: set[str] = set()
 
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
@@ -115,19 +119,19 @@ class Allocations:
             parent = self._netdev_of(dev.parent)
             if parent is None:
                 raise DeviceError(f"primary {dev.parent} is gone")
-            await anyio.to_thread.run_sync(self._secondary.create, parent, dev.index)
+            await run_sync(Work.DEVICES, self._secondary.create, parent, dev.index)
             handout.secondary_created = True
         # The device is free, so a program of ours on it is left over: by
         # skipUnloadBpf, a crash, or a device that came home while we were down.
-        stale = await anyio.to_thread.run_sync(detach_stale, dev.id)
+        stale = await run_sync(Work.DEVICES, detach_stale, dev.id)
         if stale is not None:
             log.warning("%s: detached program %d left by a previous run", dev.id, stale)
         if cfg.uds_server_disable and not cfg.bpf_map_pinning_enable:
             return  # the pool hands out raw netdevs: nothing is loaded
-        handout.xdp = await anyio.to_thread.run_sync(XdpAttachment.attach, dev.id)
+        handout.xdp = await run_sync(Work.DEVICES, XdpAttachment.attach, dev.id)
         if cfg.bpf_map_pinning_enable:
             path = pinning.map_path(self.pin_dir, pool.name, dev.id)
-            await anyio.to_thread.run_sync(self._pin, handout.xdp, path, cfg.uid)
+            await run_sync(Work.DEVICES, self._pin, handout.xdp, path, cfg.uid)
             handout.pinned = path
             handout.mounts.append((str(path), str(POD_DIR / dev.id / pinning.MAP_FILE)))
             return
@@ -163,17 +167,20 @@ class Allocations:
             handout.xdp.abandon()  # replaced at the device's next allocation
         elif handout.xdp is not None:
             try:
-                await anyio.to_thread.run_sync(handout.xdp.detach)
+                await run_sync(Work.DEVICES, handout.xdp.detach)
             except AfxdpError as exc:
                 log.error("%s: detaching XDP failed: %s", handout.device, exc)
         if handout.secondary_created:
             try:
-                await anyio.to_thread.run_sync(self._secondary.delete, handout.device)
+                await run_sync(Work.DEVICES, self._secondary.delete, handout.device)
             except AfxdpError as exc:
                 log.error("%s: deleting the secondary device failed: %s", handout.device, exc)
 
     async def release(self, device: str, keep_xdp: bool = False) -> bool:
         """Take ``device``'s handout back; False when it had none."""
+        if device in self.keep_xdp:
+            self.keep_xdp.discard(device)
+            keep_xdp = True
         handout = self.handouts.pop(device, None)
         if handout is None:
             pool = self.orphans.pop(device, None)
@@ -189,7 +196,7 @@ class Allocations:
         pinning.remove(pinning.map_path(self.pin_dir, pool, device))
         if not keep_xdp:
             try:
-                await anyio.to_thread.run_sync(detach_stale, device)
+                await run_sync(Work.DEVICES, detach_stale, device)
             except AfxdpError as exc:  # not home (its netns is gone with it): nothing to do
                 log.info("%s: no program to detach: %s", device, exc)
         log.info("%s: released (handed out by a previous run)", device)
@@ -199,7 +206,7 @@ class Allocations:
         pods keep receiving while afxdpd restarts; everything else is undone."""
         for device, handout in list(self.handouts.items()):
             try:
-                await anyio.to_thread.run_sync(ifindex_of, device)
+                await run_sync(Work.DEVICES, ifindex_of, device)
             except DeviceError:  # not in our netns: in its pod
                 if handout.xdp is not None:
                     handout.xdp.abandon()

@@ -9,7 +9,8 @@ the service ready. Shutdown takes every handed-out device back.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from afxdp import control, inventory, pools
+from afxdp import control, inventory, pools, workers
 from afxdp.allocations import Allocations
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
@@ -29,6 +30,14 @@ from afxdp.inventory import NetDev
 from afxdp.netwatch import Change, LinkEvent, NetWatch
 from afxdp.podresources import PodResourcesChecker
 from afxdp.secondary import SecondaryDeviceProvider
+from afxdp.unixserver import ServerStats
+from afxdp.workers import Work
+
+# How often allocations are checked against kubelet's PodResources, and how old
+# an allocation must be before it may be found stale (kubelet lists a pod's
+# devices right after Allocate; the margin covers a slow kubelet).
+RECONCILE_INTERVAL = 10.0
+RECONCILE_GRACE = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,9 @@ class Service:
     netdevs: dict[str, NetDev] = field(default_factory=dict)
     allocations: Allocations | None = None
     ready: bool = False
+    fd_limit: tuple[int, int] = (0, 0)
+    servers: dict[str, ServerStats] = field(default_factory=dict)
+    pod_resources: PodResourcesChecker | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         watch = NetWatch()
@@ -74,7 +86,7 @@ class Service:
         )
         for warning in assembly.warnings:
             log.warning("%s", warning)
-        pod_resources = PodResourcesChecker(
+        pod_resources = self.pod_resources = PodResourcesChecker(
             self.paths.kubelet_dir / "pod-resources" / "kubelet.sock"
         )
         async with anyio.create_task_group() as tg:
@@ -99,7 +111,12 @@ class Service:
                     self.plugins[pool.name], self.registrations[pool.name] = plugin, reg
                     await tg.start(reg.run)
                 tg.start_soon(watch.run, self.on_link, self.resync)
-                await tg.start(control.serve, self.paths.run_dir, self.status)
+                self.servers["control"] = ServerStats()
+                await tg.start(
+                    partial(control.serve, stats=self.servers["control"]),
+                    self.paths.run_dir,
+                    self.status,
+                )
                 cni = CniHandler(self, store)
                 await tg.start(cni_server.serve, self.paths.run_dir, cni)
                 self.ready = True
@@ -113,7 +130,7 @@ class Service:
                     or "no pools",
                 )
                 task_status.started()
-                await anyio.sleep_forever()
+                await self.reconcile_forever()
             finally:
                 self.ready = False
                 with anyio.CancelScope(shield=True):
@@ -163,25 +180,76 @@ class Service:
         return None
 
     async def release(self, device: str, keep_xdp: bool = False) -> bool:
-        """A pod is gone (CNI DEL): give ``device`` back to its pool, as it is now.
+        """The allocation of ``device`` ended (kubelet no longer lists its pod):
+        give it back to its pool, as it is now.
 
         ``keep_xdp`` (the NAD's skipUnloadBpf) leaves the program attached.
         """
         for plugin in self.plugins.values():
             dev = plugin.pool.devices.get(device)
             if dev is not None and await plugin.release(device, keep_xdp):
-                name = dev.parent or dev.id
-                self._apply_link(
-                    plugin, name, await anyio.to_thread.run_sync(inventory.read_one, name)
-                )
+                await self._read_health(plugin, dev.parent or dev.id)
                 return True
         return False
+
+    async def came_home(self, device: str, keep_xdp: bool) -> None:
+        """A CNI DEL brought ``device`` back to the host netns; it stays allocated
+        (kubelet's to end), but its health is read again now that it is ours to
+        see, and skipUnloadBpf is remembered for when the allocation ends."""
+        assert self.allocations is not None
+        if keep_xdp:
+            self.allocations.keep_xdp.add(device)
+        for plugin in self.plugins.values():
+            dev = plugin.pool.devices.get(device)
+            if dev is not None:
+                await self._read_health(plugin, dev.parent or dev.id)
+
+    async def _read_health(self, plugin: PoolPlugin, name: str) -> None:
+        self._apply_link(
+            plugin, name, await workers.run_sync(Work.NETLINK, inventory.read_one, name)
+        )
+
+    async def reconcile_forever(self) -> None:
+        """End allocations that kubelet no longer lists, every RECONCILE_INTERVAL."""
+        while True:
+            await anyio.sleep(RECONCILE_INTERVAL)
+            try:
+                await self.reconcile()
+            except Exception:  # a bug here must not end the service
+                log.exception("reconciling allocations with kubelet failed")
+
+    async def reconcile(self) -> list[str]:
+        """Release allocated devices that no pod holds (kubelet's word); returns them.
+
+        Nothing happens when kubelet cannot be asked. Allocations younger than
+        RECONCILE_GRACE are left alone.
+        """
+        assert self.allocations is not None and self.pod_resources is not None
+        now = anyio.current_time()
+        released = []
+        for plugin in self.plugins.values():
+            allocated = []
+            for dev in plugin.pool.devices.values():
+                handout = self.allocations.handouts.get(dev.id)
+                if dev.allocated and (handout is None or now - handout.since > RECONCILE_GRACE):
+                    allocated.append(dev.id)
+            if not allocated:
+                continue
+            resource = plugin.pool.config.resource_name
+            for dev_id in await self.pod_resources.stale(resource, allocated):
+                log.info("%s: no pod holds %s any more (kubelet); released", resource, dev_id)
+                await self.release(dev_id)
+                released.append(dev_id)
+        return released
 
     def status(self) -> dict[str, Any]:
         handouts = self.allocations.handouts if self.allocations else {}
         return {
             "node": self.node_name,
             "ready": self.ready,
+            "fd_limit": {"soft": self.fd_limit[0], "hard": self.fd_limit[1]},
+            "workers": workers.usage(),
+            "servers": {name: asdict(st) for name, st in self.servers.items()},
             "pools": [
                 {
                     "resource": p.pool.config.resource_name,

@@ -4,7 +4,10 @@ servers, XDP loader) in one asyncio process on uvloop."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -57,6 +60,35 @@ async def _main(service: Service) -> None:
                 break
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (no privilege needed): every UDS
+    connection and CNI request holds an fd, and a container's default soft
+    limit (1,024) is a few busy pods away."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the fd limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
+
+
+def lock_run_dir(run_dir: Path) -> int | None:
+    """An exclusive lock on ``<run-dir>/afxdpd.lock``, held while the process lives;
+    None when another afxdpd holds it (one afxdpd per node and run dir)."""
+    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(run_dir / "afxdpd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     loaded = load_or_report(args.config)
@@ -69,12 +101,24 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.LOGGING
     for warning in loaded.warnings:
         log.warning("config: %s", warning)
+    try:
+        lock = lock_run_dir(args.run_dir)
+    except OSError as exc:
+        log.error("cannot lock the run dir %s: %s", args.run_dir, exc)
+        return Exit.POOL
+    if lock is None:
+        holder = (args.run_dir / "afxdpd.lock").read_text().strip() or "?"
+        print(f"afxdpd: another afxdpd (pid {holder}) already serves {args.run_dir}; exiting",
+              file=sys.stderr)  # fmt: skip
+        return Exit.RUNNING
     service = Service(
         loaded.config,
         args.node_name,
         Paths(args.kubelet_dir, args.uds_dir, args.pin_dir, args.run_dir),
         DevlinkSubfunctions(),
     )
+    service.fd_limit = raise_fd_limit()
+    log.info("fd limit: %d (hard %d)", *service.fd_limit)
     try:
         anyio.run(_main, service, backend_options={"use_uvloop": True})
     except OSError as exc:

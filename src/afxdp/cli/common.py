@@ -20,6 +20,7 @@ class Exit(enum.IntEnum):
     LOGGING = 2
     HOST = 3
     POOL = 4
+    RUNNING = 5  # another afxdpd already serves the run dir
 
 
 def default_node_name() -> str:

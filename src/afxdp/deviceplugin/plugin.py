@@ -122,8 +122,10 @@ class PoolPlugin(api_grpc.DevicePluginBase):
                 raise GRPCError(Status.FAILED_PRECONDITION, f"{self.pool.name}: {exc}") from None
             try:
                 handouts = await self.allocations.start(self.pool, all_ids)
-            except DeviceError as exc:
+            except Exception as exc:  # a bug too: the devices must not stay marked
                 self.pool.release(all_ids)
+                if not isinstance(exc, DeviceError):
+                    log.exception("%s: Allocate %s failed unexpectedly", self.pool.name, all_ids)
                 log.error("%s: Allocate %s failed, rolled back: %s", self.pool.name, all_ids, exc)
                 raise GRPCError(Status.INTERNAL, f"{self.pool.name}: {exc}") from None
         mounts = {h.device: h.mounts for h in handouts}
