@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                     help=f"control socket and CNI socket (default: {d.run_dir})")  # fmt: skip
     ap.add_argument("--log-dir", type=Path, default=LOG_DIR,
                     help=f"where the config's logFile is written (default: {LOG_DIR})")  # fmt: skip
+    ap.add_argument("--log-format", choices=logsetup.FORMATS, default="text",
+                    help="text, or json: one JSON object per line (default: text)")  # fmt: skip
     return ap
 
 
@@ -95,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if loaded is None:
         return Exit.CONFIG
     try:
-        logsetup.setup(loaded.config.log_level, loaded.config.log_file, args.log_dir)
+        logsetup.setup(
+            loaded.config.log_level, loaded.config.log_file, args.log_dir, args.log_format
+        )
     except OSError as exc:
         print(f"cannot set up logging: {exc}", file=sys.stderr)
         return Exit.LOGGING

@@ -78,20 +78,25 @@ class Registration:
     async def _register(self) -> int | None:
         """Register (waiting for kubelet as long as it takes); kubelet.sock's inode."""
         resource = self.plugin.pool.config.resource_name
+        said = ""  # the last problem logged: one line per change, not one per retry
         while True:
             if _inode(self.socket) is None:
                 return None  # our socket is gone already: start over
             kubelet_inode = _inode(self.kubelet_socket)
+            problem = f"waiting for kubelet at {self.kubelet_socket}"
             if kubelet_inode is not None:
                 try:
                     await self._register_once(resource)
                 except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
-                    log.warning("registering %s with kubelet failed: %s; retrying", resource, exc)
+                    problem = f"registering {resource} with kubelet failed: {exc}; retrying"
                 else:
                     self.registered = True
                     self.registrations += 1
                     log.info("registered %s at %s", resource, self.socket.name)
                     return kubelet_inode
+            if problem != said:
+                log.warning("%s", problem)
+                said = problem
             await anyio.sleep(RETRY)
 
     async def _register_once(self, resource: str) -> None:

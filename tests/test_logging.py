@@ -1,0 +1,101 @@
+"""Logs: afxdp's own level only, JSON lines, rotation, and the reason for a failure."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from afxdp import logsetup
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    own = {n: logging.getLogger(n).level for n in logsetup.OWN_LOGGERS}
+    yield
+    for h in root.handlers:
+        if h not in saved[0]:
+            h.close()
+    root.handlers[:], root.level = saved
+    for n, level in own.items():
+        logging.getLogger(n).setLevel(level)
+
+
+def _lines(path: Path) -> list[str]:
+    for h in logging.getLogger().handlers:
+        h.flush()
+    return path.read_text().splitlines()
+
+
+def test_debug_applies_to_afxdp_loggers_and_not_to_third_party_ones(tmp_path: Path) -> None:
+    logsetup.setup("debug", "dp.log", tmp_path)
+    logging.getLogger("afxdp.netwatch").debug("ours at debug")
+    logging.getLogger("afxdpd").debug("the daemon at debug")
+    logging.getLogger("pyroute2.netlink").debug("theirs at debug")
+    logging.getLogger("hpack.hpack").info("theirs at info")
+    logging.getLogger("pyroute2.netlink").warning("theirs at warning")
+    text = "\n".join(_lines(tmp_path / "dp.log"))
+    assert "ours at debug" in text and "the daemon at debug" in text
+    assert "theirs at debug" not in text and "theirs at info" not in text
+    assert "theirs at warning" in text
+
+
+def test_the_configured_level_filters_afxdp_records(tmp_path: Path) -> None:
+    logsetup.setup("warning", "dp.log", tmp_path)
+    logging.getLogger("afxdp.service").info("an info line")
+    logging.getLogger("afxdp.service").warning("a warning line")
+    text = "\n".join(_lines(tmp_path / "dp.log"))
+    assert "a warning line" in text and "an info line" not in text
+
+
+def test_json_lines_carry_time_level_logger_message_and_exception(tmp_path: Path) -> None:
+    logsetup.setup("info", "dp.log", tmp_path, fmt="json")
+    log = logging.getLogger("afxdp.cni.server")
+    log.info("served %s", "ADD")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed: %d", 7)
+    first, second = (json.loads(line) for line in _lines(tmp_path / "dp.log"))
+    assert (first["level"], first["logger"], first["message"]) == ("info", log.name, "served ADD")
+    assert first["time"][:4].isdigit() and "T" in first["time"]
+    assert second["message"] == "failed: 7" and second["level"] == "error"
+    assert "ValueError: boom" in second["exc_info"]
+
+
+def test_a_rotated_log_file_is_reopened(tmp_path: Path) -> None:
+    logsetup.setup("info", "dp.log", tmp_path)
+    log = logging.getLogger("afxdp.test")
+    log.info("before rotation")
+    (tmp_path / "dp.log").rename(tmp_path / "dp.log.1")
+    log.info("after rotation")
+    assert _lines(tmp_path / "dp.log") == [_lines(tmp_path / "dp.log")[0]]
+    assert "after rotation" in _lines(tmp_path / "dp.log")[0]
+    assert "after rotation" not in (tmp_path / "dp.log.1").read_text()
+
+
+def test_afxdpd_says_why_its_log_file_cannot_be_opened(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(
+        '{"logFile": "dp.log", "pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}'
+    )
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(cfg),
+         "--log-dir", str(not_a_dir)],
+        capture_output=True, text=True, env=ENV, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "cannot set up logging" in done.stderr
+    assert str(not_a_dir) in done.stderr
