@@ -1,6 +1,7 @@
 """The shim's wire format (sans-IO): netstrings, ``<decimal length>:<bytes>,``.
 
-request: netstring(env) netstring(stdin); env is ``KEY=VALUE\\0`` entries.
+request: netstring(env) netstring(stdin); env is ``KEY=VALUE\\0`` entries,
+UTF-8 (anything else is a FrameError, as is any field over MAX_FIELD bytes).
 reply:   netstring(exit code) netstring(stdout) netstring(stderr).
 The same request bytes are what the shim queues for a DEL afxdpd missed.
 """
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_FIELD = 16 << 20
+# One field of a request: a netconf with its prevResult is a few KiB, and a
+# Multus delegate with runtimeConfig some more; 1 MiB is far above any real one
+# and small enough that a peer cannot make afxdpd hold much (see cni/server.py).
+MAX_FIELD = 1 << 20
 
 
 class FrameError(ValueError):
@@ -29,8 +33,10 @@ def parse_netstrings(data: bytes, count: int) -> list[bytes]:
         if colon < 0 or not digits.isdigit():
             raise FrameError("bad netstring length")
         n = int(digits)
+        if n > MAX_FIELD:
+            raise FrameError(f"a field of {n} bytes is over the limit of {MAX_FIELD}")
         end = colon + 1 + n
-        if n > MAX_FIELD or end >= len(data) or data[end : end + 1] != b",":
+        if end >= len(data) or data[end : end + 1] != b",":
             raise FrameError("truncated or unterminated netstring")
         out.append(data[colon + 1 : end])
         pos = end + 1
@@ -58,7 +64,12 @@ class Request:
             key, sep, value = entry.partition(b"=")
             if not sep:
                 raise FrameError(f"env entry without '=': {entry[:40]!r}")
-            env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+            try:
+                env[key.decode()] = value.decode()
+            except UnicodeDecodeError as exc:
+                # Strict, not "replace": a mangled CNI_CONTAINERID or CNI_NETNS
+                # would name some other container's state.
+                raise FrameError(f"env entry is not valid UTF-8: {entry[:40]!r}") from exc
         return cls(env, stdin)
 
 

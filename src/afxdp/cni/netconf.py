@@ -3,7 +3,25 @@
 Keys of the network config fold case, as the original's Go decoder did (its
 NAD examples are written that way); unknown keys are ignored, as CNI expects.
 Errors carry the spec's codes: 4 for the environment, 6 for undecodable
-config, 7 for an invalid one (naming the field), 1 for an unsupported version.
+config (not JSON, not UTF-8, nested deeper than MAX_DEPTH), 7 for an invalid
+one (naming the field), 1 for an unsupported version.
+
+``ethtoolCmds`` rule (checked here, at parse time; code 7 naming the entry):
+
+1. Characters: letters, digits, ``-``, ``:``, ``.``, ``/`` and ASCII
+   whitespace (space, tab, CR, LF, FF): the original's rule, whose Go ``\\s``
+   is ASCII only. Words are split on ASCII whitespace.
+2. The first word is a subcommand a filter setup needs, and only those:
+   ``-N``/``--config-ntuple``, ``-U``/``--config-nfc`` (flow rules),
+   ``-X``/``--set-rxfh-indir``/``--rxfh`` (RSS), ``-K``/``--features``/
+   ``--offload``, ``-L``/``--set-channels``, ``-G``/``--set-ring``. Never a
+   global flag first, nor ``-f`` (flash), ``-E`` (EEPROM), ``-W``, ``--reset``,
+   ``-s``, ``-p`` or any other.
+3. The second word, the device ethtool acts on, is ``-device-`` or the
+   request's ``deviceID`` written out: a netconf can change the pod's NIC and
+   no other; something to change follows it. (GC and STATUS carry no
+   deviceID and run no ethtool: for them the device word need only look like
+   a device name.)
 """
 
 from __future__ import annotations
@@ -26,10 +44,26 @@ SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = SUPPORTED_VERSIONS[-1]
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 
+# A JSON document nested deeper than this is refused (code 6): a netconf with
+# a prevResult is about 5 levels deep; the bound keeps every later walk of the
+# document (json.dumps for IPAM and the attachment record) far from recursion.
+MAX_DEPTH = 64
+
 _DEVICE_RE = re.compile(r"[a-zA-Z0-9_-]{1,50}")
-# The original's ethtool pattern: letters, digits, '-', ':', '.', '/' and spaces.
+# The original's ethtool pattern: letters, digits, '-', ':', '.', '/' and
+# whitespace, where Go's \s is ASCII only (Python's would pass U+2003 too).
 # No shell ever sees these strings (argv only); the pattern keeps them plain.
-_ETHTOOL_RE = re.compile(r"[a-zA-Z0-9:./\s-]+")
+_ASCII_SPACE = " \t\n\r\f"
+_ETHTOOL_RE = re.compile(rf"[a-zA-Z0-9:./{_ASCII_SPACE}-]+")
+_ETHTOOL_SPLIT = re.compile(rf"[{_ASCII_SPACE}]+")
+DEVICE_WORD = "-device-"
+ETHTOOL_SUBCOMMANDS = frozenset({
+    "-N", "--config-ntuple", "-U", "--config-nfc",
+    "-X", "--set-rxfh-indir", "--rxfh",
+    "-K", "--features", "--offload",
+    "-L", "--set-channels",
+    "-G", "--set-ring",
+})  # fmt: skip
 _LOG_FILE_RE = re.compile(r"[a-zA-Z0-9_-]+(\.log|\.txt)")
 _CONTAINER_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
 _IFNAME_BAD = re.compile(r"[/:\s]")
@@ -107,11 +141,45 @@ class NetConf:
     valid_attachments: tuple[tuple[str, str], ...] | None
 
 
-def peek_version(stdin: bytes) -> str:
-    """The request's cniVersion if it can be read at all (for error replies)."""
+def _too_deep(doc: Any) -> bool:
+    """Whether ``doc`` nests deeper than MAX_DEPTH (iterative: no recursion to run out of)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)] if isinstance(doc, dict | list) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def decode_json(data: bytes) -> Any:
+    """``data`` as JSON, or CniError code 6: not JSON, not UTF-8, or too deep.
+
+    msgspec raises UnicodeDecodeError (not DecodeError) for a bad byte inside a
+    string, and RecursionError where nesting meets the interpreter's limit.
+    """
     try:
-        doc = msgspec.json.decode(stdin)
-    except (msgspec.DecodeError, RecursionError):
+        doc = msgspec.json.decode(data)
+    except UnicodeDecodeError as exc:
+        raise CniError(DECODE_FAILURE, "network configuration is not valid UTF-8",
+                       f"bad byte at offset {exc.start}") from None  # fmt: skip
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise CniError(
+            DECODE_FAILURE, "network configuration is not valid JSON", str(exc)
+        ) from None
+    if _too_deep(doc):
+        raise CniError(
+            DECODE_FAILURE, f"network configuration nests deeper than {MAX_DEPTH} levels"
+        )
+    return doc
+
+
+def peek_version(stdin: bytes) -> str:
+    """The request's cniVersion if it can be read at all (for error replies); never raises."""
+    try:
+        doc = decode_json(stdin)
+    except CniError:
         return LATEST
     version = doc.get("cniVersion") if isinstance(doc, dict) else None
     return version if isinstance(version, str) and version in SUPPORTED_VERSIONS else LATEST
@@ -122,12 +190,7 @@ def _invalid(field: str, msg: str) -> CniError:
 
 
 def parse_netconf(stdin: bytes, command: str) -> NetConf:
-    try:
-        doc = msgspec.json.decode(stdin)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise CniError(
-            DECODE_FAILURE, "network configuration is not valid JSON", str(exc)
-        ) from None
+    doc = decode_json(stdin)
     if not isinstance(doc, dict):
         raise CniError(DECODE_FAILURE, "network configuration must be a JSON object")
     fold = {k.lower(): v for k, v in doc.items()}
@@ -165,12 +228,7 @@ def parse_netconf(stdin: bytes, command: str) -> NetConf:
         raise _invalid("ipam.type", "must name an IPAM plugin")
     cmds = get("ethtoolCmds", list, [])
     for i, cmd in enumerate(cmds):
-        if not isinstance(cmd, str) or not cmd.strip():
-            raise _invalid(f"ethtoolCmds[{i}]", "must be a non-empty string")
-        if not _ETHTOOL_RE.fullmatch(cmd):
-            raise _invalid(f"ethtoolCmds[{i}]",
-                           "may only hold letters, digits, spaces and - : . / "
-                           f"(ethtool arguments without 'ethtool'), got {cmd!r}")  # fmt: skip
+        _check_ethtool(f"ethtoolCmds[{i}]", cmd, device_id)
     log_file = get("logFile", str, "")
     if log_file and not _LOG_FILE_RE.fullmatch(log_file):
         raise _invalid("logFile", f"must be a bare .log or .txt file name, got {log_file!r}")
@@ -192,6 +250,27 @@ def parse_netconf(stdin: bytes, command: str) -> NetConf:
         prev_result=prev,
         valid_attachments=valid,
     )
+
+
+def _check_ethtool(field: str, cmd: Any, device_id: str) -> None:
+    """The ethtoolCmds rule of the module docstring, for one entry."""
+    if not isinstance(cmd, str) or not cmd.strip(_ASCII_SPACE):
+        raise _invalid(field, "must be a non-empty string")
+    if not _ETHTOOL_RE.fullmatch(cmd):
+        raise _invalid(field, "may only hold letters, digits, ASCII spaces and - : . / "
+                       f"(ethtool arguments without 'ethtool'), got {cmd!r}")  # fmt: skip
+    words = _ETHTOOL_SPLIT.split(cmd.strip(_ASCII_SPACE))
+    if words[0] not in ETHTOOL_SUBCOMMANDS:
+        allowed = " ".join(sorted(ETHTOOL_SUBCOMMANDS))
+        raise _invalid(field, f"subcommand {words[0]!r} is not allowed: the first word must be "
+                       f"one a filter setup needs ({allowed})")  # fmt: skip
+    target = words[1] if len(words) > 1 else ""
+    allowed_targets = {DEVICE_WORD, device_id} if device_id else {DEVICE_WORD}
+    if target not in allowed_targets and not (not device_id and _DEVICE_RE.fullmatch(target)):
+        raise _invalid(field, f"must act on the pod's device: the word after {words[0]} must be "
+                       f"{DEVICE_WORD} or the deviceID, got {target!r}")  # fmt: skip
+    if len(words) < 3:
+        raise _invalid(field, f"says nothing to change on the device after {words[0]} {target}")
 
 
 def _valid_attachments(value: Any) -> tuple[tuple[str, str], ...] | None:
