@@ -66,7 +66,7 @@ async def test_podman_container_gets_the_device(tmp_path: Path, lab: Lab) -> Non
     ip("link", "set", peer, "up")
     node = Node(tmp_path / "node", lab, [dev])
     podman, env = podman_env(tmp_path)
-    shim.install(tmp_path / "cnibin")
+    shim.install(tmp_path / "cnibin", [node.paths.run_dir])
     (tmp_path / "net.d").mkdir()
     plugin = node.netconf(dev)  # Multus would inject deviceID; here the network names it
     plugin.pop("cniVersion")
@@ -94,9 +94,10 @@ async def test_podman_container_gets_the_device(tmp_path: Path, lab: Lab) -> Non
             out = done.stdout.decode()
             assert done.returncode == 0, done.stderr.decode()
             assert f" {dev} " in out and "inet 10.78.0." in out, out
-            # The container is gone: podman ran DEL, the device is home and free.
+            # The container is gone: podman ran DEL, the device is home; it stays
+            # allocated until kubelet ends the allocation (DEL never does).
             assert subprocess.run(["ip", "link", "show", dev], capture_output=True).returncode == 0
-            assert (await node.states())[dev] == "free"
+            assert (await node.states())[dev] == "allocated"
             assert node.leases() == set()
     finally:
         subprocess.run(

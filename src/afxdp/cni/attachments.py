@@ -1,4 +1,9 @@
-"""The attachments ADD made, kept on disk so GC works across restarts.
+"""The attachments ADD made, kept on disk so DEL and GC work across restarts.
+
+Record first, then act: ADD writes its record, marked incomplete, before its
+first step and notes each step before taking it (``ipam``, ``ethtool``,
+``moved``); only its end marks it complete. So whatever a crash interrupted, a
+later DEL finds what may have been done and undoes it.
 
 One JSON file, replaced atomically (write, fsync, rename): a crash leaves the
 old file or the new one, never half of either.
@@ -9,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
+
+from afxdp.workers import Work, run_sync
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,13 @@ class Attachment:
     # The device as the host saw it before the move, so that a restarted afxdpd
     # can still count it in its pool while it is in the pod.
     netdev: dict[str, Any] = field(default_factory=dict)
+    # False from before ADD's first step until its last; records written by
+    # older versions were complete ones (they were written only at the end).
+    complete: bool = True
+    # The steps ADD began, so that an undo runs only those (and only once).
+    ipam: bool = False  # the IPAM plugin's ADD ran (or may have)
+    moved: bool = False  # the device was (or may have been) moved into netns
+    ethtool: list[dict[str, Any]] = field(default_factory=list)  # ethtool.Change docs
 
     @property
     def key(self) -> tuple[str, str]:
@@ -46,12 +59,14 @@ class AttachmentStore:
         self._items: dict[tuple[str, str], Attachment] = {}
         self._writing = anyio.Lock()
         try:
+            known = {f.name for f in fields(Attachment)}
             for item in json.loads(path.read_text()):
-                a = Attachment(**item)
+                # Fields a newer version added are dropped, not fatal.
+                a = Attachment(**{k: v for k, v in item.items() if k in known})
                 self._items[a.key] = a
         except FileNotFoundError:
             pass
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             log.error("%s is unreadable (%s); starting with no attachments", path, exc)
 
     def get(self, key: tuple[str, str]) -> Attachment | None:
@@ -73,7 +88,7 @@ class AttachmentStore:
         # snapshot taken on the event loop.
         doc = [asdict(a) for a in self._items.values()]
         async with self._writing:
-            await anyio.to_thread.run_sync(self._write, doc)
+            await run_sync(Work.DISK, self._write, doc)
 
     def _write(self, doc: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,24 +2,35 @@
 
 ADD: the device must be one of our pools' and allocated to a pod; IPAM in the
 host netns, ethtool filters (primary mode), move into the pod's netns keeping
-the name, link up, addresses and routes. Any failure undoes every step done.
-DEL: idempotent; brings the device home (when its netns still exists), IPAM
-DEL, resets ethtool, and gives the device back to the device-plugin side; it
-finishes every step even when one fails, then reports what failed.
-Requests for the same container are serialized, others run concurrently.
+the name, link up, addresses and routes. Record first, then act: the
+attachment record (attachments.py) names each step before it is taken, so a
+failed ADD, and a DEL after a crash mid-ADD, undo exactly what may have been
+done. A repeated ADD returns the earlier answer, for a completed record only.
+
+DEL undoes what its own ADD did, and nothing else: a DEL for a (container,
+ifname) that holds no attachment of that device touches nothing. The
+allocation is kubelet's and outlives the DEL (the runtime's sandbox retry is
+ADD, DEL, ADD), so the device side is only told that the device came home.
+DEL finishes every step even when one fails, then reports what failed; what
+failed stays in the record for the runtime's retry.
+
+Requests for the same container, or the same device, are serialized; others
+run concurrently. Blocking work runs in the CNI limiter (workers.Work.CNI), so
+CNI requests cannot starve the device side.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from functools import partial
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import anyio.to_thread
 from pyroute2.netlink.exceptions import NetlinkError
 
 from afxdp.cni import ethtool, ipam, link
@@ -29,6 +40,7 @@ from afxdp.cni.errors import (
     CHECK_MISMATCH,
     INCOMPATIBLE_VERSION,
     INVALID_CONFIG,
+    INVALID_ENV,
     IO_FAILURE,
     NOT_READY,
     UNKNOWN_CONTAINER,
@@ -45,10 +57,12 @@ from afxdp.cni.netconf import (
     version_tuple,
 )
 from afxdp.netns import run_in
+from afxdp.workers import Work, run_sync
 
 log = logging.getLogger(__name__)
 
-Undo = Callable[[], Awaitable[Any]]
+# What the kernel or a program may raise in a step: a failure of that step.
+_STEP_ERRORS = (NetlinkError, LookupError, OSError)
 
 
 class DeviceSide(Protocol):
@@ -61,7 +75,10 @@ class DeviceSide(Protocol):
         """Whether ``device`` is allocated; None when no pool has it."""
         ...
 
-    async def release(self, device: str, keep_xdp: bool = False) -> bool: ...
+    async def came_home(self, device: str, keep_xdp: bool) -> None:
+        """The device is back in the host netns (or gone): re-read its health;
+        remember skipUnloadBpf (``keep_xdp``) for when its allocation ends."""
+        ...
 
     def describe(self, device: str) -> dict[str, Any]:
         """What the host knows of ``device`` (kept with the attachment)."""
@@ -69,9 +86,9 @@ class DeviceSide(Protocol):
 
 
 async def _in(netns: str | Path | None, fn: Callable[..., Any], *args: Any) -> Any:
-    """A blocking netlink call in a worker thread, inside ``netns`` when given."""
+    """A blocking netlink call in a CNI worker thread, inside ``netns`` when given."""
     where = Path(netns) if netns else None
-    return await anyio.to_thread.run_sync(partial(run_in, where, fn, *args))
+    return await run_sync(Work.CNI, run_in, where, fn, *args)
 
 
 def _first_ipv4(ipam_result: dict[str, Any] | None) -> str | None:
@@ -81,14 +98,55 @@ def _first_ipv4(ipam_result: dict[str, Any] | None) -> str | None:
     return None
 
 
+def _is_own_netns(netns: str) -> bool:
+    """Whether ``netns`` names afxdpd's own network namespace (the host's)."""
+    try:
+        theirs, ours = os.stat(netns), os.stat(link.HOST_NETNS)
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _as_cni(exc: Exception, what: str) -> CniError:
+    """A step's failure as the runtime is told it (code 5 unless it has one)."""
+    return exc if isinstance(exc, CniError) else CniError(IO_FAILURE, what, str(exc) or repr(exc))
+
+
+def _summary(problems: list[CniError]) -> CniError:
+    """One error naming every problem (the first one's code)."""
+    first = problems[0]
+    return CniError(first.code, first.msg, "; ".join(str(p) for p in problems))
+
+
 class CniHandler:
     def __init__(self, devices: DeviceSide, store: AttachmentStore) -> None:
         self.devices = devices
         self.store = store
         self._locks: dict[str, anyio.Lock] = {}
+        self._users: dict[str, int] = {}
 
-    def _lock(self, key: str) -> anyio.Lock:
-        return self._locks.setdefault(key, anyio.Lock())
+    @asynccontextmanager
+    async def _locked(self, *keys: str) -> AsyncIterator[None]:
+        """Hold the locks of ``keys`` (always taken in the order given:
+        container, then device); a lock nobody holds or waits for is dropped."""
+        for key in keys:
+            self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with self._lock_all(list(keys)):
+                yield
+        finally:
+            for key in keys:
+                self._users[key] -= 1
+                if not self._users[key]:
+                    del self._users[key], self._locks[key]
+
+    @asynccontextmanager
+    async def _lock_all(self, keys: list[str]) -> AsyncIterator[None]:
+        if not keys:
+            yield
+            return
+        async with self._locks.setdefault(keys[0], anyio.Lock()), self._lock_all(keys[1:]):
+            yield
 
     async def handle(self, request: Request) -> tuple[int, bytes, bytes]:
         """(exit code, stdout, stderr) for one forwarded request."""
@@ -117,7 +175,7 @@ class CniHandler:
         if env.command == "GC":
             await self.gc(env, conf)
             return None
-        async with self._lock(f"container:{env.container_id}"), self._lock(f"dev:{conf.device_id}"):
+        async with self._locked(f"container:{env.container_id}", f"dev:{conf.device_id}"):
             if env.command == "ADD":
                 return await self.add(env, conf)
             if env.command == "DEL":
@@ -125,6 +183,8 @@ class CniHandler:
                 return None
             await self.check(env, conf)
             return None
+
+    # ADD
 
     async def add(self, env: Env, conf: NetConf) -> dict[str, Any]:
         dev = conf.device_id
@@ -138,54 +198,88 @@ class CniHandler:
                            "(kubelet has not called Allocate for it)")  # fmt: skip
         if not link.exists(env.netns):
             raise CniError(UNKNOWN_CONTAINER, f"network namespace {env.netns} does not exist")
-        previous = self.store.get((env.container_id, env.ifname))
-        if previous is not None and previous.device == dev:
-            return previous.result  # a repeated ADD: the same answer
+        if _is_own_netns(env.netns):
+            raise CniError(INVALID_ENV, f"CNI_NETNS {env.netns} is afxdpd's own network "
+                           "namespace (the host's), not a pod's; refused")  # fmt: skip
+        key = (env.container_id, env.ifname)
+        previous = self.store.get(key)
+        if previous is not None and previous.complete:
+            if previous.device == dev:
+                return previous.result  # a repeated ADD: the same answer
+            raise CniError(
+                INVALID_CONFIG,
+                f"deviceID: {env.ifname} of container {env.container_id} is "
+                f"{previous.device} already; DEL it first",
+            )
+        if previous is not None:  # an ADD that afxdpd did not finish (it crashed)
+            problems = await self._undo(previous, env.path)
+            if problems:
+                raise CniError(IO_FAILURE, "undoing an earlier unfinished ADD failed",
+                               str(_summary(problems)))  # fmt: skip
         host_up = await _in(None, link.admin_up, dev)
         if host_up is None:
             raise CniError(INVALID_CONFIG, f"deviceID: {dev} is not in the host network namespace",
                            "it may still be in another pod's namespace")  # fmt: skip
-        undo: list[Undo] = []
+        await self.store.put(
+            Attachment(env.container_id, env.ifname, dev, env.netns, conf.name, env=env.raw,
+                       netconf=conf.raw, host_up=host_up, netdev=self.devices.describe(dev),
+                       complete=False)
+        )  # fmt: skip
         try:
-            result = await self._add_steps(env, conf, host_up, undo)
+            return await self._add_steps(env, conf)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                for step in reversed(undo):
-                    try:
-                        await step()
-                    except Exception as undo_exc:
-                        log.error("rollback step for %s failed: %s", dev, undo_exc)
-            if isinstance(exc, NetlinkError | LookupError | OSError):
-                raise CniError(IO_FAILURE, f"setting up {dev} failed; everything was undone",
-                               str(exc)) from exc  # fmt: skip
+                record = self.store.get(key)
+                problems = await self._undo(record, env.path) if record else []
+            for problem in problems:
+                log.error("ADD %s: rollback step failed: %s", dev, problem)
+            if isinstance(exc, (*_STEP_ERRORS, CniError)):
+                undone = "everything was undone"
+                if problems:
+                    undone = f"undoing it failed too (a DEL retries): {_summary(problems)}"
+                if isinstance(exc, CniError):
+                    details = "; ".join(filter(None, (exc.details, undone)))
+                    raise CniError(exc.code, exc.msg, details) from exc
+                raise CniError(IO_FAILURE, f"setting up {dev} failed; {undone}", str(exc)) from exc
             raise
-        return result
 
-    async def _add_steps(
-        self, env: Env, conf: NetConf, host_up: bool, undo: list[Undo]
-    ) -> dict[str, Any]:
-        dev, netns = conf.device_id, env.netns
+    async def _note(self, key: tuple[str, str], **changes: Any) -> Attachment:
+        """Record, durably, a step about to be taken (or the ADD's end)."""
+        record = self.store.get(key)
+        assert record is not None
+        record = replace(record, **changes)
+        await self.store.put(record)
+        return record
+
+    async def _add_steps(self, env: Env, conf: NetConf) -> dict[str, Any]:
+        dev, netns, key = conf.device_id, env.netns, (env.container_id, env.ifname)
         ipam_result = None
         if conf.ipam_type:
+            await self._note(key, ipam=True)
             ipam_result = await ipam.add(env, conf)
-            undo.append(partial(ipam.delete, env, conf))
         if conf.mode == "primary" and conf.ethtool_cmds:
-            argvs = ethtool.render(conf.ethtool_cmds, dev, _first_ipv4(ipam_result))
-            applied = ethtool.Applied(dev)
-            undo.append(partial(ethtool.reset, applied))
-            await ethtool.apply(argvs, dev, applied)
+            changes: list[ethtool.Change] = []
+            for argv in ethtool.render(conf.ethtool_cmds, dev, _first_ipv4(ipam_result)):
+                changes.append(await ethtool.before(argv))
+                await self._note(key, ethtool=[c.to_doc() for c in changes])
+                try:
+                    changes[-1] = changes[-1].after(await ethtool.run(argv))
+                except ethtool.Failed:
+                    if not changes[-1].rereads:  # refused: nothing that -X default must undo
+                        changes.pop()
+                        await self._note(key, ethtool=[c.to_doc() for c in changes])
+                    raise
+                await self._note(key, ethtool=[c.to_doc() for c in changes])
+        await self._note(key, moved=True)
         await _in(None, link.move, dev, Path(netns))
-        undo.append(partial(self._bring_home, dev, netns, host_up))
         ips, routes = (ipam_result["ips"], ipam_result["routes"]) if ipam_result else ([], [])
         inside = await _in(netns, link.setup, dev, ips, routes)
         out = results.build(conf.cni_version, ipam_result, dev, inside.mac, netns)
-        await self.store.put(
-            Attachment(env.container_id, env.ifname, dev, netns, conf.name, env=env.raw,
-                       netconf=conf.raw, result=out, host_up=host_up,
-                       netdev=self.devices.describe(dev))
-        )  # fmt: skip
+        await self._note(key, result=out, complete=True)
         log.info("ADD %s: %s moved into %s", env.container_id, dev, netns)
         return out
+
+    # Undo: DEL, a failed ADD, GC, an unfinished ADD found later
 
     async def _bring_home(self, dev: str, netns: str, up: bool) -> bool:
         """Move ``dev`` from ``netns`` back to the host as it was; False if not there."""
@@ -195,33 +289,82 @@ class CniHandler:
             await _in(None, link.set_up, dev)
         return True
 
+    async def _at_home(self, dev: str) -> bool:
+        """Whether ``dev`` is in the host netns."""
+        return await _in(None, link.admin_up, dev) is not None
+
+    async def _undo(self, record: Attachment, path: tuple[str, ...]) -> list[CniError]:
+        """Undo the steps ``record`` names, each even when another fails.
+
+        Returns the failures; the steps that failed stay in the record (a
+        retried DEL runs only those), and a record with none left is removed.
+        """
+        dev = record.device
+        problems: list[CniError] = []
+        left: dict[str, Any] = {}
+        if record.moved:
+            try:
+                await self._bring_home(dev, record.netns, record.host_up)
+            except Exception as exc:
+                problems.append(_as_cni(exc, f"moving {dev} out of {record.netns} failed"))
+                left["moved"] = True
+        changes = [ethtool.Change.from_doc(d) for d in record.ethtool]
+        if changes and "moved" in left:
+            left["ethtool"] = record.ethtool  # still in the pod: restore it when it is home
+        elif changes:
+            for n, change in reversed(list(enumerate(changes))):
+                try:
+                    if not await self._at_home(dev):
+                        break  # gone with its netns: nothing to restore on
+                    await ethtool.restore(change)
+                except Exception as exc:
+                    problems.append(_as_cni(exc, f"restoring ethtool settings of {dev} failed"))
+                    left["ethtool"] = [c.to_doc() for c in changes[: n + 1]]
+                    break  # restores undo in order: the earlier ones wait for this one
+        if record.ipam:
+            try:
+                old_env, old_conf = self._request_of(record, path)
+                await ipam.delete(old_env, old_conf)
+            except Exception as exc:
+                problems.append(_as_cni(exc, "IPAM DEL failed"))
+                left["ipam"] = True
+        if left:
+            steps = {"moved": False, "ipam": False, "ethtool": [], **left}
+            await self.store.put(replace(record, complete=False, **steps))
+        else:
+            await self.store.remove(record.key)
+        if record.moved and "moved" not in left:
+            try:
+                keep_xdp = (
+                    bool(record.netconf) and self._request_of(record, path)[1].skip_unload_bpf
+                )
+                await self.devices.came_home(dev, keep_xdp)
+            except Exception:
+                log.exception("%s: telling the device side it came home failed", dev)
+        return problems
+
+    @staticmethod
+    def _request_of(record: Attachment, path: tuple[str, ...]) -> tuple[Env, NetConf]:
+        """The ADD's request as a DEL (on today's CNI_PATH when the runtime gave one)."""
+        env = dict(record.env, CNI_COMMAND="DEL")
+        if path:
+            env["CNI_PATH"] = ":".join(path)
+        return parse_env(env), parse_netconf(json.dumps(record.netconf).encode(), "DEL")
+
     async def delete(self, env: Env, conf: NetConf) -> None:
         dev = conf.device_id
         record = self.store.get((env.container_id, env.ifname))
-        problems: list[CniError] = []
-        home = False
-        try:
-            home = await self._bring_home(dev, env.netns, record.host_up if record else True)
-        except (NetlinkError, LookupError, OSError) as exc:
-            problems.append(
-                CniError(IO_FAILURE, f"moving {dev} out of {env.netns} failed", str(exc))
-            )
-        if conf.ipam_type:
-            try:
-                await ipam.delete(env, conf)
-            except CniError as exc:
-                problems.append(exc)
-        if home and conf.mode == "primary" and conf.ethtool_cmds:
-            # -ip- does not matter for a reset; any address renders the commands.
-            argvs = ethtool.render(conf.ethtool_cmds, dev, "192.0.2.1")
-            for problem in await ethtool.reset(ethtool.Applied.assumed(dev, argvs)):
-                log.warning("DEL %s: %s", dev, problem)
-        await self.devices.release(dev, keep_xdp=conf.skip_unload_bpf)
-        await self.store.remove((env.container_id, env.ifname))
-        log.info("DEL %s: %s%s", env.container_id, dev, " (brought home)" if home else "")
+        if record is None or record.device != dev:
+            # Not this container's device (or DEL repeated): nothing of ours to undo.
+            log.info("DEL %s/%s: holds no attachment of %s; nothing to do",
+                     env.container_id, env.ifname, dev)  # fmt: skip
+            return
+        problems = await self._undo(record, env.path)
+        log.info("DEL %s: %s undone%s", env.container_id, dev, " with errors" if problems else "")
         if problems:
-            first = problems[0]
-            raise CniError(first.code, first.msg, "; ".join(str(p) for p in problems))
+            raise _summary(problems)
+
+    # CHECK, GC
 
     async def check(self, env: Env, conf: NetConf) -> None:
         if version_tuple(conf.cni_version) < (0, 4, 0):
@@ -255,9 +398,9 @@ class CniHandler:
             if record.network != conf.name or record.key in valid:
                 continue
             log.info("GC: %s/%s (%s) is stale", record.container_id, record.ifname, record.device)
-            old_env = parse_env(
-                {**record.env, "CNI_COMMAND": "DEL", "CNI_PATH": ":".join(env.path)}
-            )
-            old_conf = parse_netconf(json.dumps(record.netconf).encode(), "DEL")
-            async with self._lock(f"container:{record.container_id}"):
-                await self.delete(old_env, old_conf)
+            async with self._locked(f"container:{record.container_id}", f"dev:{record.device}"):
+                current = self.store.get(record.key)
+                if current is None:
+                    continue  # a DEL got there first
+                for problem in await self._undo(current, env.path):
+                    log.warning("GC %s: %s", record.container_id, problem)

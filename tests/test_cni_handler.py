@@ -1,0 +1,474 @@
+"""The CNI handler's semantics, driven directly (no shim, no socket) on real
+links: real netns and veth, real host-local IPAM, real ethtool.
+
+The device side is a FAKE (``FakeDeviceSide``): the real one (the Service) is
+exercised through the shim in test_cni.py; here the tests must see each call
+the handler makes across that protocol and set readiness and failures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from afxdp.cni import ethtool
+from afxdp.cni.attachments import AttachmentStore
+from afxdp.cni.errors import CniError
+from afxdp.cni.frame import Request
+from afxdp.cni.handler import CniHandler
+from tests.kernel import Lab, ip
+
+HOST_LOCAL_DIR = "/usr/lib/cni"
+SUBNET = "10.79.0"
+
+
+class FakeDeviceSide:
+    """FAKE DeviceSide: records what the handler tells the device side."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self.ready = True
+        self.allocated: dict[str, bool] = dict.fromkeys(devices, True)
+        self.came_home_calls: list[tuple[str, bool]] = []
+        self.broken = False  # device_allocated raises: a bug on the device side
+
+    def device_allocated(self, device: str) -> bool | None:
+        if self.broken:
+            raise RuntimeError("device side bug")
+        return self.allocated.get(device)
+
+    async def came_home(self, device: str, keep_xdp: bool) -> None:
+        self.came_home_calls.append((device, keep_xdp))
+
+    def describe(self, device: str) -> dict[str, Any]:
+        return {}
+
+
+class FakeIpam:
+    """FAKE IPAM plugin ``fakeipam``: the real host-local, except that it fails
+    or holds (until released) as the test says, through files in ``ctl``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.bin = tmp / "fake-cni-bin"
+        self.ctl = tmp / "fake-ipam-ctl"
+        self.bin.mkdir()
+        self.ctl.mkdir()
+        script = self.bin / "fakeipam"
+        c = self.ctl
+        script.write_text(f"""#!/bin/sh
+for verb in ADD DEL; do
+  if [ "$CNI_COMMAND" = "$verb" ] && [ -e {c}/fail-$verb ]; then
+    echo '{{"cniVersion":"1.0.0","code":11,"msg":"fake IPAM refuses '$verb'"}}'; exit 1
+  fi
+done
+if [ "$CNI_COMMAND" = ADD ] && [ -e {c}/hold-$CNI_CONTAINERID ]; then
+  touch {c}/entered-$CNI_CONTAINERID
+  while [ -e {c}/hold-$CNI_CONTAINERID ]; do sleep 0.02; done
+fi
+exec {HOST_LOCAL_DIR}/host-local
+""")
+        script.chmod(0o755)
+
+    def set(self, flag: str, on: bool = True) -> None:
+        (self.ctl / flag).touch() if on else (self.ctl / flag).unlink(missing_ok=True)
+
+    def release_all(self) -> None:
+        for f in self.ctl.glob("hold-*"):
+            f.unlink(missing_ok=True)
+
+    async def wait_entered(self, container: str, deadline: float = 10.0) -> None:
+        with anyio.fail_after(deadline):
+            while not (self.ctl / f"entered-{container}").exists():
+                await anyio.sleep(0.01)
+
+
+class Setup:
+    def __init__(self, tmp: Path, lab: Lab, devices: list[str]) -> None:
+        self.tmp, self.lab, self.devices = tmp, lab, devices
+        self.ipam_dir = tmp / "ipam"
+        self.ipam = FakeIpam(tmp)
+        self.side = FakeDeviceSide(devices)
+        self.store_path = tmp / "run" / "cni-attachments.json"
+        self.handler = CniHandler(self.side, AttachmentStore(self.store_path))
+
+    def netconf(self, dev: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "cniVersion": version, "name": "afxdp-net", "type": "afxdp", "mode": "primary",
+            "deviceID": dev,
+            "ipam": {"type": "fakeipam", "dataDir": str(self.ipam_dir),
+                     "ranges": [[{"subnet": f"{SUBNET}.0/24", "gateway": f"{SUBNET}.1"}]],
+                     "routes": [{"dst": "0.0.0.0/0"}]},
+        }  # fmt: skip
+        conf.update(extra)
+        return conf
+
+    async def call(self, command: str, conf: dict[str, Any], *, netns: str = "",
+                   container: str = "ctr1", ifname: str = "net1") -> tuple[int, Any]:  # fmt: skip
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns,
+               "CNI_IFNAME": ifname, "CNI_PATH": f"{self.ipam.bin}:{HOST_LOCAL_DIR}"}  # fmt: skip
+        code, out, _ = await self.handler.handle(Request(env, json.dumps(conf).encode()))
+        return code, json.loads(out) if out.strip() else None
+
+    def leases(self) -> set[str]:
+        d = self.ipam_dir / "afxdp-net"
+        return {p.name for p in d.iterdir() if p.name.startswith(SUBNET)} if d.exists() else set()
+
+
+@pytest.fixture
+def setup(tmp_path: Path, lab: Lab) -> Iterator[Setup]:
+    devices = []
+    for i in range(3):
+        a, b = lab.veth(lab.name(f"ch{i}"), lab.name(f"cp{i}"), queues=4)
+        ip("link", "set", a, "up")
+        ip("link", "set", b, "up")
+        devices.append(a)
+    s = Setup(tmp_path, lab, devices)
+    try:
+        yield s
+    finally:
+        s.ipam.release_all()  # no fake plugin is left waiting
+
+
+def features(dev: str, netns: str | None = None) -> str:
+    cmd = ["ethtool", "-k", dev]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def channels(dev: str) -> dict[str, str]:
+    out = subprocess.run(["ethtool", "-l", dev], capture_output=True, text=True, check=True)
+    return ethtool.parse_settings(out.stdout)
+
+
+def in_host(dev: str) -> bool:
+    done = subprocess.run(["ip", "link", "show", dev], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def in_pod(ns: str, dev: str) -> bool:
+    done = subprocess.run(["ip", "-n", ns, "link", "show", dev], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+# ethtool's parsers and refusals (no kernel)
+
+
+def test_features_parse_to_settable_leaves_with_requested_values() -> None:
+    text = ("Features for x:\nrx-checksumming: on [fixed]\ntx-checksumming: off\n"
+            "\ttx-checksum-ipv4: off [fixed]\n\ttx-checksum-ip-generic: off\n"
+            "tcp-segmentation-offload: off\n\ttx-tcp-segmentation: off [requested on]\n"
+            "generic-segmentation-offload: on\n")  # fmt: skip
+    assert ethtool.parse_features(text) == {
+        "rx-checksumming": ("on", True),
+        "tx-checksum-ipv4": ("off", True),
+        "tx-checksum-ip-generic": ("off", False),
+        "tx-tcp-segmentation": ("on", False),  # what was asked, not what the kernel allows now
+        "generic-segmentation-offload": ("on", False),
+    }  # the groups (tx-checksumming, tcp-segmentation-offload) are not settings
+
+
+def test_settings_rule_ids_and_flow_hash_parse() -> None:
+    text = ("Channel parameters for x:\nPre-set maximums:\nRX:\t\t4\nTX:\t\t4\nOther:\t\tn/a\n"
+            "Current hardware settings:\nRX:\t\t2\nTX:\t\t4\nOther:\t\tn/a\nRX Jumbo:\t0\n")  # fmt: skip
+    assert ethtool.parse_settings(text) == {"rx": "2", "tx": "4", "rx-jumbo": "0"}
+    rules = ethtool.Change("rules", "x").after("Added rule with ID 1023\n")
+    assert rules.rules == (1023,)
+    hashed = (
+        "UDP over IPV4 flows use these fields:\nIP SA\nIP DA\nL4 bytes 2 & 3 [TCP/UDP dst port]"
+    )
+    assert ethtool.parse_flow_hash(hashed) == "sdn"
+
+
+@pytest.mark.parametrize(
+    ("cmd", "text"),
+    [("-f -device- fw.bin", "cannot be undone"), ("-K eth9 tx off", "must name the pod's device"),
+     ("-N -device- delete 5", "deleting a rule"), ("-K -device-", "must name the pod's device")],
+)  # fmt: skip
+def test_ethtool_commands_that_cannot_be_undone_are_refused(cmd: str, text: str) -> None:
+    with pytest.raises(CniError) as err:
+        ethtool.render((cmd,), "dev0", None)
+    assert err.value.code == 7 and text in err.value.msg
+
+
+def test_ntuple_is_switched_on_only_for_a_flow_rule() -> None:
+    argvs = ethtool.render(("-N -device- flow-type udp4 action 2",), "dev0", None)
+    assert argvs[0] == ["--features", "dev0", "ntuple", "on"]
+    assert ethtool.render(("-X -device- equal 2",), "dev0", None) == [["-X", "dev0", "equal", "2"]]
+
+
+# The handler on real links
+
+pytestmark = pytest.mark.anyio
+privileged = pytest.mark.privileged
+
+
+@privileged
+async def test_del_restores_exactly_what_ethtool_cmds_changed(setup: Setup) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chet")
+    assert "tx-checksumming: on" in features(dev) and channels(dev)["rx"] == "4"
+    before = ethtool.parse_features(features(dev))
+    conf = setup.netconf(dev, ethtoolCmds=["-K -device- tx off", "-L -device- rx 2 tx 2"])
+    code, out = await setup.call("ADD", conf, netns=f"/run/netns/{ns}")
+    assert code == 0, out
+    assert "tx-checksumming: off" in features(dev, ns)
+    code, out = await setup.call("DEL", conf, netns=f"/run/netns/{ns}")
+    assert (code, out) == (0, None)
+    assert in_host(dev) and ethtool.parse_features(features(dev)) == before
+    assert channels(dev)["rx"] == "4" and channels(dev)["tx"] == "4"
+    assert setup.side.came_home_calls == [(dev, False)]
+
+
+@privileged
+async def test_add_failing_half_way_rolls_back_its_ethtool_changes(setup: Setup) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chrb")
+    before = ethtool.parse_features(features(dev))
+    # veth has no RSS indirection table: -X fails after -K changed the features.
+    conf = setup.netconf(dev, ethtoolCmds=["-K -device- tx off", "-X -device- equal 2"])
+    code, out = await setup.call("ADD", conf, netns=f"/run/netns/{ns}")
+    assert code == 1 and out["code"] == 5 and "ethtool -X" in out["msg"], out
+    assert "everything was undone" in out["details"]
+    assert in_host(dev) and not in_pod(ns, dev)
+    assert ethtool.parse_features(features(dev)) == before
+    assert setup.leases() == set() and setup.handler.store.all() == []
+
+
+@privileged
+async def test_a_failing_rollback_step_is_logged_and_the_others_still_run(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chrf")
+    before = ethtool.parse_features(features(dev))
+    setup.ipam.set("fail-DEL")
+    conf = setup.netconf(dev, ethtoolCmds=["-K -device- tx off", "-X -device- equal 2"])
+    with caplog.at_level(logging.ERROR):
+        code, out = await setup.call("ADD", conf, netns=f"/run/netns/{ns}")
+    assert code == 1 and out["code"] == 5 and "fake IPAM refuses DEL" in out["details"], out
+    assert any("rollback step failed" in r.message and "fake IPAM refuses DEL" in r.message
+               for r in caplog.records)  # fmt: skip
+    # The other steps ran all the same.
+    assert in_host(dev) and ethtool.parse_features(features(dev)) == before
+    assert len(setup.leases()) == 1
+    # What failed stays recorded: the runtime's DEL finishes it.
+    setup.ipam.set("fail-DEL", False)
+    code, out = await setup.call("DEL", conf, netns=f"/run/netns/{ns}")
+    assert (code, out) == (0, None)
+    assert setup.leases() == set() and setup.handler.store.all() == []
+
+
+@privileged
+async def test_del_runs_every_step_and_its_error_lists_each_failure(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chde")
+    conf = setup.netconf(dev, ethtoolCmds=["-K -device- tx off"])
+    code, out = await setup.call("ADD", conf, netns=f"/run/netns/{ns}")
+    assert code == 0, out
+    # FAKE ethtool: the real one, except that it refuses to set features.
+    fake_bin = setup.tmp / "fake-ethtool-bin"
+    fake_bin.mkdir()
+    (fake_bin / "ethtool").write_text('#!/bin/sh\n[ "$1" = -K ] && { echo "fake: no" >&2; '
+                                      'exit 1; }\nexec /usr/sbin/ethtool "$@"\n')  # fmt: skip
+    (fake_bin / "ethtool").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    setup.ipam.set("fail-DEL")
+    code, out = await setup.call("DEL", conf, netns=f"/run/netns/{ns}")
+    assert (
+        code == 1 and "ethtool -K" in out["details"] and "fake IPAM refuses DEL" in out["details"]
+    )
+    assert in_host(dev) and setup.side.came_home_calls == [(dev, False)]  # the move still ran
+    assert "tx-checksumming: off" in features(dev) and len(setup.leases()) == 1
+    # The runtime retries the DEL: only what failed runs again.
+    monkeypatch.undo()
+    setup.ipam.set("fail-DEL", False)
+    code, out = await setup.call("DEL", conf, netns=f"/run/netns/{ns}")
+    assert (code, out) == (0, None)
+    assert "tx-checksumming: on" in features(dev) and setup.leases() == set()
+    assert setup.side.came_home_calls == [(dev, False)]
+
+
+@privileged
+async def test_del_for_a_container_holding_no_attachment_of_the_device_touches_nothing(
+    setup: Setup,
+) -> None:
+    d0, d1, _ = setup.devices
+    ns = setup.lab.netns("chfd")
+    netns = f"/run/netns/{ns}"
+    conf = setup.netconf(d0, ethtoolCmds=["-K -device- tx off"])
+    code, out = await setup.call("ADD", conf, netns=netns, container="holder")
+    assert code == 0, out
+    leases = setup.leases()
+    for container, ifname, dev in (("other", "net1", d0), ("holder", "net2", d0),
+                                   ("holder", "net1", d1)):  # fmt: skip
+        code, out = await setup.call("DEL", setup.netconf(dev), netns=netns, container=container,
+                                     ifname=ifname)  # fmt: skip
+        assert (code, out) == (0, None)
+    assert in_pod(ns, d0) and setup.leases() == leases  # no IPAM DEL, no move
+    assert "tx-checksumming: off" in features(d0, ns)  # no ethtool restore
+    assert setup.side.came_home_calls == []
+    assert len(setup.handler.store.all()) == 1
+
+
+@privileged
+async def test_runtime_retry_add_fails_del_add_succeeds(setup: Setup) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chrt")
+    netns = f"/run/netns/{ns}"
+    setup.ipam.set("fail-ADD")
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=netns)
+    assert code == 1 and out["code"] == 11, out
+    code, out = await setup.call("DEL", setup.netconf(dev), netns=netns)
+    assert (code, out) == (0, None)
+    setup.ipam.set("fail-ADD", False)
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=netns)
+    assert code == 0, out
+    assert in_pod(ns, dev) and len(setup.leases()) == 1
+
+
+@privileged
+async def test_repeated_add_returns_the_earlier_answer_without_a_second_lease(
+    setup: Setup,
+) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chra")
+    code, first = await setup.call("ADD", setup.netconf(dev), netns=f"/run/netns/{ns}")
+    assert code == 0, first
+    code, again = await setup.call("ADD", setup.netconf(dev), netns=f"/run/netns/{ns}")
+    assert (code, again) == (0, first)
+    assert len(setup.leases()) == 1
+
+
+@privileged
+async def test_after_a_crash_mid_add_the_record_is_undone_not_answered(setup: Setup) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chcr")
+    netns = f"/run/netns/{ns}"
+    before = ethtool.parse_features(features(dev))
+    conf = setup.netconf(dev, ethtoolCmds=["-K -device- tx off"])
+    code, out = await setup.call("ADD", conf, netns=netns)
+    assert code == 0, out
+    # What a crash just before the ADD's last step leaves: every step taken, the
+    # record not complete. A restarted afxdpd reads it back.
+    doc = json.loads(setup.store_path.read_text())
+    doc[0]["complete"] = False
+    setup.store_path.write_text(json.dumps(doc))
+    setup.handler = CniHandler(setup.side, AttachmentStore(setup.store_path))
+    code, _ = await setup.call("ADD", conf, netns=netns)  # not the earlier answer: redone
+    assert code == 0 and len(setup.leases()) == 1 and in_pod(ns, dev)
+    assert setup.side.came_home_calls == [(dev, False)]  # the unfinished one was undone first
+    doc = json.loads(setup.store_path.read_text())
+    doc[0]["complete"] = False
+    setup.store_path.write_text(json.dumps(doc))
+    setup.handler = CniHandler(setup.side, AttachmentStore(setup.store_path))
+    for _ in range(2):  # and a DEL (repeated) undoes it all, idempotently
+        code, out = await setup.call("DEL", conf, netns=netns)
+        assert (code, out) == (0, None)
+    assert in_host(dev) and setup.leases() == set()
+    assert ethtool.parse_features(features(dev)) == before
+
+
+@privileged
+async def test_add_into_afxdpds_own_netns_is_refused(setup: Setup) -> None:
+    dev = setup.devices[0]
+    own = f"/proc/{os.getpid()}/ns/net"
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=own)
+    assert code == 1 and out["code"] == 4 and "afxdpd's own network namespace" in out["msg"]
+    assert setup.leases() == set() and setup.handler.store.all() == []
+
+
+@privileged
+async def test_other_containers_and_devices_do_not_wait_for_a_blocked_add(setup: Setup) -> None:
+    d0, d1, _ = setup.devices
+    ns_a, ns_b = setup.lab.netns("chla"), setup.lab.netns("chlb")
+    done: list[str] = []
+
+    async def call(tag: str, command: str, dev: str, ns: str, container: str) -> None:
+        code, out = await setup.call(command, setup.netconf(dev), netns=f"/run/netns/{ns}",
+                                     container=container)  # fmt: skip
+        # c's ADD runs after a's: d0 is then a's (7) or, after a's DEL, c's (0).
+        assert code == 0 or (tag == "add c on d0" and out["code"] == 7), (tag, out)
+        done.append(tag)
+
+    setup.ipam.set("hold-a")
+    async with anyio.create_task_group() as tg:
+        try:
+            tg.start_soon(call, "add a", "ADD", d0, ns_a, "a")
+            await setup.ipam.wait_entered("a")  # a's ADD holds its container's and d0's locks
+            tg.start_soon(call, "del a", "DEL", d0, ns_a, "a")
+            tg.start_soon(call, "add c on d0", "ADD", d0, ns_b, "c")
+            with anyio.fail_after(10):
+                await call("add b", "ADD", d1, ns_b, "b")  # another container, another device
+            assert done == ["add b"]  # the same container's DEL, the same device's ADD wait
+        finally:
+            setup.ipam.release_all()  # a failure must not leave a's plugin waiting
+    assert done[:2] == ["add b", "add a"] and set(done[2:]) == {"del a", "add c on d0"}
+
+
+@privileged
+async def test_check_reports_each_difference_with_its_code(setup: Setup) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chck")
+    netns = f"/run/netns/{ns}"
+    code, result = await setup.call("ADD", setup.netconf(dev), netns=netns)
+    assert code == 0, result
+    check = setup.netconf(dev, prevResult=result)
+    assert await setup.call("CHECK", check, netns=netns) == (0, None)
+
+    async def fails(want_code: int, text: str, conf: dict[str, Any] = check,
+                    where: str = netns) -> None:  # fmt: skip
+        code, out = await setup.call("CHECK", conf, netns=where)
+        assert code == 1 and out["code"] == want_code and text in out["msg"], out
+
+    await fails(1, "CHECK needs cniVersion 0.4.0", setup.netconf(dev, "0.3.1", prevResult=result))
+    await fails(7, "prevResult: is required", setup.netconf(dev))
+    await fails(3, "does not exist", where="/run/netns/none-such-chck")
+    ip("route", "del", "default", netns=ns)
+    await fails(100, "route to 0.0.0.0/0 is missing")
+    ip("addr", "flush", "dev", dev, netns=ns)
+    await fails(100, f"lacks address {result['ips'][0]['address']}")
+    ip("link", "set", dev, "down", netns=ns)
+    await fails(100, "is down")
+    ip("link", "set", dev, "netns", str(os.getpid()), netns=ns)
+    await fails(100, f"{dev} is not in")
+
+
+async def test_status_answers_50_until_the_device_side_is_ready(tmp_path: Path) -> None:
+    side = FakeDeviceSide([])
+    handler = CniHandler(side, AttachmentStore(tmp_path / "a.json"))
+    env = {"CNI_COMMAND": "STATUS", "CNI_PATH": HOST_LOCAL_DIR}
+    stdin = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "afxdp"}).encode()
+    side.ready = False
+    code, out, _ = await handler.handle(Request(env, stdin))
+    assert code == 1 and json.loads(out)["code"] == 50
+    side.ready = True
+    assert await handler.handle(Request(env, stdin)) == (0, b"", b"")
+
+
+async def test_an_unexpected_exception_is_internal_error_5_and_the_handler_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    side = FakeDeviceSide(["dev0"])
+    handler = CniHandler(side, AttachmentStore(tmp_path / "a.json"))
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": "/run/netns/x",
+           "CNI_IFNAME": "net1", "CNI_PATH": HOST_LOCAL_DIR}  # fmt: skip
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "afxdp",
+                        "deviceID": "dev0"}).encode()  # fmt: skip
+    side.broken = True
+    code, out, err = await handler.handle(Request(env, stdin))
+    doc = json.loads(out)
+    assert code == 1 and doc["code"] == 5 and doc["msg"] == "internal error in afxdpd"
+    assert "device side bug" in doc["details"] and b"internal error" in err
+    side.broken = False
+    status = {"CNI_COMMAND": "STATUS", "CNI_PATH": HOST_LOCAL_DIR}
+    assert await handler.handle(Request(status, stdin)) == (0, b"", b"")  # still serving
