@@ -107,8 +107,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _install_cni(args: argparse.Namespace) -> int:
-    dest = shim.install(args.bin_dir)
-    print(f"installed the afxdp CNI plugin at {dest}")
+    allow: list[Path] | None = args.allow_dir
+    try:
+        dest = shim.install(args.bin_dir, allow)
+    except ValueError as exc:
+        print(f"install-cni: {exc}", file=sys.stderr)
+        return Exit.CONFIG
+    dirs = allow if allow is not None else shim.DEFAULT_DIRS
+    print(f"installed the afxdp CNI plugin at {dest}; it reaches afxdpd only in "
+          f"{', '.join(map(str, dirs))}")  # fmt: skip
     return Exit.OK
 
 
@@ -142,6 +149,12 @@ def parser() -> argparse.ArgumentParser:
     )
     install.add_argument("bin_dir", type=Path, nargs="?", default=Path("/opt/cni/bin"),
                          help="default: %(default)s")  # fmt: skip
+    install.add_argument(
+        "--allow-dir", type=Path, action="append", metavar="DIR",
+        help="a directory where the shim may reach afxdpd (a netconf's daemonSocket, DIR/cni.sock)"
+             " and queue DELs; repeatable; replaces the defaults "
+             f"({', '.join(map(str, shim.DEFAULT_DIRS))}), written to BIN_DIR/{shim.CONF_NAME}",
+    )  # fmt: skip
     install.set_defaults(func=_install_cni)
     return ap
 
