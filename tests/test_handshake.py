@@ -5,13 +5,20 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from afxdp.uds.handshake import (
+    MAX_REQUEST,
+    OPEN_STATES,
+    REPLIES,
+    TRANSITIONS,
+    Action,
     ApplyBusyPoll,
     CheckHost,
     Close,
     Handshake,
     HostCheck,
+    Input,
     ProtocolError,
     Send,
     State,
@@ -164,3 +171,144 @@ def test_any_message_sequence_gets_exactly_one_reply_each(
                 actions += h.busy_poll_done(busy_ok)
         assert sends == 1
         assert h.state in (State.AWAIT_HOST, State.CONNECTED, State.CLOSED)
+
+
+# Every reply DESIGN.md 3.3 names: written out here, not taken from the module.
+PROTOCOL_REPLIES = {
+    "/host_ok", "/host_nak", "/error", "0.1", "/fd_ack", "/fd_nak",
+    "/config_busy_poll_ack", "/config_busy_poll_nak", "/fin_ack", "/nak",
+}  # fmt: skip
+VALID_REQUESTS = [
+    b"/connect,pod-a", b"/connect, pod-a", b"/version", b"/xsk_map_fd,devA", b"/xsk_map_fd, devA",
+    b"/xsk_map_fd,devX", b"/config_busy_poll,20,64", b"/config_busy_poll, 1, 2", b"/fin",
+]  # fmt: skip
+
+
+def expected_input(state: State, request: bytes, nfds: int) -> Input:
+    """What a well-formed request means in ``state``: an oracle apart from the machine."""
+    verb = request.split(b",")[0]
+    if nfds > 1:
+        return Input.OTHER
+    if request == b"/fin":
+        return Input.FIN
+    if state is State.AWAIT_HOST:
+        return Input.CONNECT if verb == b"/connect" else Input.OTHER
+    if verb == b"/version":
+        return Input.VERSION
+    if verb == b"/xsk_map_fd":
+        return Input.MAP_FD if request.endswith(b"devA") else Input.MAP_FD_OTHER
+    if verb == b"/config_busy_poll":
+        return Input.BUSY_POLL if nfds else Input.BUSY_POLL_NO_FD
+    return Input.OTHER
+
+
+class HandshakeMachine(RuleBasedStateMachine):
+    """Any sequence of requests, results and out-of-order calls, checked against
+    ``TRANSITIONS``: one reply per request, replies from the protocol, an fd only
+    with /fd_ack, states moving only along the table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = Handshake({"devA": MAP_FD})
+        self.awaiting = 0  # requests whose reply is still to come (at most one)
+
+    def step(self, given: Input | None, actions: list[Action], before: State) -> None:
+        sends = [a for a in actions if isinstance(a, Send)]
+        after = self.h.state
+        if given is not None:
+            assert (before, given) in TRANSITIONS
+            reply, want_after = TRANSITIONS[before, given]
+            assert after is want_after
+            assert [s.text for s in sends] == ([reply] if reply else [])
+        # Whatever the input was, the move is one of the table's.
+        moves = {(s, r, n) for (s, _i), (r, n) in TRANSITIONS.items()}
+        assert (before, sends[0].text if sends else None, after) in moves
+        for s in sends:
+            assert s.text in PROTOCOL_REPLIES and s.text in REPLIES
+            assert (s.fd is not None) == (s.text == "/fd_ack")
+            assert s.fd in (None, MAP_FD)
+        assert any(isinstance(a, Close) for a in actions) == (after is State.CLOSED)
+        for a in actions:
+            if isinstance(a, ApplyBusyPoll):
+                assert a.fd == XSK_FD
+        self.awaiting += 1 if given not in _RESULTS else 0
+        self.awaiting -= len(sends)
+        assert self.awaiting == (1 if after in (State.CHECKING, State.BUSY_POLL) else 0)
+
+    def request(self, data: bytes, nfds: int, given: Input | None) -> None:
+        before = self.h.state
+        self.step(given, self.h.receive(data, [XSK_FD] * nfds), before)
+
+    @precondition(lambda self: self.h.state is State.AWAIT_HOST)
+    @rule(data=st.sampled_from([b"/connect,pod-a", b"/connect, pod-a"]))
+    def connect(self, data: bytes) -> None:
+        self.request(data, 0, Input.CONNECT)
+
+    @precondition(lambda self: self.h.state in OPEN_STATES)
+    @rule(data=st.sampled_from(VALID_REQUESTS), nfds=st.integers(0, 2))
+    def valid(self, data: bytes, nfds: int) -> None:
+        self.request(data, nfds, expected_input(self.h.state, data, nfds))
+
+    @precondition(lambda self: self.h.state in OPEN_STATES)
+    @rule(data=st.binary(max_size=80), nfds=st.integers(0, 2))
+    def junk(self, data: bytes, nfds: int) -> None:
+        self.request(data, nfds, None)
+
+    @precondition(lambda self: self.h.state in OPEN_STATES)
+    @rule(verb=st.sampled_from(VALID_REQUESTS), pad=st.integers(MAX_REQUEST, 2 * MAX_REQUEST))
+    def over_long(self, verb: bytes, pad: int) -> None:
+        self.request(verb + b"x" * pad, 0, Input.OTHER)
+
+    @precondition(lambda self: self.h.state is State.CHECKING)
+    @rule(result=st.sampled_from(list(HostCheck)))
+    def host_checked(self, result: HostCheck) -> None:
+        given = {HostCheck.OK: Input.HOST_OK, HostCheck.REFUSED: Input.HOST_REFUSED,
+                 HostCheck.ERROR: Input.HOST_ERROR}[result]  # fmt: skip
+        self.step(given, self.h.host_checked(result), State.CHECKING)
+
+    @precondition(lambda self: self.h.state is State.BUSY_POLL)
+    @rule(ok=st.booleans())
+    def busy_poll_done(self, ok: bool) -> None:
+        self.step(Input.BUSY_POLL_OK if ok else Input.BUSY_POLL_FAILED,
+                  self.h.busy_poll_done(ok), State.BUSY_POLL)  # fmt: skip
+
+    @rule(call=st.sampled_from(["receive", "host_checked", "busy_poll_done"]))
+    def out_of_order(self, call: str) -> None:
+        """A call the state does not allow is the server's bug: refused, nothing moves."""
+        before = self.h.state
+        allowed = {"receive": OPEN_STATES, "host_checked": {State.CHECKING},
+                   "busy_poll_done": {State.BUSY_POLL}}[call]  # fmt: skip
+        if before in allowed:
+            return
+        with pytest.raises(ProtocolError):
+            if call == "receive":
+                self.h.receive(b"/version")
+            elif call == "host_checked":
+                self.h.host_checked(HostCheck.OK)
+            else:
+                self.h.busy_poll_done(True)
+        assert self.h.state is before
+
+    @precondition(lambda self: self.h.state is State.CLOSED)
+    @rule()
+    def next_connection(self) -> None:
+        self.h = Handshake({"devA": MAP_FD})
+
+    @invariant()
+    def state_is_known(self) -> None:
+        assert self.h.state in {s for s, _i in TRANSITIONS} | {State.CLOSED}
+
+
+_RESULTS = {Input.HOST_OK, Input.HOST_REFUSED, Input.HOST_ERROR, Input.BUSY_POLL_OK,
+            Input.BUSY_POLL_FAILED}  # fmt: skip
+
+TestHandshakeMachine = HandshakeMachine.TestCase
+TestHandshakeMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+def test_the_table_is_the_protocol() -> None:
+    """The table's replies are DESIGN.md's, and every state but CLOSED can be left."""
+    assert REPLIES == PROTOCOL_REPLIES
+    assert {State.AWAIT_HOST, State.CONNECTED} == OPEN_STATES
+    assert {s for s, _i in TRANSITIONS} == set(State) - {State.CLOSED}
+    assert {n for _r, n in TRANSITIONS.values()} == set(State)

@@ -27,7 +27,7 @@ from afxdp.inventory import NetDev
 from afxdp.pools import Pool, PoolDevice
 from afxdp.secondary import SecondaryDeviceProvider
 from afxdp.uds.handshake import HostCheck
-from afxdp.uds.server import UdsServer, socket_path
+from afxdp.uds.server import ConnectionBudget, UdsServer, socket_path
 from afxdp.workers import Work, run_sync
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,11 @@ class Handout:
             "xdp_prog_id": self.xdp.prog_id if self.xdp else None,
             "uds_socket": str(self.uds.path) if self.uds else None,
             "uds_connections": self.uds.connections if self.uds else 0,
+            "uds_active": self.uds.active if self.uds else 0,
+            "uds_refused": self.uds.refused if self.uds else 0,
+            "uds_denied": self.uds.denied if self.uds else 0,
+            "uds_failed": self.uds.failed if self.uds else 0,
+            "uds_idle_timeout": self.uds.idle_timeout if self.uds else None,
             "pinned_map": str(self.pinned) if self.pinned else None,
         }
 
@@ -79,6 +84,7 @@ class Allocations:
         check_host: HostChecker,
         secondary: SecondaryDeviceProvider,
         netdev_of: Callable[[str], NetDev | None],
+        uds_budget: ConnectionBudget | None = None,
     ) -> None:
         self._tg = task_group
         self.uds_dir = uds_dir
@@ -86,6 +92,8 @@ class Allocations:
         self._check_host = check_host
         self._secondary = secondary
         self._netdev_of = netdev_of
+        # One budget for every device's UDS connections (fds are the process's).
+        self.uds_budget = uds_budget if uds_budget is not None else ConnectionBudget()
         self.handouts: dict[str, Handout] = {}
         # Devices a previous run of afxdpd handed out that are still in their
         # pods (device -> pool): their program stays until the pod's DEL.
@@ -142,6 +150,7 @@ class Allocations:
             check_host=partial(self._check_host, resource=cfg.resource_name, device=dev.id),
             uid=cfg.uid,
             idle_timeout=cfg.uds_timeout,
+            budget=self.uds_budget,
         )
         # Listening before Allocate returns: the container mounts the socket next.
         server.listen()

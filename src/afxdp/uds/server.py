@@ -6,6 +6,13 @@ connection after connection until the device is released (DPDK connects once
 per queue), checks the peer's uid, enforces the idle timeout on connections
 (the socket itself stays, so a late pod can still connect), and performs the
 handshake's actions.
+
+A peer never takes the server down: any failure in a connection is logged once
+and ends that connection only; accept errors back off and retry. Connections
+are bounded per device (``max_connections``) and per process (a shared
+``ConnectionBudget``): the excess is accepted and closed at once, so the
+kernel's backlog never fills up, and counted. Every fd a peer sends is closed
+on every path, whatever the request was.
 """
 
 from __future__ import annotations
@@ -14,14 +21,17 @@ import array
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskGroup
 
 from afxdp.uds import handshake as hs
+from afxdp.unixserver import BACKOFF_MIN, TRANSIENT_ACCEPT_ERRORS, Backoff
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +40,44 @@ SO_PREFER_BUSY_POLL = 69
 SO_BUSY_POLL_BUDGET = 70
 _MAX_FDS = 4  # a request carries at most one; room for a few more so extras get closed
 _UCRED = struct.Struct("3i")
+# DPDK opens one connection per queue; 64 queues is more than any NIC it drives here.
+MAX_CONNECTIONS = 64
+GLOBAL_CONNECTIONS = 1024
+# A peer that does not read its replies must not hold a connection forever,
+# even in a pool whose idle timeout is disabled.
+SEND_TIMEOUT = 5.0
 
 HostChecker = Callable[[str], Awaitable[hs.HostCheck]]
+
+
+class ConnectionBudget:
+    """The connections all UDS servers of the process may hold at once.
+
+    One object shared by every UdsServer: a pod that opens many connections to
+    its own socket cannot use up the fds the rest of the node service needs.
+    ``refused`` counts the connections refused because the budget was spent.
+    """
+
+    def __init__(self, limit: int = GLOBAL_CONNECTIONS) -> None:
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+
+    @classmethod
+    def for_fd_limit(cls, soft_limit: int) -> ConnectionBudget:
+        """A budget of half the process's fd limit: the other half stays for the
+        rest of the service (gRPC, CNI, netlink, XSKMAP fds)."""
+        return cls(max(16, soft_limit // 2))
+
+    def take(self) -> bool:
+        if self.active >= self.limit:
+            self.refused += 1
+            return False
+        self.active += 1
+        return True
+
+    def give_back(self) -> None:
+        self.active -= 1
 
 
 def socket_path(uds_dir: Path, netdev: str) -> Path:
@@ -48,6 +94,13 @@ def _private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def _own(path: Path, uid: int) -> None:
+    # Only when it changes anything: an unprivileged afxdpd (tests) serving
+    # uid 0 pools cannot chown, and need not.
+    if path.lstat().st_uid != uid:
+        os.chown(path, uid, -1, follow_symlinks=False)
+
+
 def peer_uid(conn: socket.socket) -> int:
     _pid, uid, _gid = _UCRED.unpack(
         conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -56,8 +109,25 @@ def peer_uid(conn: socket.socket) -> int:
 
 
 def apply_busy_poll(fd: int, timeout: int, budget: int) -> bool:
-    """Set the three busy-poll options on the pod's socket; all or none."""
-    sock = socket.socket(fileno=os.dup(fd))
+    """Set the three busy-poll options on the pod's socket; all or none.
+
+    ``fd`` is the peer's and stays open (the caller closes it); anything but a
+    socket is refused without touching it.
+    """
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            log.info("busy poll: fd %d is not a socket", fd)
+            return False
+        dup = os.dup(fd)
+    except OSError as exc:
+        log.info("busy poll: fd %d: %s", fd, exc)
+        return False
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError as exc:
+        os.close(dup)
+        log.info("busy poll: fd %d: %s", fd, exc)
+        return False
     options = [
         (SO_PREFER_BUSY_POLL, 1),
         (socket.SO_BUSY_POLL if hasattr(socket, "SO_BUSY_POLL") else 46, timeout),
@@ -106,16 +176,24 @@ async def _recv(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 async def _send(conn: socket.socket, text: str, fd: int | None) -> None:
     anc = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-    while True:
-        try:
-            conn.sendmsg([text.encode()], anc)
-            return
-        except BlockingIOError:
-            await anyio.wait_writable(conn)
+    with anyio.fail_after(SEND_TIMEOUT):
+        while True:
+            try:
+                conn.sendmsg([text.encode()], anc)
+                return
+            except BlockingIOError:
+                await anyio.wait_writable(conn)
 
 
 class UdsServer:
-    """The handshake server of one allocated device."""
+    """The handshake server of one allocated device.
+
+    Counters (for status): ``connections`` handshakes begun by an allowed peer,
+    ``active`` connections open now, ``refused`` connections closed at once over
+    the per-device limit or the shared budget, ``denied`` peers of a foreign
+    uid, ``failed`` connections ended by an error, ``accept_errors`` accept()
+    failures retried.
+    """
 
     def __init__(
         self,
@@ -126,6 +204,8 @@ class UdsServer:
         check_host: HostChecker,
         uid: int = 0,
         idle_timeout: float | None = 30.0,
+        max_connections: int = MAX_CONNECTIONS,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self.netdev = netdev
         self.map_fd = map_fd
@@ -133,7 +213,14 @@ class UdsServer:
         self.check_host = check_host
         self.uid = uid
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.budget = budget if budget is not None else ConnectionBudget()
         self.connections = 0
+        self.active = 0
+        self.refused = 0
+        self.denied = 0
+        self.failed = 0
+        self.accept_errors = 0
         self._listener: socket.socket | None = None
 
     def listen(self) -> None:
@@ -144,8 +231,11 @@ class UdsServer:
         try:
             sock.bind(str(self.path))
             os.chmod(self.path, 0o600)
-            if self.uid:
-                os.chown(self.path, self.uid, -1)
+            # The pool's user owns the socket and its directory, so a pod running
+            # as that user can reach it (as pinning does for a pinned map); a
+            # directory left by an earlier pool's user goes back to this one.
+            _own(self.path, self.uid)
+            _own(self.path.parent, self.uid)
             sock.listen(16)
             sock.setblocking(False)
         except BaseException:
@@ -155,11 +245,14 @@ class UdsServer:
         self._listener = sock
 
     async def serve(self) -> None:
-        """Accept connections until cancelled; then remove the socket."""
+        """Accept connections until cancelled; then remove the socket. Never
+        raises for anything a peer or the system does (a UDS server ending
+        would end the service's task group)."""
         if self._listener is None:
             self.listen()
         listener = self._listener
         assert listener is not None
+        backoff = Backoff()
         try:
             async with anyio.create_task_group() as tg:
                 while True:
@@ -168,10 +261,42 @@ class UdsServer:
                         conn, _ = listener.accept()
                     except (BlockingIOError, InterruptedError):
                         continue
-                    conn.setblocking(False)
-                    tg.start_soon(self._connection, conn)
+                    except OSError as exc:
+                        await self._accept_failed(exc, backoff)
+                        continue
+                    backoff.reset()
+                    self._admit(tg, conn)
         finally:
             self.close()
+
+    async def _accept_failed(self, exc: OSError, backoff: Backoff) -> None:
+        # Out of fds or memory, or a peer gone while queued: the connection
+        # stays in the backlog, so the listener stays readable; wait instead
+        # of spinning. Anything else is unexpected but no reason to stop.
+        self.accept_errors += 1
+        delay = backoff.next()
+        if delay == BACKOFF_MIN:  # once per streak, not once per retry
+            expected = exc.errno in TRANSIENT_ACCEPT_ERRORS
+            log.log(logging.WARNING if expected else logging.ERROR,
+                    "%s: accept failed (%s); backing off", self.netdev, exc)  # fmt: skip
+        await anyio.sleep(delay)
+
+    def _admit(self, tg: TaskGroup, conn: socket.socket) -> None:
+        """Serve ``conn`` in its own task, or refuse it (close at once) over a limit."""
+        if self.active >= self.max_connections:
+            reason = f"{self.max_connections} connections open"
+        elif not self.budget.take():
+            reason = f"the process holds {self.budget.limit} UDS connections"
+        else:
+            self.active += 1
+            conn.setblocking(False)
+            tg.start_soon(self._connection, conn)
+            return
+        conn.close()
+        self.refused += 1
+        if self.refused == 1 or self.refused % 100 == 0:  # a flood must not flood the log
+            log.warning("%s: refused a connection (%s; %d so far)", self.netdev, reason,
+                        self.refused)  # fmt: skip
 
     def close(self) -> None:
         """Stop listening and remove the socket file. Idempotent."""
@@ -183,17 +308,25 @@ class UdsServer:
                 self.path.parent.rmdir()
 
     async def _connection(self, conn: socket.socket) -> None:
-        # One connection's failure (a peer that vanished mid-reply) must never
-        # take the listening socket, or other connections, down with it.
-        with conn:
-            try:
+        # One connection's failure (a peer that vanished mid-reply, a bug) must
+        # never take the listening socket, or other connections, down with it.
+        try:
+            with conn:
                 await self._converse(conn)
-            except OSError as exc:
+        except Exception as exc:
+            self.failed += 1
+            if isinstance(exc, OSError | TimeoutError):
                 log.info("%s: connection ended: %s", self.netdev, exc)
+            else:
+                log.exception("%s: connection failed; the server goes on", self.netdev)
+        finally:
+            self.active -= 1
+            self.budget.give_back()
 
     async def _converse(self, conn: socket.socket) -> None:
         uid = peer_uid(conn)
         if uid not in (0, self.uid):
+            self.denied += 1
             log.warning("%s: refused a peer with uid %d", self.netdev, uid)
             return
         self.connections += 1
@@ -204,6 +337,9 @@ class UdsServer:
             if idle.cancelled_caught:
                 log.info("%s: connection idle for %ss; closed", self.netdev, self.idle_timeout)
                 return
+            # Received fds are ours from here on (_recv has no await after its
+            # recvmsg): closed whatever happens next (a failed reply, a bug,
+            # cancellation while kubelet is asked).
             try:
                 if not data and not fds:
                     return  # a zero-length read on SEQPACKET is the peer hanging up
@@ -211,7 +347,8 @@ class UdsServer:
                     return
             finally:
                 for fd in fds:
-                    os.close(fd)
+                    with suppress(OSError):
+                        os.close(fd)
 
     async def _perform(
         self, conn: socket.socket, machine: hs.Handshake, actions: list[hs.Action]
