@@ -359,3 +359,86 @@ def test_node_hostnames_that_are_not_dns_subdomains_are_refused(hostname: str, r
     [issue] = err.value.issues
     assert issue.path == "pools[0].nodes[0].hostname"
     assert rule in issue.message
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http_get(port: int, path: str) -> tuple[int, str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+@pytest.mark.privileged
+def test_afxdpd_serves_metrics_and_readiness_and_survives_a_taken_metrics_port(
+    tmp_path: Path, lab: Lab
+) -> None:
+    dev, peer = lab.veth(lab.name("mh"), lab.name("mi"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pools": [{"name": "p", "mode": "primary",
+                                          "devices": [{"name": dev}]}]}))  # fmt: skip
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_pod_resources()  # registration comes later: not ready until then
+    port = _free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    proc: subprocess.Popen[str] | None = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(cfg), "--node-name", "n1",
+             "--kubelet-dir", str(kubelet.dir), "--uds-dir", str(tmp_path / "uds"),
+             "--pin-dir", str(tmp_path / "pins"), "--run-dir", str(tmp_path / "run"),
+             "--metrics-address", f"127.0.0.1:{port}"],
+            env=ENV, text=True, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status, body = _http_get(port, "/readyz")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "metrics never listened"
+                time.sleep(0.05)
+        assert status == 503 and "not registered with kubelet: afxdp/p" in body
+        kubelet.start_registration()
+        while _http_get(port, "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "never ready after registration"
+            time.sleep(0.05)
+        status, body = _http_get(port, "/metrics")
+        assert status == 200
+        assert 'afxdp_devices{health="Healthy",pool="p",state="free"} 1.0' in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+        # A metrics port someone else holds: logged, and the devices are served anyway.
+        busy = taken.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(cfg), "--node-name", "n1",
+             "--kubelet-dir", str(kubelet.dir), "--uds-dir", str(tmp_path / "uds"),
+             "--pin-dir", str(tmp_path / "pins"), "--run-dir", str(tmp_path / "run"),
+             "--metrics-address", f"127.0.0.1:{busy}"],
+            env=ENV, text=True, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        _wait_for(tmp_path / "run" / "cni.sock")
+        assert control.read_status(tmp_path / "run")["ready"] is True
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert f"metrics: cannot listen on 127.0.0.1:{busy}" in err
+    finally:
+        taken.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kubelet.stop()

@@ -16,9 +16,9 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
-from afxdp import control, inventory, pools, workers
+from afxdp import control, inventory, metrics, pools, workers
 from afxdp.allocations import Allocations
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
@@ -27,9 +27,11 @@ from afxdp.config import Config
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
 from afxdp.inventory import NetDev
+from afxdp.metrics import Metrics
 from afxdp.netwatch import Change, LinkEvent, NetWatch
 from afxdp.podresources import PodResourcesChecker
 from afxdp.secondary import SecondaryDeviceProvider
+from afxdp.uds.server import ConnectionBudget
 from afxdp.unixserver import ServerStats
 from afxdp.workers import Work
 
@@ -64,6 +66,28 @@ class Service:
     fd_limit: tuple[int, int] = (0, 0)
     servers: dict[str, ServerStats] = field(default_factory=dict)
     pod_resources: PodResourcesChecker | None = None
+    metrics_address: str = ""  # HOST:PORT of /metrics, /healthz, /readyz; empty: none
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics.create(self._device_rows)
+
+    def _device_rows(self) -> list[tuple[str, str, str]]:
+        return [
+            (name, d.state.value, "Healthy" if d.healthy else "Unhealthy")
+            for name, p in self.plugins.items()
+            for d in p.pool.devices.values()
+        ]
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready: serving, every pool registered with kubelet, the CNI socket listening."""
+        if not self.ready:
+            return False, "starting"
+        waiting = [r.plugin.pool.config.resource_name
+                   for r in self.registrations.values() if not r.registered]  # fmt: skip
+        if waiting:
+            return False, "not registered with kubelet: " + ", ".join(waiting)
+        return True, ""
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         watch = NetWatch()
@@ -90,6 +114,8 @@ class Service:
             self.paths.kubelet_dir / "pod-resources" / "kubelet.sock"
         )
         async with anyio.create_task_group() as tg:
+            if self.metrics_address:
+                await self._serve_metrics(tg)
             self.allocations = Allocations(
                 task_group=tg,
                 uds_dir=self.paths.uds_dir,
@@ -97,6 +123,7 @@ class Service:
                 check_host=pod_resources.check,
                 secondary=self.secondary,
                 netdev_of=self.netdevs.get,
+                uds_budget=ConnectionBudget.for_fd_limit(self.fd_limit[0] or 1024),
             )
             for pool in assembly.pools:
                 for dev_id in in_pods.keys() & pool.devices.keys():
@@ -106,7 +133,7 @@ class Service:
                     log.info("%s: in its pod since before this start; allocated", dev_id)
             try:
                 for pool in assembly.pools:
-                    plugin = PoolPlugin(pool, self.allocations, pod_resources.stale)
+                    plugin = PoolPlugin(pool, self.allocations, pod_resources.stale, self.metrics)
                     reg = Registration(plugin, self.paths.kubelet_dir)
                     self.plugins[pool.name], self.registrations[pool.name] = plugin, reg
                     await tg.start(reg.run)
@@ -123,12 +150,11 @@ class Service:
                 replayed = await cni_server.replay_queue(self.paths.run_dir, cni)
                 if replayed:
                     log.info("replayed %d DEL(s) queued while afxdpd was down", replayed)
-                log.info(
-                    "ready on node %s: %s",
-                    self.node_name,
-                    ", ".join(f"{p.config.resource_name}={len(p.devices)}" for p in assembly.pools)
-                    or "no pools",
+                summary = ", ".join(
+                    f"{p.config.resource_name}={len(p.devices)}" for p in assembly.pools
                 )
+                log.info("serving on node %s: %s", self.node_name, summary or "no pools")
+                tg.start_soon(self._say_when_ready, summary or "no pools")
                 task_status.started()
                 await self.reconcile_forever()
             finally:
@@ -136,6 +162,30 @@ class Service:
                 with anyio.CancelScope(shield=True):
                     await self.allocations.shutdown()
                 tg.cancel_scope.cancel()
+
+    async def _serve_metrics(self, tg: TaskGroup) -> None:
+        """Start the HTTP endpoints; a port that cannot be had is an error in the log,
+        not a reason for the node's devices to go unserved."""
+        self.metrics.fd_limit.set(self.fd_limit[0])
+        self.servers["metrics"] = ServerStats()
+        try:
+            bound = await tg.start(
+                partial(metrics.serve, stats=self.servers["metrics"]),
+                self.metrics_address,
+                self.metrics,
+                self.readiness,
+            )
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s (%s); serving without them",
+                      self.metrics_address, exc)  # fmt: skip
+        else:
+            log.info("metrics and health on http://%s:%d/", *bound)
+
+    async def _say_when_ready(self, summary: str) -> None:
+        """ "ready" in the log only once kubelet has every pool registered."""
+        while not self.readiness()[0]:
+            await anyio.sleep(0.1)
+        log.info("ready on node %s: %s", self.node_name, summary)
 
     def on_link(self, event: LinkEvent) -> None:
         """Apply a link event to every pool's health; push lists that changed.
@@ -250,6 +300,9 @@ class Service:
             "fd_limit": {"soft": self.fd_limit[0], "hard": self.fd_limit[1]},
             "workers": workers.usage(),
             "servers": {name: asdict(st) for name, st in self.servers.items()},
+            "uds_budget": {"limit": b.limit, "active": b.active, "refused": b.refused}
+            if (b := self.allocations and self.allocations.uds_budget)
+            else None,
             "pools": [
                 {
                     "resource": p.pool.config.resource_name,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketStream, TaskStatus
+from anyio.abc import SocketListener, SocketStream, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,53 @@ class ServerStats:
     active: int = 0
 
 
+async def serve_listener(
+    listener: SocketListener,
+    answer: Callable[[SocketStream], Awaitable[None]],
+    *,
+    name: str,
+    limit: int = 64,
+    stats: ServerStats | None = None,
+) -> None:
+    """Accept on ``listener`` until cancelled, each connection confined to its task."""
+    stats = stats if stats is not None else ServerStats()
+    backoff = Backoff()
+
+    async def confined(stream: SocketStream) -> None:
+        try:
+            async with stream:
+                await answer(stream)
+            stats.served += 1
+        except Exception:
+            stats.failed += 1
+            log.exception("%s: a connection failed; the server goes on", name)
+        finally:
+            stats.active -= 1
+
+    async with anyio.create_task_group() as tg:
+        while True:
+            try:
+                stream = await listener.accept()
+            except (OSError, anyio.BrokenResourceError) as exc:
+                # anyio wraps the accept's OSError in BrokenResourceError.
+                cause = exc if isinstance(exc, OSError) else exc.__cause__
+                if not isinstance(cause, OSError) or cause.errno not in TRANSIENT_ACCEPT_ERRORS:
+                    raise
+                stats.accept_errors += 1
+                delay = backoff.next()
+                if delay == BACKOFF_MIN:  # once per streak, not once per retry
+                    log.warning("%s: accept failed (%s); backing off", name, cause)
+                await anyio.sleep(delay)
+                continue
+            backoff.reset()
+            if stats.active >= limit:
+                stats.refused += 1
+                await stream.aclose()
+                continue
+            stats.active += 1
+            tg.start_soon(confined, stream)
+
+
 async def serve_unix(
     path: Path,
     answer: Callable[[SocketStream], Awaitable[None]],
@@ -66,49 +113,14 @@ async def serve_unix(
     """Serve ``answer`` per connection on ``path`` (mode 0600, stale file replaced);
     started once listening; the file is removed when serving ends, if it is still
     the one this server created (a process never removes another's socket)."""
-    stats = stats if stats is not None else ServerStats()
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     listener = await anyio.create_unix_listener(path, mode=0o600)
     ours = os.stat(path).st_ino
-    backoff = Backoff()
-
-    async def confined(stream: SocketStream) -> None:
-        try:
-            async with stream:
-                await answer(stream)
-            stats.served += 1
-        except Exception:
-            stats.failed += 1
-            log.exception("%s: a connection failed; the server goes on", path.name)
-        finally:
-            stats.active -= 1
-
     try:
-        async with listener, anyio.create_task_group() as tg:
+        async with listener:
             task_status.started()
-            while True:
-                try:
-                    stream = await listener.accept()
-                except (OSError, anyio.BrokenResourceError) as exc:
-                    # anyio wraps the accept's OSError in BrokenResourceError.
-                    cause = exc if isinstance(exc, OSError) else exc.__cause__
-                    if not isinstance(cause, OSError) or cause.errno not in TRANSIENT_ACCEPT_ERRORS:
-                        raise
-                    exc = cause
-                    stats.accept_errors += 1
-                    delay = backoff.next()
-                    if delay == BACKOFF_MIN:  # once per streak, not once per retry
-                        log.warning("%s: accept failed (%s); backing off", path.name, exc)
-                    await anyio.sleep(delay)
-                    continue
-                backoff.reset()
-                if stats.active >= limit:
-                    stats.refused += 1
-                    await stream.aclose()
-                    continue
-                stats.active += 1
-                tg.start_soon(confined, stream)
+            await serve_listener(listener, answer, name=path.name, limit=limit, stats=stats)
     finally:
         try:
             if os.stat(path).st_ino == ours:

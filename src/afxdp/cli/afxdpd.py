@@ -17,6 +17,7 @@ import anyio
 from afxdp import logsetup
 from afxdp.cli.common import Exit, default_node_name, load_or_report
 from afxdp.config import LOG_DIR
+from afxdp.metrics import DEFAULT_ADDRESS, parse_address
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths, Service
 
@@ -47,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
                     help=f"control socket and CNI socket (default: {d.run_dir})")  # fmt: skip
     ap.add_argument("--log-dir", type=Path, default=LOG_DIR,
                     help=f"where the config's logFile is written (default: {LOG_DIR})")  # fmt: skip
+    ap.add_argument("--metrics-address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
+                    help="serves /metrics, /healthz and /readyz over HTTP; empty disables "
+                         f"(default: {DEFAULT_ADDRESS})")  # fmt: skip
     ap.add_argument("--log-format", choices=logsetup.FORMATS, default="text",
                     help="text, or json: one JSON object per line (default: text)")  # fmt: skip
     return ap
@@ -92,7 +96,13 @@ def lock_run_dir(run_dir: Path) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.metrics_address:
+        try:
+            parse_address(args.metrics_address)
+        except ValueError as exc:
+            ap.error(f"--metrics-address: {exc}")
     loaded = load_or_report(args.config)
     if loaded is None:
         return Exit.CONFIG
@@ -120,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         args.node_name,
         Paths(args.kubelet_dir, args.uds_dir, args.pin_dir, args.run_dir),
         DevlinkSubfunctions(),
+        metrics_address=args.metrics_address,
     )
     service.fd_limit = raise_fd_limit()
     log.info("fd limit: %d (hard %d)", *service.fd_limit)

@@ -18,6 +18,7 @@ from afxdp.allocations import Allocations
 from afxdp.deviceplugin.v1beta1 import api_grpc
 from afxdp.deviceplugin.v1beta1 import api_pb2 as pb
 from afxdp.errors import DeviceError
+from afxdp.metrics import Metrics
 from afxdp.pools import DeviceState, Pool, preferred
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,17 @@ class Changes:
 class PoolPlugin(api_grpc.DevicePluginBase):
     """DevicePlugin for resource ``afxdp/<pool>``."""
 
-    def __init__(self, pool: Pool, allocations: Allocations, find_stale: StaleFinder) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        allocations: Allocations,
+        find_stale: StaleFinder,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.pool = pool
         self.allocations = allocations
         self.find_stale = find_stale
+        self.metrics = metrics or Metrics.create()
         self.changes = Changes()
         self._allocating = anyio.Lock()
 
@@ -109,6 +117,16 @@ class PoolPlugin(api_grpc.DevicePluginBase):
     async def Allocate(self, stream: Stream[pb.AllocateRequest, pb.AllocateResponse]) -> None:
         req = await stream.recv_message()
         assert req is not None
+        with self.metrics.timed(self.metrics.allocate, self.pool.name) as result:
+            try:
+                await self._allocate(stream, req)
+            except GRPCError as exc:
+                result[0] = exc.status.name.lower()
+                raise
+
+    async def _allocate(
+        self, stream: Stream[pb.AllocateRequest, pb.AllocateResponse], req: pb.AllocateRequest
+    ) -> None:
         containers = [list(c.devices_ids) for c in req.container_requests]
         all_ids = [d for ids in containers for d in ids]
         # Kubelet admits pods one by one, but nothing stops two pools' or two
