@@ -1,5 +1,5 @@
 # The two commands of the README. Each installs what it needs first.
-.PHONY: test demo bootstrap bench
+.PHONY: test demo demo-podman bootstrap bench
 
 bootstrap:
 	./scripts/bootstrap
@@ -8,10 +8,16 @@ bootstrap:
 test: bootstrap
 	.venv/bin/nox
 
-# The main job: validate the shipped config, then a dry-run discovery of this node.
+# The main job on this machine, no Kubernetes needed (root): two veth "NICs",
+# afxdpd, a stand-in kubelet (afxdp.devnode) and two pods that receive frames
+# over AF_XDP. Under a minute; leaves nothing behind, also after Ctrl-C.
 demo: bootstrap
-	.venv/bin/afxdpctl config validate deploy/config.json
-	.venv/bin/afxdpctl discover --config deploy/config.json
+	.venv/bin/python -m afxdp.demo
+
+# The same with each pod as a real podman container on a CNI network whose
+# plugin is the afxdp shim.
+demo-podman: bootstrap
+	.venv/bin/python -m afxdp.demo --podman
 
 bench: bootstrap
 	.venv/bin/nox -s bench
