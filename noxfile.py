@@ -1,5 +1,9 @@
 """Sessions: tests, lint, typecheck. ``make test`` runs all three."""
 
+import json
+import shutil
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -39,3 +43,74 @@ def bench(session: nox.Session) -> None:
     for script in scripts:
         # The benchmarks reuse the test doubles (tests/kubelet.py, tests/fakes.py).
         session.run("python", script, env={"PYTHONPATH": "."})
+
+
+# What ``mutants`` mutates, and the fast (unprivileged, no-I/O) tests that must
+# kill each module's mutants. One mutmut run per module, so a mutant is only
+# ever tried against the tests that speak for its module.
+MUTATION_TARGETS: dict[str, tuple[str, list[str]]] = {
+    "pools": ("src/afxdp/pools.py", ["tests/test_pools.py"]),
+    "config": ("src/afxdp/config.py", ["tests/test_config.py", "tests/test_config_fuzz.py"]),
+    "handshake": ("src/afxdp/uds/handshake.py", ["tests/test_handshake.py"]),
+    "netconf": ("src/afxdp/cni/netconf.py", ["tests/test_cni_units.py"]),
+    "handler": ("src/afxdp/cni/handler.py", ["tests/test_cni_units.py"]),
+}
+MUTATION_DEFAULT = ["pools", "config", "handshake"]
+
+
+@nox.session(python="3.11", default=False)
+def mutants(session: nox.Session) -> None:
+    """Mutation testing (mutmut) of the core logic; prints each module's kill rate.
+
+    ``nox -s mutants -- pools config`` picks modules (see MUTATION_TARGETS).
+    Each run works on a copy of the tree in the session's tmp dir, so the work
+    tree gets no ``mutants/`` directory. Not part of the default run: it takes
+    minutes per module (``nice -n 19 nox -s mutants`` on a shared machine).
+    """
+    session.install("-e", ".[test]", "mutmut>=3.3")
+    names = session.posargs or MUTATION_DEFAULT
+    unknown = sorted(set(names) - MUTATION_TARGETS.keys())
+    if unknown:
+        session.error(f"unknown targets {unknown}; known: {sorted(MUTATION_TARGETS)}")
+    root = Path.cwd()
+    totals = dict.fromkeys(("killed", "survived", "timeout", "no_tests", "suspicious"), 0)
+    for name in names:
+        source, tests = MUTATION_TARGETS[name]
+        work = Path(session.create_tmp()) / f"mutants-{name}"
+        shutil.rmtree(work, ignore_errors=True)
+        for tree in ("src", "tests", "deploy"):  # deploy/: the shipped config is tested
+            shutil.copytree(root / tree, work / tree, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(root / "pyproject.toml", work / "pyproject.toml")
+        selection = "\n    ".join(tests)
+        (work / "setup.cfg").write_text(
+            "[mutmut]\n"
+            "source_paths = src\n"
+            f"only_mutate = {source}\n"
+            "also_copy =\n    deploy\n"
+            f"pytest_add_cli_args_test_selection =\n    {selection}\n"
+            # Only the unprivileged tests: they are the fast ones, and no mutant
+            # runs with root's kernel objects.
+            "pytest_add_cli_args =\n    -m\n    not privileged\n    -p\n    no:cacheprovider\n"
+        )
+        with session.chdir(work):
+            # mutmut stops before trying any mutant when the clean run fails.
+            session.run("mutmut", "run", "--max-children", "2")
+            session.run("mutmut", "export-cicd-stats")
+            stats = json.loads(Path("mutants/mutmut-cicd-stats.json").read_text())
+            session.run("mutmut", "results")  # the survivors, one per line
+        for key in totals:
+            totals[key] += stats[key]
+        session.log(f"{name}: {_rate(stats)}")
+    session.log(f"kill rate over {', '.join(names)}: {_rate(totals)}")
+
+
+def _rate(stats: dict[str, int]) -> str:
+    """Killed (a test failed, or the mutant hung until mutmut's timeout) over
+    every mutant tried; mutants that no test covers count as survivors."""
+    caught = stats["killed"] + stats["timeout"]
+    tried = caught + stats["survived"] + stats["no_tests"] + stats["suspicious"]
+    return (
+        f"{caught}/{tried} killed ({100 * caught / max(tried, 1):.1f} %): "
+        f"{stats['survived']} survived, {stats['no_tests']} without tests, "
+        f"{stats['timeout']} timed out, {stats['suspicious']} suspicious"
+    )

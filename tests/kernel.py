@@ -7,13 +7,21 @@ Names carry a random suffix so parallel or leftover runs never collide.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_NET_RAW": 13}
 
@@ -45,7 +53,9 @@ def foreign_xdp(dev: str) -> int:
     """Attach somebody else's XDP program (loaded by iproute2, not by us) to
     ``dev`` in generic mode; its program id."""
     if not _FOREIGN_OBJ:
-        out = Path(tempfile.mkdtemp(prefix="afxdp-test-")) / "xdp_pass.o"
+        build = tempfile.mkdtemp(prefix="afxdp-test-")
+        atexit.register(shutil.rmtree, build, ignore_errors=True)
+        out = Path(build) / "xdp_pass.o"
         triplet = subprocess.run(["gcc", "-dumpmachine"], capture_output=True, text=True,
                                  check=True).stdout.strip()  # fmt: skip
         subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{triplet}", "-c",
@@ -55,6 +65,50 @@ def foreign_xdp(dev: str) -> int:
     ip("link", "set", "dev", dev, "xdpgeneric", "obj", str(_FOREIGN_OBJ[0]), "sec", "xdp")
     link = json.loads(ip("-j", "-d", "link", "show", dev))[0]
     return int(link["xdp"]["prog"]["id"])
+
+
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_uint32) for f in ("effective", "permitted", "inheritable")]
+
+
+def without_capability(cap: str, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a fresh thread whose effective set lacks ``cap``.
+
+    Linux capabilities are per thread, so the rest of the test process keeps
+    them: a real EPERM from the kernel, not a faked one.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        if libc.capget(ctypes.byref(header), data) != 0:
+            error.append(OSError(ctypes.get_errno(), "capget"))
+            return
+        data[0].effective &= ~(1 << _CAPS[cap])
+        if libc.capset(ctypes.byref(header), data) != 0:
+            error.append(OSError(ctypes.get_errno(), "capset"))
+            return
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name=f"without-{cap}")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 class Lab:
@@ -86,6 +140,13 @@ class Lab:
         if netns is None:
             self.host_links.append(a)
         return a, b
+
+    def bridge(self, stem: str = "afbr") -> str:
+        """A bridge in the host netns: a link kind without native XDP."""
+        name = self.name(stem)
+        ip("link", "add", name, "type", "bridge")
+        self.host_links.append(name)
+        return name
 
     def __enter__(self) -> Lab:
         return self

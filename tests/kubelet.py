@@ -8,6 +8,7 @@ generated grpcio stubs): they are the wire contract being tested.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -138,14 +139,68 @@ class PluginClient:
         resp: dp.AllocateResponse = self.call("Allocate", req)
         return resp
 
-    def list_and_watch(self) -> Any:
-        """The ListAndWatch stream: iterate it for device lists; ``.cancel()`` it when done."""
+    def list_and_watch(self, read_timeout: float = 5.0) -> WatchStream:
+        """The ListAndWatch stream: ``next()`` it for device lists; ``.cancel()`` it when done."""
         fn = self.channel.unary_stream(
             "/v1beta1.DevicePlugin/ListAndWatch",
             request_serializer=dp.Empty.SerializeToString,
             response_deserializer=dp.ListAndWatchResponse.FromString,
         )
-        return fn(dp.Empty())
+        # The call's own deadline ends the stream even if a test forgets to cancel it.
+        return WatchStream(fn(dp.Empty(), timeout=STREAM_DEADLINE), read_timeout)
 
     def close(self) -> None:
         self.channel.close()
+
+
+# Longer than any test may run (pytest-timeout's 60 s).
+STREAM_DEADLINE = 90.0
+
+
+class _End:
+    def __init__(self, error: grpc.RpcError | None) -> None:
+        self.error = error
+
+
+class WatchStream:
+    """A ListAndWatch call whose every read gives up on its own deadline.
+
+    grpcio's ``next(call)`` blocks its thread until a message comes; called
+    from a worker thread, that outlives the test's ``fail_after`` and hangs the
+    run when the plugin never sends. Here one thread per stream pumps messages
+    into a queue, and ``next()`` waits for the queue at most ``read_timeout``
+    seconds, then raises TimeoutError.
+    """
+
+    def __init__(self, call: Any, read_timeout: float) -> None:
+        self._call = call
+        self.read_timeout = read_timeout
+        self._queue: queue.Queue[dp.ListAndWatchResponse | _End] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True, name="list-and-watch").start()
+
+    def _pump(self) -> None:
+        try:
+            for resp in self._call:
+                self._queue.put(resp)
+        except grpc.RpcError as exc:
+            self._queue.put(_End(exc))
+        else:
+            self._queue.put(_End(None))
+
+    def __iter__(self) -> WatchStream:
+        return self
+
+    def __next__(self) -> dp.ListAndWatchResponse:
+        try:
+            item = self._queue.get(timeout=self.read_timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no ListAndWatch update within {self.read_timeout} s") from None
+        if isinstance(item, _End):
+            self._queue.put(item)  # every later read ends the same way
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        return item
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -15,6 +15,7 @@ usage: pod_app.py uds SOCKET HOSTNAME NETDEV PORT COUNT POD_MAC POD_IP PEER_MAC 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import sys
@@ -75,8 +76,13 @@ def main() -> None:
             except BlockingIOError:
                 return n
 
-    sys.stdin.readline()  # the test sent control traffic: it went to the kernel
-    before = drain()
+    # The test sent N control frames before our XSK is in the map: they go to
+    # the kernel. Count them as they arrive, up to N or a deadline.
+    expected = int(sys.stdin.readline().split()[1])
+    before, until = 0, time.monotonic() + 10
+    while before < expected and time.monotonic() < until:
+        select.select([kernel], [], [], 0.2)
+        before += drain()
     xsk = XskSocket(netdev, 0)
     libbpf.map_update_u32(map_fd, 0, xsk.fileno())
     say(event="xsk", control_to_kernel=before)
@@ -84,7 +90,8 @@ def main() -> None:
     while got < int(count) and time.monotonic() < deadline:
         if xsk.wait(0.2):
             got += sum(udp_dport(f) == int(port) for f in xsk.recv())
-    time.sleep(0.2)
+    # Every frame sent reached the XSK or the deadline passed: whatever the
+    # kernel socket holds now arrived before, so no settling time is needed.
     kernel_count = drain()
     frames = [
         udp_frame(pod_mac, peer_mac, pod_ip, peer_ip, port=int(port) - 1, n=i)

@@ -35,7 +35,7 @@ def test_invalid_config_exits_1_naming_every_error(tmp_path: Path) -> None:
     assert "pools[0].mode: must be one of primary, cdq" in done.stderr
 
 
-def test_unusable_log_file_exits_2(tmp_path: Path) -> None:
+def test_unusable_log_dir_exits_2_saying_why(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text(
         '{"logFile": "dp.log", "pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}'
@@ -45,6 +45,10 @@ def test_unusable_log_file_exits_2(tmp_path: Path) -> None:
     done = subprocess.run(afxdpd("--config", str(cfg), "--log-dir", str(not_a_dir)),
                           capture_output=True, text=True, env=ENV, check=False)  # fmt: skip
     assert done.returncode == 2, done.stderr
+    # argparse exits 2 too: the reason tells this failure apart, and names the culprit.
+    assert "cannot set up logging" in done.stderr
+    assert str(not_a_dir) in done.stderr
+    assert "usage:" not in done.stderr
 
 
 @pytest.mark.privileged

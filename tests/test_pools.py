@@ -236,3 +236,46 @@ def test_preferred_allocation_honours_must_include_and_numa() -> None:
     assert preferred(p, everything, ["n3"], 3) == ["n3", "n0", "n2"]
     assert preferred(p, ["n5", "n1"], [], 1) == ["n1"]  # only bad ones offered: still an answer
     assert preferred(p, everything, [], 0) == []
+
+
+def test_preferred_anchors_on_the_node_with_most_free_candidates_even_a_higher_one() -> None:
+    p = numa_pool()
+    # Offered: one device on node 0, two on node 1 (and the node-less n9).
+    assert preferred(p, ["n0", "n1", "n3", "n9"], [], 2) == ["n1", "n3"]
+    assert preferred(p, ["n9", "n5", "n0", "n2", "n4"], [], 1) == ["n0"]
+
+
+def test_preferred_returns_must_include_cut_to_size_and_survives_unknown_ids() -> None:
+    p = numa_pool()
+    assert preferred(p, ["n0", "n1"], ["n1", "n0"], 1) == ["n1"]
+    # An ID this pool does not know (kubelet out of date) has no NUMA node; no crash.
+    assert preferred(p, ["ghost", "n1", "n3"], ["ghost"], 2) == ["ghost", "n1"]
+
+
+def test_refused_allocation_names_every_problem_in_one_message() -> None:
+    p = numa_pool()
+    p.allocate(["n0"])
+    p.set_link("n1", healthy=False)
+    with pytest.raises(DeviceError) as err:
+        p.allocate(["n0", "n1"])
+    assert str(err.value) == "n0: allocated; n1: unhealthy"
+
+
+def test_cdq_secondaries_keep_their_primarys_numa_node_and_odd_drivers_are_named() -> None:
+    netdevs = [nic("p0", numa_node=1), veth("v0")]
+    config = {"pools": [{"name": "sf", "mode": "cdq", "devices": [
+        {"name": "p0", "secondary": 2}, {"name": "v0"}]}]}  # fmt: skip
+    assembly = build(config, netdevs)
+    assert {d.id: d.numa_node for d in assembly.pools[0].devices.values()} == {
+        "p0sf1": 1,
+        "p0sf2": 1,
+    }
+    assert "v0 (driver veth) cannot back cdq secondary devices; skipped" in " ".join(
+        assembly.warnings
+    )
+
+
+def test_a_driver_with_no_netdevs_on_the_node_gives_no_pool() -> None:
+    assembly = build({"pools": [pool(drivers=[{"name": "mlx5_core"}])]})
+    assert assembly.pools == []
+    assert any("no devices on node node1" in w for w in assembly.warnings)

@@ -4,6 +4,7 @@ socket receiving frames sent by the peer, and nothing left behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -16,11 +17,12 @@ import anyio
 import pytest
 
 from afxdp.bpf import libbpf, pinning
+from afxdp.bpf.libbpf import BpfError
 from afxdp.bpf.xdp import AttachMode, XdpAttachment
 from afxdp.podresources import PodResourcesChecker
 from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import UdsServer, socket_path
-from tests.kernel import Lab, ip
+from tests.kernel import Lab, ip, without_capability
 from tests.kubelet import FakeKubelet
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
@@ -76,9 +78,10 @@ class PodApp:
         event: dict[str, Any] = json.loads(line)
         return event
 
-    def go(self) -> None:
+    def go(self, control_frames: int) -> None:
+        """Tell the app the control frames are sent, and how many to wait for."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
+        self.proc.stdin.write(f"go {control_frames}\n")
         self.proc.stdin.flush()
 
     def close(self) -> None:
@@ -135,8 +138,7 @@ async def _rx(app: PodApp, peer_ns: str) -> dict[str, Any]:
     assert (ready["map_type"], ready["map_name"]) == (libbpf.BPF_MAP_TYPE_XSKMAP, "xsks_map")
     # Control: before the XSK is in the map, frames go to the kernel stack.
     await anyio.to_thread.run_sync(send_udp, peer_ns, 5)
-    await anyio.sleep(0.3)
-    app.go()
+    app.go(5)
     xsk = await anyio.to_thread.run_sync(app.event)
     assert xsk["control_to_kernel"] == 5
     await anyio.to_thread.run_sync(send_udp, peer_ns, COUNT)
@@ -231,6 +233,38 @@ def test_detach_leaves_foreign_programs_alone(lab: Lab) -> None:
     finally:
         theirs.detach()
     assert libbpf.xdp_query_id(theirs.ifindex) == 0
+
+
+def test_attach_falls_back_to_generic_when_the_driver_has_no_native_xdp(lab: Lab) -> None:
+    bridge = lab.bridge()  # the bridge driver has no native XDP: EOPNOTSUPP
+    with pytest.raises(BpfError) as err:
+        XdpAttachment.attach(bridge, AttachMode.NATIVE)
+    assert err.value.errno == errno.EOPNOTSUPP
+    att = XdpAttachment.attach(bridge)
+    try:
+        assert att.mode is AttachMode.GENERIC
+        link = json.loads(ip("-j", "-d", "link", "show", bridge))[0]
+        assert link["xdp"]["mode"] == 2  # XDP_ATTACHED_SKB
+        assert link["xdp"]["prog"]["id"] == att.prog_id != 0
+    finally:
+        att.detach()
+    assert libbpf.xdp_query_id(att.ifindex) == 0
+
+
+def test_a_failed_detach_is_reported_and_can_be_retried(lab: Lab) -> None:
+    dev, _ = lab.veth(lab.name("xe"), lab.name("xh"))
+    att = XdpAttachment.attach(dev)
+    try:
+        # Without CAP_NET_ADMIN the kernel refuses the netlink request.
+        with pytest.raises(BpfError) as err:
+            without_capability("CAP_NET_ADMIN", att.detach)
+        assert (err.value.op, err.value.errno) == ("bpf_xdp_detach", errno.EPERM)
+        assert "bpf_xdp_detach" in str(err.value) and "[errno 1]" in str(err.value)
+        # Nothing was detached, and nothing was forgotten: a retry finishes the job.
+        assert libbpf.xdp_query_id(att.ifindex) == att.prog_id
+    finally:
+        att.detach()
+    assert libbpf.xdp_query_id(att.ifindex) == 0
 
 
 def xdp_prog_id(dev: str, netns: str) -> int | None:

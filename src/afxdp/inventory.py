@@ -84,9 +84,14 @@ def _sysfs_facts(name: str, sysfs: Path) -> tuple[str | None, str | None, int | 
 
 
 def build_netdevs(
-    links: Iterable[Any], addrs: Iterable[Any], sysfs: Path = SYSFS
+    links: Iterable[Any], addrs: Iterable[Any], sysfs: Path | None = None
 ) -> tuple[NetDev, ...]:
-    """Turn netlink link and IPv4 address messages into NetDevs, sorted by name."""
+    """Turn netlink link and IPv4 address messages into NetDevs, sorted by name.
+
+    ``sysfs`` defaults to ``SYSFS``, looked up at call time so that tests can
+    point the whole service at a fake sysfs tree (NUMA nodes of veths).
+    """
+    sysfs = SYSFS if sysfs is None else sysfs
     ipv4: dict[int, list[str]] = {}
     for a in addrs:
         ipv4.setdefault(a["index"], []).append(f"{a.get('address')}/{a['prefixlen']}")
@@ -120,7 +125,7 @@ def build_netdevs(
     return tuple(out)
 
 
-def read_inventory(sysfs: Path = SYSFS) -> tuple[NetDev, ...]:
+def read_inventory(sysfs: Path | None = None) -> tuple[NetDev, ...]:
     """Read the netdevs of the calling thread's netns (blocking)."""
     with IPRoute() as ipr:
         links = ipr.get_links()
@@ -128,7 +133,7 @@ def read_inventory(sysfs: Path = SYSFS) -> tuple[NetDev, ...]:
     return build_netdevs(links, addrs, sysfs)
 
 
-def read_one(name: str, sysfs: Path = SYSFS) -> NetDev | None:
+def read_one(name: str, sysfs: Path | None = None) -> NetDev | None:
     """One netdev of the calling thread's netns, or None (blocking)."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
@@ -140,7 +145,7 @@ def read_one(name: str, sysfs: Path = SYSFS) -> NetDev | None:
     return devs[0] if devs else None
 
 
-async def scan(sysfs: Path = SYSFS) -> tuple[NetDev, ...]:
+async def scan(sysfs: Path | None = None) -> tuple[NetDev, ...]:
     """``read_inventory`` off the event loop; safe under uvloop."""
     return await anyio.to_thread.run_sync(read_inventory, sysfs)
 

@@ -61,6 +61,10 @@ def classify(msg: Any) -> LinkEvent | None:
 class NetWatch:
     """Link events of the service's netns, delivered on the event loop."""
 
+    # A burst of link events (a node with many VFs) must not overflow the
+    # socket. A class attribute so tests can shrink it and overflow it for real.
+    RCVBUF = 4 << 20
+
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
         self._marshal = MarshalRtnl()
@@ -68,8 +72,7 @@ class NetWatch:
     def open(self) -> None:
         """Subscribe now; events queue in the socket until ``run``."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-        # A burst of link events (a node with many VFs) must not overflow it.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
         sock.bind((0, RTMGRP_LINK))
         sock.setblocking(False)
         self._sock = sock

@@ -1,0 +1,152 @@
+"""Device health as kubelet sees it on ListAndWatch, and NUMA topology: the real
+service against the grpcio kubelet double, on real veth pairs."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from afxdp import control, inventory
+from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
+from afxdp.netwatch import NetWatch
+from tests.kernel import Lab, ip
+from tests.node import NodeUnderTest as Node
+from tests.node import running
+
+pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
+
+
+@pytest.fixture
+def devices(lab: Lab) -> Iterator[list[str]]:
+    names = []
+    for i in range(3):
+        a, b = lab.veth(lab.name(f"hl{i}"), lab.name(f"hm{i}"))
+        ip("link", "set", a, "up")
+        ip("link", "set", b, "up")
+        names.append(a)
+    yield names
+
+
+@pytest.fixture
+def node(tmp_path: Path, lab: Lab, devices: list[str]) -> Node:
+    return Node(tmp_path, lab, devices)
+
+
+def health(resp: dp.ListAndWatchResponse) -> dict[str, str]:
+    return {d.ID: d.health for d in resp.devices}
+
+
+async def until(node: Node, stream: Any, want: dict[str, str]) -> dict[str, str]:
+    """Read lists from the stream until one shows ``want``; that list."""
+    with anyio.fail_after(10):
+        while True:
+            got = health(await node.call(next, stream))
+            if all(got.get(k) == v for k, v in want.items()):
+                return got
+
+
+async def test_removed_allocated_device_is_marked_unhealthy(node: Node) -> None:
+    d0, d1, _ = node.devices
+    async with running(node):
+        stream = node.plugin().list_and_watch()
+        try:
+            assert health(await node.call(next, stream)) == dict.fromkeys(node.devices, "Healthy")
+            await node.allocate(d0, d1)
+            ip("link", "set", d1, "down")  # the CNI's doing: an allocated link is the pod's
+            ip("link", "del", d0)  # destroyed: no pod can use it any more
+            got = await until(node, stream, {d0: "Unhealthy"})
+            assert got[d1] == "Healthy"
+            states = await node.states()
+            assert states[d0] == "unhealthy" and states[d1] == "allocated"
+        finally:
+            stream.cancel()
+
+
+async def test_lost_netlink_events_are_recovered_by_rereading_link_health(
+    node: Node, lab: Lab, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    d0, d1, d2 = node.devices
+    noise, _ = lab.veth(lab.name("hn"), lab.name("ho"))
+    # The kernel's smallest receive buffer: a few link messages fill it.
+    monkeypatch.setattr(NetWatch, "RCVBUF", 1)
+    caplog.set_level(logging.WARNING, logger="afxdp.netwatch")
+    async with running(node):
+        stream = node.plugin().list_and_watch()
+        try:
+            assert health(await node.call(next, stream)) == dict.fromkeys(node.devices, "Healthy")
+            # Run on the event loop itself, so the watcher cannot read while the
+            # burst overflows its socket: d0 going down comes last, when the queue
+            # is full, so its event is lost for sure and only a re-read finds it.
+            batch = "".join(f"link set {noise} {('up', 'down')[i % 2]}\n" for i in range(40))
+            subprocess.run(["ip", "-batch", "-"], input=batch + f"link set {d0} down\n",
+                           text=True, check=True, timeout=10)  # fmt: skip
+            got = await until(node, stream, {d0: "Unhealthy"})
+            assert got[d1] == got[d2] == "Healthy"
+            assert "netlink events were lost" in caplog.text
+            # And the watch goes on after the resync.
+            ip("link", "set", d0, "up")
+            await until(node, stream, {d0: "Healthy"})
+        finally:
+            stream.cancel()
+
+
+def fake_numa(sysfs: Path, numa: dict[str, int]) -> None:
+    """A FAKE sysfs where each named netdev has a device on a NUMA node (veths have none)."""
+    for name, node_id in numa.items():
+        device = sysfs / "class" / "net" / name / "device"
+        device.mkdir(parents=True)
+        (device / "numa_node").write_text(f"{node_id}\n")
+
+
+async def test_numa_nodes_from_sysfs_reach_list_and_watch_and_status(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d0, d1, d2 = node.devices
+    fake_numa(tmp_path / "sys", {d0: 0, d1: 1})  # d2: no NUMA node (numa_node -1 or absent)
+    monkeypatch.setattr(inventory, "SYSFS", tmp_path / "sys")
+    async with running(node):
+        stream = node.plugin().list_and_watch()
+        try:
+            first = await node.call(next, stream)
+        finally:
+            stream.cancel()
+        topology = {d.ID: [n.ID for n in d.topology.nodes] for d in first.devices}
+        assert topology == {d0: [0], d1: [1], d2: []}
+        by_id = {d.ID: d for d in first.devices}
+        assert not by_id[d2].HasField("topology")  # no NUMA node: no topology at all
+        status = await node.call(control.read_status, node.paths.run_dir)
+        assert {d["id"]: d["numa"] for d in status["pools"][0]["devices"]} == {
+            d0: 0,
+            d1: 1,
+            d2: None,
+        }
+
+
+async def test_preferred_allocation_keeps_to_the_numa_node_of_the_devices(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d0, d1, d2 = node.devices  # by name d0 < d1 < d2: NUMA must beat name order
+    fake_numa(tmp_path / "sys", {d0: 0, d1: 1, d2: 1})
+    monkeypatch.setattr(inventory, "SYSFS", tmp_path / "sys")
+
+    def request(must: list[str]) -> dp.PreferredAllocationRequest:
+        return dp.PreferredAllocationRequest(container_requests=[
+            dp.ContainerPreferredAllocationRequest(
+                available_deviceIDs=[d0, d1, d2], must_include_deviceIDs=must, allocation_size=2)])  # fmt: skip
+
+    async with running(node):
+        client = node.plugin()
+        # The must-include device's node decides.
+        resp = await node.call(client.call, "GetPreferredAllocation", request([d2]))
+        assert list(resp.container_responses[0].deviceIDs) == [d2, d1]
+        # Without one, the node with the most candidates does.
+        resp = await node.call(client.call, "GetPreferredAllocation", request([]))
+        assert list(resp.container_responses[0].deviceIDs) == [d1, d2]
+        resp = await node.call(client.call, "GetPreferredAllocation", request([d0]))
+        assert list(resp.container_responses[0].deviceIDs) == [d0, d1]
