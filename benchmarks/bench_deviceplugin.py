@@ -67,7 +67,8 @@ async def run(tmp: Path, devs: list[str]) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 await anyio.to_thread.run_sync(client.allocate, [dev])
                 samples.append((time.perf_counter() - t0) * 1000)
-                await service.release(dev)  # what the CNI DEL does between pods
+                assert service.devices is not None  # the allocation ends between pods
+                await service.devices.release(dev)
             return pct(samples)
 
         async def timed_options(client: PluginClient) -> dict[str, float]:

@@ -99,11 +99,6 @@ async def test_cdq_allocate_creates_the_secondary_and_shutdown_deletes_it(
     assert not link_exists(sf1) and not link_exists(peer_of(sf1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (service.on_link): deleting a released secondary's netdev is taken as the "
-    "device being removed, so the secondary stays Unhealthy and is never allocatable again",
-)
 async def test_cdq_reclaimed_secondary_is_deleted_and_handed_out_again(
     node: Node, primary: str, subfunctions: FakeSubfunctions
 ) -> None:
@@ -135,6 +130,6 @@ async def test_cdq_allocate_that_fails_deletes_the_secondaries_it_made(
         assert link_exists(sf2)
         status = await node.call(control.read_status, node.paths.run_dir)
         states = {d["id"]: d["state"] for d in status["pools"][0]["devices"]}
-        # Not "free": sf1 is wrongly Unhealthy after its netdev went (the xfail above).
-        assert states[sf1] != "allocated" and states[sf2] == "free"
+        # Its netdev going away is not the device going away: sf1 is free again.
+        assert states[sf1] == "free" and states[sf2] == "free"
         assert status["allocations"] == []

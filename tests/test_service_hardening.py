@@ -23,10 +23,10 @@ import grpc
 import pytest
 from anyio.abc import SocketStream
 
-from afxdp import control, service
-from afxdp.allocations import Allocations
+from afxdp import control
 from afxdp.config import load_config
 from afxdp.errors import ConfigError
+from afxdp.handouts import Handouts
 from afxdp.unixserver import ServerStats, serve_unix
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet
@@ -254,18 +254,17 @@ def node(tmp_path: Path, lab: Lab) -> NodeUnderTest:
 async def test_an_allocation_ends_when_kubelet_no_longer_lists_its_pod(
     node: NodeUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "RECONCILE_GRACE", 0.0)
     dev = node.devices[0]
     async with running(node):
-        assert node.service is not None
+        assert node.service is not None and node.service.devices is not None
         await node.allocate(dev)
         sock = node.paths.uds_dir / dev / "afxdp.sock"
         assert sock.exists()
         node.kubelet.hold("pod-a", "afxdp/pool1", dev)
-        assert await node.service.reconcile() == []
+        assert await node.service.devices.reconcile(grace=0.0) == []
         assert (await node.states())[dev] == "allocated"
         node.kubelet.pods.clear()
-        assert await node.service.reconcile() == [dev]
+        assert await node.service.devices.reconcile(grace=0.0) == [dev]
         assert (await node.states())[dev] == "free"
         assert not sock.exists()
 
@@ -274,9 +273,9 @@ async def test_an_allocation_ends_when_kubelet_no_longer_lists_its_pod(
 async def test_a_young_allocation_is_not_ended_before_kubelet_lists_it(node: NodeUnderTest) -> None:
     dev = node.devices[0]
     async with running(node):
-        assert node.service is not None
+        assert node.service is not None and node.service.devices is not None
         await node.allocate(dev)
-        assert await node.service.reconcile() == []  # kubelet lists nothing yet
+        assert await node.service.devices.reconcile() == []  # kubelet lists nothing yet
         assert (await node.states())[dev] == "allocated"
 
 
@@ -284,13 +283,12 @@ async def test_a_young_allocation_is_not_ended_before_kubelet_lists_it(node: Nod
 async def test_no_reconcile_when_kubelet_cannot_be_asked(
     node: NodeUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "RECONCILE_GRACE", 0.0)
     dev = node.devices[0]
     async with running(node):
-        assert node.service is not None
+        assert node.service is not None and node.service.devices is not None
         await node.allocate(dev)
         (node.kubelet.dir / "pod-resources" / "kubelet.sock").unlink()
-        assert await node.service.reconcile() == []
+        assert await node.service.devices.reconcile(grace=0.0) == []
         assert (await node.states())[dev] == "allocated"
 
 
@@ -298,12 +296,12 @@ async def test_no_reconcile_when_kubelet_cannot_be_asked(
 async def test_an_allocate_that_fails_unexpectedly_leaves_nothing_allocated(
     node: NodeUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(self: Allocations, pool: Any, ids: Any) -> Any:
+    async def broken(self: Handouts, pool: Any, ids: Any) -> Any:
         raise RuntimeError("a bug")
 
     dev = node.devices[0]
     async with running(node):
-        monkeypatch.setattr(Allocations, "start", broken)
+        monkeypatch.setattr(Handouts, "start", broken)
         with pytest.raises(grpc.RpcError) as err:
             await node.allocate(dev)
         assert err.value.code() == grpc.StatusCode.INTERNAL

@@ -35,8 +35,8 @@ async def test_the_uds_idle_timeout_comes_from_the_pool_config(
     node = Node(tmp_path, lab, [device], pool_config([device], udsTimeout=uds_timeout))
     async with running(node):
         await node.allocate(device)
-        assert node.service is not None and node.service.allocations is not None
-        server = node.service.allocations.handouts[device].uds
+        assert node.service is not None and node.service.devices is not None
+        server = node.service.devices.handouts.handouts[device].uds
         assert server is not None and server.path.is_socket()
         assert server.idle_timeout == idle_timeout
 

@@ -1,9 +1,11 @@
 """The composition root: one asyncio process per node, all parts in one task group.
 
-Start-up order matters: the netlink watch is subscribed before the inventory is
-read (no link event is lost in between), pools are built, every pool's server
-is serving (and then registers), link events start flowing, and only then is
-the service ready. Shutdown takes every handed-out device back.
+Wiring only: device state belongs to ``devices.Devices``, what is set up for a
+handout to ``handouts.Handouts``. Start-up order matters: the netlink watch is
+subscribed before the inventory is read (no link event is lost in between),
+pools are built, every pool's server is serving (and then registers), link
+events start flowing, and only then is the service ready. Shutdown takes back
+every handout whose device is not in a pod.
 """
 
 from __future__ import annotations
@@ -19,27 +21,25 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from afxdp import control, inventory, metrics, pools, workers
-from afxdp.allocations import Allocations
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
 from afxdp.cni.handler import CniHandler
 from afxdp.config import Config
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
+from afxdp.devices import Devices
+from afxdp.handouts import Handouts
 from afxdp.inventory import NetDev
 from afxdp.metrics import Metrics
-from afxdp.netwatch import Change, LinkEvent, NetWatch
+from afxdp.netwatch import NetWatch
 from afxdp.podresources import PodResourcesChecker
 from afxdp.secondary import SecondaryDeviceProvider
 from afxdp.uds.server import ConnectionBudget
 from afxdp.unixserver import ServerStats
 from afxdp.workers import Work
 
-# How often allocations are checked against kubelet's PodResources, and how old
-# an allocation must be before it may be found stale (kubelet lists a pod's
-# devices right after Allocate; the margin covers a slow kubelet).
+# How often allocations are checked against kubelet's PodResources.
 RECONCILE_INTERVAL = 10.0
-RECONCILE_GRACE = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +58,19 @@ class Service:
     node_name: str
     paths: Paths
     secondary: SecondaryDeviceProvider
-    plugins: dict[str, PoolPlugin] = field(default_factory=dict)
-    registrations: dict[str, Registration] = field(default_factory=dict)
-    netdevs: dict[str, NetDev] = field(default_factory=dict)
-    allocations: Allocations | None = None
-    ready: bool = False
-    fd_limit: tuple[int, int] = (0, 0)
-    servers: dict[str, ServerStats] = field(default_factory=dict)
-    pod_resources: PodResourcesChecker | None = None
     metrics_address: str = ""  # HOST:PORT of /metrics, /healthz, /readyz; empty: none
+    fd_limit: tuple[int, int] = (0, 0)
+    devices: Devices | None = None
+    registrations: dict[str, Registration] = field(default_factory=dict)
+    servers: dict[str, ServerStats] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics.create(self._device_rows)
+        self.metrics = Metrics.create(lambda: self.devices.rows() if self.devices else [])
 
-    def _device_rows(self) -> list[tuple[str, str, str]]:
-        return [
-            (name, d.state.value, "Healthy" if d.healthy else "Unhealthy")
-            for name, p in self.plugins.items()
-            for d in p.pool.devices.values()
-        ]
+    @property
+    def ready(self) -> bool:
+        return self.devices is not None and self.devices.ready
 
     def readiness(self) -> tuple[bool, str]:
         """Ready: serving, every pool registered with kubelet, the CNI socket listening."""
@@ -92,61 +85,69 @@ class Service:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         watch = NetWatch()
         watch.open()
-        self.netdevs = {nd.name: nd for nd in await inventory.scan()}
+        netdevs = {nd.name: nd for nd in await inventory.scan()}
         store = AttachmentStore(self.paths.run_dir / "cni-attachments.json")
         # Devices in pods since before this start are not in our netns: count
         # them as their attachments describe them, as allocated.
         in_pods = {
             a.device: msgspec.convert(a.netdev, NetDev)
             for a in store.all()
-            if a.netdev and a.device not in self.netdevs
+            if a.netdev and a.device not in netdevs
         }
         assembly = pools.assemble(
             self.config,
-            [*self.netdevs.values(), *in_pods.values()],
+            [*netdevs.values(), *in_pods.values()],
             self.node_name,
             unprivileged_bpf_disabled=inventory.unprivileged_bpf_disabled(),
             secondary=self.secondary,
         )
         for warning in assembly.warnings:
             log.warning("%s", warning)
-        pod_resources = self.pod_resources = PodResourcesChecker(
+        pod_resources = PodResourcesChecker(
             self.paths.kubelet_dir / "pod-resources" / "kubelet.sock"
         )
         async with anyio.create_task_group() as tg:
             if self.metrics_address:
                 await self._serve_metrics(tg)
-            self.allocations = Allocations(
+            handouts = Handouts(
                 task_group=tg,
                 uds_dir=self.paths.uds_dir,
                 pin_dir=self.paths.pin_dir,
                 check_host=pod_resources.check,
                 secondary=self.secondary,
-                netdev_of=self.netdevs.get,
+                netdev_of=netdevs.get,
                 uds_budget=ConnectionBudget.for_fd_limit(self.fd_limit[0] or 1024),
+            )
+            self.devices = devs = Devices(
+                assembly.pools,
+                handouts,
+                find_stale=pod_resources.stale,
+                read_link=partial(workers.run_sync, Work.NETLINK, inventory.read_one),
+                scan=inventory.scan,
+                netdevs=netdevs,
             )
             for pool in assembly.pools:
                 for dev_id in in_pods.keys() & pool.devices.keys():
                     pool.devices[dev_id].allocated = True
                     pool.devices[dev_id].healthy = True
-                    self.allocations.orphans[dev_id] = pool.name
+                    handouts.orphans[dev_id] = pool.name
                     log.info("%s: in its pod since before this start; allocated", dev_id)
             try:
                 for pool in assembly.pools:
-                    plugin = PoolPlugin(pool, self.allocations, pod_resources.stale, self.metrics)
+                    plugin = PoolPlugin(devs, pool.name, self.metrics)
                     reg = Registration(plugin, self.paths.kubelet_dir)
-                    self.plugins[pool.name], self.registrations[pool.name] = plugin, reg
+                    self.registrations[pool.name] = reg
                     await tg.start(reg.run)
-                tg.start_soon(watch.run, self.on_link, self.resync)
+                tg.start_soon(watch.run, devs.on_link, devs.resync)
                 self.servers["control"] = ServerStats()
                 await tg.start(
                     partial(control.serve, stats=self.servers["control"]),
                     self.paths.run_dir,
                     self.status,
                 )
-                cni = CniHandler(self, store)
+                cni = CniHandler(devs, store)
                 await tg.start(cni_server.serve, self.paths.run_dir, cni)
-                self.ready = True
+                devs.ready = True
                 replayed = await cni_server.replay_queue(self.paths.run_dir, cni)
                 if replayed:
                     log.info("replayed %d DEL(s) queued while afxdpd was down", replayed)
@@ -158,9 +159,9 @@ class Service:
                 task_status.started()
                 await self.reconcile_forever()
             finally:
-                self.ready = False
+                devs.ready = False
                 with anyio.CancelScope(shield=True):
-                    await self.allocations.shutdown()
+                    await handouts.shutdown()
                 tg.cancel_scope.cancel()
 
     async def _serve_metrics(self, tg: TaskGroup) -> None:
@@ -187,131 +188,41 @@ class Service:
             await anyio.sleep(0.1)
         log.info("ready on node %s: %s", self.node_name, summary)
 
-    def on_link(self, event: LinkEvent) -> None:
-        """Apply a link event to every pool's health; push lists that changed.
-
-        An allocated device's link belongs to its pod: the CNI takes it down
-        and moves it into the pod's netns, which must not make it Unhealthy.
-        Only its destruction counts; its real state is read again on release.
-        """
-        for plugin in self.plugins.values():
-            dev = plugin.pool.devices.get(event.name)
-            if dev is not None and dev.allocated and event.change is not Change.REMOVED:
-                continue
-            if plugin.pool.set_link(event.name, event.change is Change.UP):
-                log.info("%s: %s -> %s", plugin.pool.name, event.name, event.change.value)
-                plugin.changes.bump()
-
-    async def resync(self) -> None:
-        """Re-read every link and apply what is true now (after lost events)."""
-        self.netdevs = {nd.name: nd for nd in await inventory.scan()}
-        for plugin in self.plugins.values():
-            for dev in plugin.pool.devices.values():
-                if not dev.allocated:  # an allocated one's link is in its pod's netns
-                    name = dev.parent or dev.id
-                    self._apply_link(plugin, name, self.netdevs.get(name))
-
-    @staticmethod
-    def _apply_link(plugin: PoolPlugin, name: str, link: NetDev | None) -> None:
-        """Set the health of the devices on link ``name`` from what it is now."""
-        if plugin.pool.set_link(name, link is not None and link.link_up):
-            plugin.changes.bump()
-
-    def describe(self, device: str) -> dict[str, Any]:
-        nd = self.netdevs.get(device)
-        return msgspec.to_builtins(nd) if nd is not None else {}
-
-    def device_allocated(self, device: str) -> bool | None:
-        """Whether ``device`` is allocated; None when no pool has it."""
-        for plugin in self.plugins.values():
-            dev = plugin.pool.devices.get(device)
-            if dev is not None:
-                return dev.allocated
-        return None
-
-    async def release(self, device: str, keep_xdp: bool = False) -> bool:
-        """The allocation of ``device`` ended (kubelet no longer lists its pod):
-        give it back to its pool, as it is now.
-
-        ``keep_xdp`` (the NAD's skipUnloadBpf) leaves the program attached.
-        """
-        for plugin in self.plugins.values():
-            dev = plugin.pool.devices.get(device)
-            if dev is not None and await plugin.release(device, keep_xdp):
-                await self._read_health(plugin, dev.parent or dev.id)
-                return True
-        return False
-
-    async def came_home(self, device: str, keep_xdp: bool) -> None:
-        """A CNI DEL brought ``device`` back to the host netns; it stays allocated
-        (kubelet's to end), but its health is read again now that it is ours to
-        see, and skipUnloadBpf is remembered for when the allocation ends."""
-        assert self.allocations is not None
-        if keep_xdp:
-            self.allocations.keep_xdp.add(device)
-        for plugin in self.plugins.values():
-            dev = plugin.pool.devices.get(device)
-            if dev is not None:
-                await self._read_health(plugin, dev.parent or dev.id)
-
-    async def _read_health(self, plugin: PoolPlugin, name: str) -> None:
-        self._apply_link(
-            plugin, name, await workers.run_sync(Work.NETLINK, inventory.read_one, name)
-        )
-
     async def reconcile_forever(self) -> None:
         """End allocations that kubelet no longer lists, every RECONCILE_INTERVAL."""
+        assert self.devices is not None
         while True:
             await anyio.sleep(RECONCILE_INTERVAL)
             try:
-                await self.reconcile()
+                await self.devices.reconcile()
             except Exception:  # a bug here must not end the service
                 log.exception("reconciling allocations with kubelet failed")
 
-    async def reconcile(self) -> list[str]:
-        """Release allocated devices that no pod holds (kubelet's word); returns them.
-
-        Nothing happens when kubelet cannot be asked. Allocations younger than
-        RECONCILE_GRACE are left alone.
-        """
-        assert self.allocations is not None and self.pod_resources is not None
-        now = anyio.current_time()
-        released = []
-        for plugin in self.plugins.values():
-            allocated = []
-            for dev in plugin.pool.devices.values():
-                handout = self.allocations.handouts.get(dev.id)
-                if dev.allocated and (handout is None or now - handout.since > RECONCILE_GRACE):
-                    allocated.append(dev.id)
-            if not allocated:
-                continue
-            resource = plugin.pool.config.resource_name
-            for dev_id in await self.pod_resources.stale(resource, allocated):
-                log.info("%s: no pod holds %s any more (kubelet); released", resource, dev_id)
-                await self.release(dev_id)
-                released.append(dev_id)
-        return released
-
     def status(self) -> dict[str, Any]:
-        handouts = self.allocations.handouts if self.allocations else {}
+        devs = self.devices
+        budget = devs.handouts.uds_budget if devs else None
         return {
             "node": self.node_name,
             "ready": self.ready,
             "fd_limit": {"soft": self.fd_limit[0], "hard": self.fd_limit[1]},
             "workers": workers.usage(),
             "servers": {name: asdict(st) for name, st in self.servers.items()},
-            "uds_budget": {"limit": b.limit, "active": b.active, "refused": b.refused}
-            if (b := self.allocations and self.allocations.uds_budget)
+            "uds_budget": {
+                "limit": budget.limit,
+                "active": budget.active,
+                "refused": budget.refused,
+            }
+            if budget
             else None,
             "pools": [
                 {
-                    "resource": p.pool.config.resource_name,
-                    "mode": p.pool.config.mode,
+                    "resource": pool.config.resource_name,
+                    "mode": pool.config.mode,
                     "registered": self.registrations[name].registered,
                     "registrations": self.registrations[name].registrations,
-                    "devices": [d.summary() for d in p.pool.devices.values()],
+                    "devices": [d.summary() for d in pool.devices.values()],
                 }
-                for name, p in self.plugins.items()
+                for name, pool in (devs.pools.items() if devs else ())
             ],
-            "allocations": [h.status() for h in handouts.values()],
+            "allocations": [h.status() for h in devs.handouts.handouts.values()] if devs else [],
         }

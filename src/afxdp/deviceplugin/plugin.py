@@ -1,68 +1,40 @@
 """The kubelet DevicePlugin service of one pool (DESIGN.md 3.1 and 3.5).
 
-Bookkeeping lives in ``pools.Pool`` and the per-device work in
-``allocations.Allocations``; this module maps them to the gRPC API and maps
-errors to gRPC statuses at the edge.
+A thin translation between gRPC and ``devices.Devices``, which owns the
+pool's state (as the SR-IOV network device plugin's server only asks its
+resource pool); errors are mapped to gRPC statuses here, at the edge.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
 
-import anyio
 from grpclib import GRPCError, Status
 from grpclib.server import Stream
 
-from afxdp.allocations import Allocations
 from afxdp.deviceplugin.v1beta1 import api_grpc
 from afxdp.deviceplugin.v1beta1 import api_pb2 as pb
+from afxdp.devices import AllocateFailed, Devices
 from afxdp.errors import DeviceError
 from afxdp.metrics import Metrics
-from afxdp.pools import DeviceState, Pool, preferred
+from afxdp.pools import Pool, preferred
 
 log = logging.getLogger(__name__)
 
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
 
-# Given device IDs of the pool that are marked allocated, returns those that no
-# pod holds any more (their release was missed), so Allocate can reclaim them.
-StaleFinder = Callable[[str, Sequence[str]], Awaitable[list[str]]]
-
-
-class Changes:
-    """A version number and a way to wait for the next one (ListAndWatch)."""
-
-    def __init__(self) -> None:
-        self.version = 0
-        self._event = anyio.Event()
-
-    def bump(self) -> None:
-        self.version += 1
-        self._event.set()
-        self._event = anyio.Event()
-
-    async def wait_after(self, version: int) -> None:
-        while self.version == version:
-            await self._event.wait()
-
 
 class PoolPlugin(api_grpc.DevicePluginBase):
     """DevicePlugin for resource ``afxdp/<pool>``."""
 
-    def __init__(
-        self,
-        pool: Pool,
-        allocations: Allocations,
-        find_stale: StaleFinder,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.pool = pool
-        self.allocations = allocations
-        self.find_stale = find_stale
+    def __init__(self, devices: Devices, pool_name: str, metrics: Metrics | None = None) -> None:
+        self.devices = devices
+        self.pool_name = pool_name
         self.metrics = metrics or Metrics.create()
-        self.changes = Changes()
-        self._allocating = anyio.Lock()
+
+    @property
+    def pool(self) -> Pool:
+        return self.devices.pools[self.pool_name]
 
     def device_list(self) -> pb.ListAndWatchResponse:
         devices = []
@@ -85,10 +57,11 @@ class PoolPlugin(api_grpc.DevicePluginBase):
 
     async def ListAndWatch(self, stream: Stream[pb.Empty, pb.ListAndWatchResponse]) -> None:
         await stream.recv_message()
+        changes = self.devices.changes[self.pool_name]
         while True:
-            version = self.changes.version
+            version = changes.version
             await stream.send_message(self.device_list())
-            await self.changes.wait_after(version)
+            await changes.wait_after(version)
 
     async def GetPreferredAllocation(
         self, stream: Stream[pb.PreferredAllocationRequest, pb.PreferredAllocationResponse]
@@ -129,23 +102,14 @@ class PoolPlugin(api_grpc.DevicePluginBase):
     ) -> None:
         containers = [list(c.devices_ids) for c in req.container_requests]
         all_ids = [d for ids in containers for d in ids]
-        # Kubelet admits pods one by one, but nothing stops two pools' or two
-        # kubelets' calls from interleaving; one Allocate per pool at a time.
-        async with self._allocating:
-            try:
-                await self._reclaim_stale(all_ids)
-                self.pool.allocate(all_ids)
-            except DeviceError as exc:
-                log.warning("%s: Allocate %s refused: %s", self.pool.name, all_ids, exc)
-                raise GRPCError(Status.FAILED_PRECONDITION, f"{self.pool.name}: {exc}") from None
-            try:
-                handouts = await self.allocations.start(self.pool, all_ids)
-            except Exception as exc:  # a bug too: the devices must not stay marked
-                self.pool.release(all_ids)
-                if not isinstance(exc, DeviceError):
-                    log.exception("%s: Allocate %s failed unexpectedly", self.pool.name, all_ids)
-                log.error("%s: Allocate %s failed, rolled back: %s", self.pool.name, all_ids, exc)
-                raise GRPCError(Status.INTERNAL, f"{self.pool.name}: {exc}") from None
+        try:
+            handouts = await self.devices.allocate(self.pool_name, all_ids)
+        except DeviceError as exc:
+            log.warning("%s: Allocate %s refused: %s", self.pool_name, all_ids, exc)
+            raise GRPCError(Status.FAILED_PRECONDITION, f"{self.pool_name}: {exc}") from None
+        except AllocateFailed as exc:
+            log.error("%s: Allocate %s failed, rolled back: %s", self.pool_name, all_ids, exc)
+            raise GRPCError(Status.INTERNAL, f"{self.pool_name}: {exc}") from None
         mounts = {h.device: h.mounts for h in handouts}
         responses = []
         for ids in containers:
@@ -154,27 +118,5 @@ class PoolPlugin(api_grpc.DevicePluginBase):
                 for host, container in mounts[dev_id]:
                     resp.mounts.append(pb.Mount(container_path=container, host_path=host))
             responses.append(resp)
-        log.info("%s: allocated %s", self.pool.name, all_ids)
+        log.info("%s: allocated %s", self.pool_name, all_ids)
         await stream.send_message(pb.AllocateResponse(container_responses=responses))
-
-    async def _reclaim_stale(self, ids: Sequence[str]) -> None:
-        """Release devices we still count as allocated although no pod holds them."""
-        busy = [
-            d
-            for d in ids
-            if d in self.pool.devices and self.pool.devices[d].state is DeviceState.ALLOCATED
-        ]
-        if not busy:
-            return
-        for dev_id in await self.find_stale(self.pool.config.resource_name, busy):
-            log.warning("%s: %s was never released; reclaiming it", self.pool.name, dev_id)
-            await self.allocations.release(dev_id)
-            self.pool.release([dev_id])
-
-    async def release(self, device: str, keep_xdp: bool = False) -> bool:
-        """The device's pod is gone (CNI DEL): take the device back."""
-        if device not in self.pool.devices:
-            return False
-        await self.allocations.release(device, keep_xdp)
-        self.pool.release([device])
-        return True

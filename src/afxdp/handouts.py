@@ -72,8 +72,8 @@ class HostChecker(Protocol):
     def __call__(self, hostname: str, *, resource: str, device: str) -> Awaitable[HostCheck]: ...
 
 
-class Allocations:
-    """The node's allocated devices (all pools), each with its handout."""
+class Handouts:
+    """The node's handed-out devices (all pools), each with what was set up for it."""
 
     def __init__(
         self,

@@ -1,0 +1,240 @@
+"""The node's pools and devices: the one owner of device state.
+
+Allocate, release, health and describe all go through ``Devices``; it owns the
+change notification that ListAndWatch waits on, and it is what the CNI side
+sees (``cni.handler.DeviceSide``). The device-plugin servers only translate
+between gRPC and this class; ``service.py`` only wires it up. Everything that
+touches the kernel or kubelet comes in as a callable or through ``Handouts``
+(and its datapath), so the rules here are tested without privileges.
+
+Rules, in order:
+1. An allocation is kubelet's. It starts at Allocate (all of a request's
+   devices set up, or none) and ends when kubelet's PodResources no longer
+   lists a pod holding the device: found by ``reconcile`` (allocations older
+   than a grace period) or at an Allocate naming a device we still count as
+   allocated. Never at a CNI DEL: that only brings the device home.
+2. One Allocate per pool at a time (kubelet admits pods one by one; this keeps
+   two kubelets, or two pools' calls on a shared device, from interleaving).
+3. An allocated device's link belongs to its pod: link events for it are
+   ignored except its destruction; its health is read again when it comes home
+   or its allocation ends. A cdq secondary's health is its primary's: its own
+   netdev is created at Allocate and deleted when the allocation ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+
+from afxdp.errors import DeviceError
+from afxdp.handouts import Handout, Handouts
+from afxdp.inventory import NetDev
+from afxdp.netwatch import Change, LinkEvent
+from afxdp.pools import DeviceState, Pool, PoolDevice
+
+log = logging.getLogger(__name__)
+
+# Given a resource and device IDs we count as allocated, those no pod holds
+# (kubelet's word); none when kubelet cannot be asked.
+StaleFinder = Callable[[str, Sequence[str]], Awaitable[list[str]]]
+LinkReader = Callable[[str], Awaitable[NetDev | None]]
+Scanner = Callable[[], Awaitable[Sequence[NetDev]]]
+
+RECONCILE_GRACE = 30.0
+
+
+class AllocateFailed(Exception):
+    """Setting up an allocation failed; everything it did was undone."""
+
+
+class Changes:
+    """A version number and a way to wait for the next one (ListAndWatch)."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = anyio.Event()
+
+    def bump(self) -> None:
+        self.version += 1
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait_after(self, version: int) -> None:
+        while self.version == version:
+            await self._event.wait()
+
+
+class Devices:
+    """Every pool of this node, its devices, and what is handed out."""
+
+    def __init__(
+        self,
+        pools: Sequence[Pool],
+        handouts: Handouts,
+        *,
+        find_stale: StaleFinder,
+        read_link: LinkReader,
+        scan: Scanner,
+        netdevs: dict[str, NetDev] | None = None,
+    ) -> None:
+        self.pools = {p.name: p for p in pools}
+        self.changes = {p.name: Changes() for p in pools}
+        self.handouts = handouts
+        self._find_stale = find_stale
+        self._read_link = read_link
+        self._scan = scan
+        self.netdevs = netdevs or {}
+        self._allocating = {p.name: anyio.Lock() for p in pools}
+        self.ready = False  # serving (set by the service once every part is up)
+
+    # -- lookups --------------------------------------------------------------
+
+    def find(self, device: str) -> tuple[Pool, PoolDevice] | None:
+        for pool in self.pools.values():
+            dev = pool.devices.get(device)
+            if dev is not None:
+                return pool, dev
+        return None
+
+    def device_allocated(self, device: str) -> bool | None:
+        """Whether ``device`` is allocated; None when no pool has it."""
+        found = self.find(device)
+        return found[1].allocated if found else None
+
+    def describe(self, device: str) -> dict[str, Any]:
+        """What the host knows of ``device`` (kept with a CNI attachment)."""
+        nd = self.netdevs.get(device)
+        return msgspec.to_builtins(nd) if nd is not None else {}
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(pool, state, health) of every device, for metrics."""
+        return [
+            (name, d.state.value, "Healthy" if d.healthy else "Unhealthy")
+            for name, p in self.pools.items()
+            for d in p.devices.values()
+        ]
+
+    # -- allocation -----------------------------------------------------------
+
+    async def allocate(self, pool_name: str, ids: Sequence[str]) -> list[Handout]:
+        """Hand out ``ids`` of the pool: all of them, or raise having undone everything.
+
+        DeviceError: refused (unknown, unhealthy, already allocated: each named).
+        AllocateFailed: setting up failed and was rolled back.
+        """
+        pool = self.pools[pool_name]
+        async with self._allocating[pool_name]:
+            await self._reclaim_stale(pool, ids)
+            pool.allocate(ids)
+            try:
+                handouts = await self.handouts.start(pool, ids)
+            except Exception as exc:  # a bug too: the devices must not stay marked
+                pool.release(ids)
+                if not isinstance(exc, DeviceError):
+                    log.exception("%s: Allocate %s failed unexpectedly", pool_name, list(ids))
+                raise AllocateFailed(str(exc)) from exc
+        self.changes[pool_name].bump()
+        return handouts
+
+    async def _reclaim_stale(self, pool: Pool, ids: Sequence[str]) -> None:
+        """Release devices we still count as allocated although no pod holds them."""
+        busy = [
+            d for d in ids if d in pool.devices and pool.devices[d].state is DeviceState.ALLOCATED
+        ]
+        if not busy:
+            return
+        for dev_id in await self._find_stale(pool.config.resource_name, busy):
+            log.warning("%s: %s was never released; reclaiming it", pool.name, dev_id)
+            await self._end(pool, dev_id)
+
+    async def release(self, device: str, keep_xdp: bool = False) -> bool:
+        """The allocation of ``device`` ended: give it back to its pool, as it is now.
+
+        ``keep_xdp`` (the NAD's skipUnloadBpf) leaves the program attached.
+        """
+        found = self.find(device)
+        if found is None or not found[1].allocated:
+            return False
+        await self._end(found[0], device, keep_xdp)
+        return True
+
+    async def _end(self, pool: Pool, device: str, keep_xdp: bool = False) -> None:
+        await self.handouts.release(device, keep_xdp)
+        pool.release([device])
+        dev = pool.devices[device]
+        await self._read_health(pool, dev.parent or dev.id)
+        self.changes[pool.name].bump()
+
+    async def came_home(self, device: str, keep_xdp: bool) -> None:
+        """A CNI DEL brought ``device`` back to the host netns; it stays allocated
+        (kubelet's to end), but its health is read again now that it is ours to
+        see, and skipUnloadBpf is remembered for when the allocation ends."""
+        if keep_xdp:
+            self.handouts.keep_xdp.add(device)
+        found = self.find(device)
+        if found is not None:
+            await self._read_health(found[0], found[1].parent or found[1].id)
+
+    async def reconcile(self, grace: float = RECONCILE_GRACE) -> list[str]:
+        """Release allocated devices that no pod holds (kubelet's word); returns them.
+
+        Nothing happens when kubelet cannot be asked. Allocations younger than
+        ``grace`` are left alone (kubelet lists a pod right after Allocate; the
+        margin covers a slow one).
+        """
+        now = anyio.current_time()
+        released = []
+        for pool in self.pools.values():
+            candidates = []
+            for dev in pool.devices.values():
+                handout = self.handouts.handouts.get(dev.id)
+                if dev.allocated and (handout is None or now - handout.since > grace):
+                    candidates.append(dev.id)
+            if not candidates:
+                continue
+            resource = pool.config.resource_name
+            for dev_id in await self._find_stale(resource, candidates):
+                log.info("%s: no pod holds %s any more (kubelet); released", resource, dev_id)
+                await self.release(dev_id)
+                released.append(dev_id)
+        return released
+
+    # -- health -----------------------------------------------------------------
+
+    def on_link(self, event: LinkEvent) -> None:
+        """Apply a link event to every pool's health; wake the lists that changed.
+
+        An allocated device's link belongs to its pod: the CNI takes it down
+        and moves it into the pod's netns, which must not make it Unhealthy.
+        Only its destruction counts; its real state is read again later.
+        """
+        for pool in self.pools.values():
+            dev = pool.devices.get(event.name)
+            if dev is not None and dev.parent is not None:
+                continue  # a secondary's own link comes and goes with its handout
+            if dev is not None and dev.allocated and event.change is not Change.REMOVED:
+                continue
+            if pool.set_link(event.name, event.change is Change.UP):
+                log.info("%s: %s -> %s", pool.name, event.name, event.change.value)
+                self.changes[pool.name].bump()
+
+    async def resync(self) -> None:
+        """Re-read every link and apply what is true now (after lost events)."""
+        self.netdevs = {nd.name: nd for nd in await self._scan()}
+        for pool in self.pools.values():
+            for dev in pool.devices.values():
+                if not dev.allocated:  # an allocated one's link is in its pod's netns
+                    name = dev.parent or dev.id
+                    self._apply_link(pool, name, self.netdevs.get(name))
+
+    async def _read_health(self, pool: Pool, name: str) -> None:
+        self._apply_link(pool, name, await self._read_link(name))
+
+    def _apply_link(self, pool: Pool, name: str, link: NetDev | None) -> None:
+        """Set the health of the devices on link ``name`` from what it is now."""
+        if pool.set_link(name, link is not None and link.link_up):
+            self.changes[pool.name].bump()
