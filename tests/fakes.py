@@ -4,11 +4,19 @@ FakeSubfunctions stands in for devlink subfunctions on an ``ice`` NIC with CDQ
 firmware: this kernel has no devlink and the machine has no such NIC. With
 ``links=True`` each "subfunction" it creates is a real veth pair, so that the
 rest of an allocation (XDP, UDS server) runs on a real netdev.
+
+FakeDatapath stands in for the kernel side of a handout (XDP attach, pins, UDS
+servers) so that the device rules (all-or-nothing Allocate, reclaim, reconcile,
+shutdown) are tested without privileges; the real one is tested on real links.
 """
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
 
 from afxdp.errors import DeviceError
 from afxdp.inventory import NetDev
@@ -64,3 +72,74 @@ def _ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise DeviceError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+class FakeProgram:
+    """FAKE Program: an 'attached' program that records its detach."""
+
+    def __init__(self, device: str, prog_id: int, log: list[str]) -> None:
+        self.device, self.prog_id, self._log = device, prog_id, log
+        self.map_fd = 1000 + prog_id
+        self.mode_name = "native"
+
+    def detach(self) -> None:
+        self._log.append(f"detach {self.device}")
+
+    def abandon(self) -> None:
+        self._log.append(f"abandon {self.device}")
+
+
+class FakeHandshake:
+    """FAKE UDS server: no socket; listen/serve/close are recorded."""
+
+    def __init__(self, netdev: str, path: Path, idle_timeout: float | None,
+                 log: list[str]) -> None:  # fmt: skip
+        self.netdev, self.path, self.idle_timeout, self._log = netdev, path, idle_timeout, log
+        self.connections = self.active = self.refused = self.denied = self.failed = 0
+
+    def listen(self) -> None:
+        self._log.append(f"listen {self.netdev}")
+
+    async def serve(self) -> None:
+        await anyio.sleep_forever()
+
+    def close(self) -> None:
+        self._log.append(f"close {self.netdev}")
+
+
+class FakeDatapath:
+    """FAKE Datapath: records every step in ``log``; ``fail_attach`` names devices
+    whose attach raises, ``in_pods`` devices that are in a pod's netns."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.fail_attach: set[str] = set()
+        self.in_pods: set[str] = set()
+        self.stale: dict[str, int] = {}
+        self._ids = 0
+
+    def detach_stale(self, device: str) -> int | None:
+        prog = self.stale.pop(device, None)
+        if prog is not None:
+            self.log.append(f"detach_stale {device}")
+        return prog
+
+    def attach(self, device: str) -> FakeProgram:
+        if device in self.fail_attach:
+            raise DeviceError(f"{device}: attach failed (fake)")
+        self._ids += 1
+        self.log.append(f"attach {device}")
+        return FakeProgram(device, self._ids, self.log)
+
+    def pin(self, program: Any, path: Path, uid: int) -> None:
+        self.log.append(f"pin {path.parent.name}")
+
+    def unpin(self, path: Path) -> None:
+        self.log.append(f"unpin {path.parent.name}")
+
+    def in_host(self, device: str) -> bool:
+        return device not in self.in_pods
+
+    def uds_server(self, *, netdev: str, path: Path, idle_timeout: float | None,
+                   **_: Any) -> FakeHandshake:  # fmt: skip
+        return FakeHandshake(netdev, path, idle_timeout, self.log)

@@ -84,7 +84,9 @@ async def test_allocate_contents(node: Node) -> None:
         assert dict(second.envs) == {"AFXDP_DEVICES_POOL1": f"{d1} {d2}"}
         assert dict(empty.envs) == {"AFXDP_DEVICES_POOL1": ""} and not empty.mounts
         assert [(m.host_path, m.container_path, m.read_only) for m in second.mounts] == [
-            (str(node.paths.uds_dir / d / "afxdp.sock"), f"/tmp/afxdp_dp/{d}/afxdp.sock", False)
+            # The device's directory, not the socket file: a socket a restarted
+            # afxdpd re-creates stays visible to the pod.
+            (str(node.paths.uds_dir / d), f"/tmp/afxdp_dp/{d}", False)
             for d in (d1, d2)
         ]
         for d in node.devices:
@@ -250,7 +252,7 @@ async def test_pinned_map_pool(tmp_path: Path, lab: Lab, devices: list[str]) -> 
         resp = await node.call(node.plugin().allocate, [d0])
         (mount,) = resp.container_responses[0].mounts
         pin = node.paths.pin_dir / "pool1" / d0 / "xsks_map"
-        assert (mount.host_path, mount.container_path) == (str(pin), f"/tmp/afxdp_dp/{d0}/xsks_map")
+        assert (mount.host_path, mount.container_path) == (str(pin.parent), f"/tmp/afxdp_dp/{d0}")
         fd = libbpf.obj_get(pin)
         try:
             assert libbpf.map_info(fd).name == b"xsks_map"

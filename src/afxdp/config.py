@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from afxdp import contracts
 from afxdp.errors import ConfigError, ConfigIssue
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -104,11 +105,11 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
     @property
     def resource_name(self) -> str:
-        return f"afxdp/{self.name}"
+        return f"{contracts.RESOURCE_PREFIX}{self.name}"
 
     @property
     def env_var(self) -> str:
-        return f"AFXDP_DEVICES_{self.name.upper()}"
+        return contracts.env_var(self.name)
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

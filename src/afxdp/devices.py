@@ -192,7 +192,7 @@ class Devices:
             candidates = []
             for dev in pool.devices.values():
                 handout = self.handouts.handouts.get(dev.id)
-                if dev.allocated and (handout is None or now - handout.since > grace):
+                if dev.allocated and (handout is None or now - handout.since >= grace):
                     candidates.append(dev.id)
             if not candidates:
                 continue

@@ -5,7 +5,11 @@ the pool disables it, our XDP program is attached with a fresh XSKMAP; then
 either the map is pinned (pinned-map pools) or a UDS server starts listening
 on the device's socket. All devices of a request succeed or none does: on any
 failure everything already done for the request is undone, in reverse order.
-Release (CNI DEL, or a stale allocation found at Allocate time) undoes the same.
+Release (the allocation ended: kubelet no longer lists the pod) undoes the same.
+The pod gets the device's DIRECTORY mounted, not the socket or map file: a bind
+mount of a file pins its inode, so a socket that a restarted afxdpd re-creates
+would be invisible to the pod; in a mounted directory it is seen. All kernel
+work goes through a ``datapath.Datapath``.
 """
 
 from __future__ import annotations
@@ -20,19 +24,18 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from afxdp import contracts
 from afxdp.bpf import pinning
-from afxdp.bpf.xdp import XdpAttachment, detach_stale, ifindex_of
+from afxdp.datapath import Datapath, Handshake, Program
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.inventory import NetDev
 from afxdp.pools import Pool, PoolDevice
 from afxdp.secondary import SecondaryDeviceProvider
 from afxdp.uds.handshake import HostCheck
-from afxdp.uds.server import ConnectionBudget, UdsServer, socket_path
+from afxdp.uds.server import ConnectionBudget, socket_path
 from afxdp.workers import Work, run_sync
 
 log = logging.getLogger(__name__)
-
-POD_DIR = Path("/tmp/afxdp_dp")
 
 
 @dataclass
@@ -42,8 +45,8 @@ class Handout:
     pool: str
     device: str
     secondary_created: bool = False
-    xdp: XdpAttachment | None = None
-    uds: UdsServer | None = None
+    xdp: Program | None = None
+    uds: Handshake | None = None
     uds_scope: anyio.CancelScope | None = None
     pinned: Path | None = None
     mounts: list[tuple[str, str]] = field(default_factory=list)  # (host, container)
@@ -53,7 +56,7 @@ class Handout:
         return {
             "pool": self.pool,
             "device": self.device,
-            "xdp_mode": self.xdp.mode.value if self.xdp else None,
+            "xdp_mode": self.xdp.mode_name if self.xdp else None,
             "xdp_prog_id": self.xdp.prog_id if self.xdp else None,
             "uds_socket": str(self.uds.path) if self.uds else None,
             "uds_connections": self.uds.connections if self.uds else 0,
@@ -79,6 +82,7 @@ class Handouts:
         self,
         *,
         task_group: TaskGroup,
+        datapath: Datapath,
         uds_dir: Path,
         pin_dir: Path,
         check_host: HostChecker,
@@ -87,6 +91,7 @@ class Handouts:
         uds_budget: ConnectionBudget | None = None,
     ) -> None:
         self._tg = task_group
+        self.datapath = datapath
         self.uds_dir = uds_dir
         self.pin_dir = pin_dir
         self._check_host = check_host
@@ -131,19 +136,20 @@ class Handouts:
             handout.secondary_created = True
         # The device is free, so a program of ours on it is left over: by
         # skipUnloadBpf, a crash, or a device that came home while we were down.
-        stale = await run_sync(Work.DEVICES, detach_stale, dev.id)
+        stale = await run_sync(Work.DEVICES, self.datapath.detach_stale, dev.id)
         if stale is not None:
             log.warning("%s: detached program %d left by a previous run", dev.id, stale)
         if cfg.uds_server_disable and not cfg.bpf_map_pinning_enable:
             return  # the pool hands out raw netdevs: nothing is loaded
-        handout.xdp = await run_sync(Work.DEVICES, XdpAttachment.attach, dev.id)
+        handout.xdp = await run_sync(Work.DEVICES, self.datapath.attach, dev.id)
+        pod_dir = str(contracts.pod_device_dir(dev.id))
         if cfg.bpf_map_pinning_enable:
             path = pinning.map_path(self.pin_dir, pool.name, dev.id)
-            await run_sync(Work.DEVICES, self._pin, handout.xdp, path, cfg.uid)
+            await run_sync(Work.DEVICES, self.datapath.pin, handout.xdp, path, cfg.uid)
             handout.pinned = path
-            handout.mounts.append((str(path), str(POD_DIR / dev.id / pinning.MAP_FILE)))
+            handout.mounts.append((str(path.parent), pod_dir))
             return
-        server = UdsServer(
+        server = self.datapath.uds_server(
             netdev=dev.id,
             map_fd=handout.xdp.map_fd,
             path=socket_path(self.uds_dir, dev.id),
@@ -156,13 +162,7 @@ class Handouts:
         server.listen()
         handout.uds = server
         handout.uds_scope = await self._tg.start(_serve, server)
-        handout.mounts.append((str(server.path), str(POD_DIR / dev.id / "afxdp.sock")))
-
-    def _pin(self, xdp: XdpAttachment, path: Path, uid: int) -> None:
-        pinning.ensure_bpffs(self.pin_dir)
-        pinning.prepare(path, uid)
-        xdp.pin_map(path)
-        pinning.grant(path, uid)
+        handout.mounts.append((str(server.path.parent), pod_dir))
 
     async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
         """Undo a handout; every step runs even when an earlier one fails."""
@@ -171,7 +171,7 @@ class Handouts:
         if handout.uds is not None:
             handout.uds.close()
         if handout.pinned is not None:
-            pinning.remove(handout.pinned)
+            self.datapath.unpin(handout.pinned)
         if handout.xdp is not None and keep_xdp:
             handout.xdp.abandon()  # replaced at the device's next allocation
         elif handout.xdp is not None:
@@ -202,10 +202,10 @@ class Handouts:
         return True
 
     async def _release_orphan(self, device: str, pool: str, keep_xdp: bool) -> None:
-        pinning.remove(pinning.map_path(self.pin_dir, pool, device))
+        self.datapath.unpin(pinning.map_path(self.pin_dir, pool, device))
         if not keep_xdp:
             try:
-                await run_sync(Work.DEVICES, detach_stale, device)
+                await run_sync(Work.DEVICES, self.datapath.detach_stale, device)
             except AfxdpError as exc:  # not home (its netns is gone with it): nothing to do
                 log.info("%s: no program to detach: %s", device, exc)
         log.info("%s: released (handed out by a previous run)", device)
@@ -214,9 +214,7 @@ class Handouts:
         """Stop serving. Devices in pods keep their program and pinned map, so the
         pods keep receiving while afxdpd restarts; everything else is undone."""
         for device, handout in list(self.handouts.items()):
-            try:
-                await run_sync(Work.DEVICES, ifindex_of, device)
-            except DeviceError:  # not in our netns: in its pod
+            if not await run_sync(Work.DEVICES, self.datapath.in_host, device):  # in its pod
                 if handout.xdp is not None:
                     handout.xdp.abandon()
                 handout.xdp, handout.pinned, handout.secondary_created = None, None, False
@@ -224,7 +222,7 @@ class Handouts:
             await self.release(device)
 
 
-async def _serve(server: UdsServer, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
+async def _serve(server: Handshake, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
     with anyio.CancelScope() as scope:
         task_status.started(scope)
         await server.serve()

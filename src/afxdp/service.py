@@ -25,6 +25,7 @@ from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
 from afxdp.cni.handler import CniHandler
 from afxdp.config import Config
+from afxdp.datapath import KernelDatapath
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
 from afxdp.devices import Devices
@@ -111,6 +112,7 @@ class Service:
                 await self._serve_metrics(tg)
             handouts = Handouts(
                 task_group=tg,
+                datapath=KernelDatapath(self.paths.pin_dir),
                 uds_dir=self.paths.uds_dir,
                 pin_dir=self.paths.pin_dir,
                 check_host=pod_resources.check,

@@ -13,9 +13,10 @@ import subprocess
 from contextlib import suppress
 from pathlib import Path
 
+from afxdp import contracts
 from afxdp.errors import DeviceError
 
-MAP_FILE = "xsks_map"
+MAP_FILE = contracts.MAP_NAME
 
 
 def fs_type(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:

@@ -14,6 +14,7 @@ import socket
 from importlib import resources
 from pathlib import Path
 
+from afxdp import contracts
 from afxdp.bpf import libbpf
 from afxdp.bpf.libbpf import (
     BpfError,
@@ -28,7 +29,7 @@ from afxdp.errors import DeviceError
 from afxdp.netns import run_in
 
 PROGRAM = "xdp_afxdp_redirect"
-MAP = "xsks_map"
+MAP = contracts.MAP_NAME
 
 
 def object_path() -> Path:

@@ -60,10 +60,11 @@ def enter_pod(name: str, mounts: list[tuple[str, str]]) -> None:
     """
     socket.sethostname(name)
     sources = [os.open(host, os.O_PATH) for host, _ in mounts]
+    is_dir = [Path(host).is_dir() for host, _ in mounts]  # before /tmp is hidden
     _mount("tmpfs", "/tmp", "tmpfs", 0)
-    for fd, (host, inside) in zip(sources, mounts, strict=True):
+    for fd, directory, (_host, inside) in zip(sources, is_dir, mounts, strict=True):
         target = Path(inside)
-        if Path(host).is_dir():
+        if directory:
             target.mkdir(parents=True, exist_ok=True)
         else:  # a file (a socket): bound onto an empty file
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,10 @@ from typing import Self
 
 import anyio
 
+from afxdp import contracts
 from afxdp.errors import AfxdpError
 
-POD_DIR = Path("/tmp/afxdp_dp")
+POD_DIR = contracts.POD_DIR
 REPLY_SIZE = 128  # what DPDK reads replies into
 
 
@@ -36,7 +37,7 @@ class HandshakeError(AfxdpError):
 
 
 def pod_socket_path(netdev: str, base: Path = POD_DIR) -> Path:
-    return base / netdev / "afxdp.sock"
+    return base / netdev / contracts.SOCKET_NAME
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,13 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
+from afxdp import contracts
 from afxdp.uds import handshake as hs
 from afxdp.unixserver import BACKOFF_MIN, TRANSIENT_ACCEPT_ERRORS, Backoff
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "afxdp.sock"
+SOCKET_NAME = contracts.SOCKET_NAME
 SO_PREFER_BUSY_POLL = 69
 SO_BUSY_POLL_BUDGET = 70
 _MAX_FDS = 4  # a request carries at most one; room for a few more so extras get closed

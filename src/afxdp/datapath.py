@@ -1,0 +1,164 @@
+"""What a handout does to the kernel, behind one small interface.
+
+``Handouts`` sets up and tears down allocations (attach our program, pin its
+map, serve the UDS handshake, detach) only through a ``Datapath``. The real
+one, ``KernelDatapath``, is a thin adapter over ``bpf/`` and ``uds/``;
+``tests/fakes.py`` has a fake (named as one) that records calls and fails on
+demand, so the all-or-nothing rollback, reclaim and restart rules are tested
+without privileges. Every method here may block: callers run them in a
+worker thread (``Work.DEVICES``), except ``uds_server`` (no I/O until
+``listen``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from afxdp.bpf import pinning
+from afxdp.bpf.xdp import XdpAttachment, detach_stale, ifindex_of
+from afxdp.errors import DeviceError
+from afxdp.uds.handshake import HostCheck
+from afxdp.uds.server import ConnectionBudget, UdsServer
+
+
+class Program(Protocol):
+    """Our XDP program attached to one device, with its XSKMAP."""
+
+    @property
+    def map_fd(self) -> int: ...
+
+    @property
+    def prog_id(self) -> int: ...
+
+    @property
+    def mode_name(self) -> str: ...
+
+    def detach(self) -> None: ...
+
+    def abandon(self) -> None:
+        """Forget it without detaching (it stays on a device in a pod)."""
+        ...
+
+
+class Handshake(Protocol):
+    """A device's UDS handshake server, as Handouts uses it."""
+
+    path: Path
+    idle_timeout: float | None
+    connections: int
+    active: int
+    refused: int
+    denied: int
+    failed: int
+
+    def listen(self) -> None: ...
+
+    async def serve(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Datapath(Protocol):
+    def detach_stale(self, device: str) -> int | None:
+        """Detach a program of ours left on a free device; its id, or None."""
+        ...
+
+    def attach(self, device: str) -> Program: ...
+
+    def pin(self, program: Program, path: Path, uid: int) -> None: ...
+
+    def unpin(self, path: Path) -> None: ...
+
+    def in_host(self, device: str) -> bool:
+        """Whether ``device`` is in our netns (False: it is in its pod's)."""
+        ...
+
+    def uds_server(
+        self,
+        *,
+        netdev: str,
+        map_fd: int,
+        path: Path,
+        check_host: Callable[[str], Awaitable[HostCheck]],
+        uid: int,
+        idle_timeout: float | None,
+        budget: ConnectionBudget,
+    ) -> Handshake: ...
+
+
+class _Attached:
+    """XdpAttachment as a Program."""
+
+    def __init__(self, xdp: XdpAttachment) -> None:
+        self.xdp = xdp
+
+    @property
+    def map_fd(self) -> int:
+        return self.xdp.map_fd
+
+    @property
+    def prog_id(self) -> int:
+        return self.xdp.prog_id
+
+    @property
+    def mode_name(self) -> str:
+        return self.xdp.mode.value
+
+    def detach(self) -> None:
+        self.xdp.detach()
+
+    def abandon(self) -> None:
+        self.xdp.abandon()
+
+
+class KernelDatapath:
+    """The real datapath: libbpf for programs and maps, bpffs pins, UDS servers."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+
+    def detach_stale(self, device: str) -> int | None:
+        return detach_stale(device)
+
+    def attach(self, device: str) -> Program:
+        return _Attached(XdpAttachment.attach(device))
+
+    def pin(self, program: Program, path: Path, uid: int) -> None:
+        assert isinstance(program, _Attached)
+        pinning.ensure_bpffs(self.pin_dir)
+        pinning.prepare(path, uid)
+        program.xdp.pin_map(path)
+        pinning.grant(path, uid)
+
+    def unpin(self, path: Path) -> None:
+        pinning.remove(path)
+
+    def in_host(self, device: str) -> bool:
+        try:
+            ifindex_of(device)
+        except DeviceError:
+            return False
+        return True
+
+    def uds_server(
+        self,
+        *,
+        netdev: str,
+        map_fd: int,
+        path: Path,
+        check_host: Callable[[str], Awaitable[HostCheck]],
+        uid: int,
+        idle_timeout: float | None,
+        budget: ConnectionBudget,
+    ) -> Handshake:
+        return UdsServer(
+            netdev=netdev,
+            map_fd=map_fd,
+            path=path,
+            check_host=check_host,
+            uid=uid,
+            idle_timeout=idle_timeout,
+            budget=budget,
+        )

@@ -1,0 +1,187 @@
+"""The device rules of devices.py, on a FAKE datapath (no privileges needed):
+all-or-nothing Allocate, reclaim, reconcile with kubelet, health, shutdown."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from afxdp import config as cfg
+from afxdp.devices import AllocateFailed, Devices
+from afxdp.errors import DeviceError
+from afxdp.handouts import Handouts
+from afxdp.inventory import NetDev
+from afxdp.netwatch import Change, LinkEvent
+from afxdp.pools import Pool, PoolDevice
+from afxdp.uds.handshake import HostCheck
+from tests.fakes import FakeDatapath, FakeSubfunctions
+
+pytestmark = pytest.mark.anyio
+
+
+class Kubelet:
+    """FAKE kubelet answers: which allocated devices no pod holds."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.reachable = True
+        self.asked = 0
+
+    async def stale(self, resource: str, devices: Sequence[str]) -> list[str]:
+        self.asked += 1
+        return [d for d in devices if d not in self.held] if self.reachable else []
+
+
+def _pool(*ids: str, **extra: object) -> Pool:
+    doc = {"pools": [{"name": "p", "mode": "primary", "devices": [{"name": i} for i in ids],
+                      **extra}]}  # fmt: skip
+    config = cfg.load_config(json.dumps(doc)).config.pools[0]
+    return Pool(config, {i: PoolDevice(i) for i in ids})
+
+
+async def _link(name: str) -> NetDev | None:
+    return NetDev(name=name, ifindex=1, driver="veth", oper_state="up", admin_up=True)
+
+
+async def _scan() -> list[NetDev]:
+    return []
+
+
+async def _check(hostname: str, *, resource: str, device: str) -> HostCheck:
+    return HostCheck.OK
+
+
+@asynccontextmanager
+async def node(pool: Pool, tmp_path: Path) -> AsyncIterator[tuple[Devices, FakeDatapath, Kubelet]]:
+    datapath, kubelet = FakeDatapath(), Kubelet()
+    async with anyio.create_task_group() as tg:
+        handouts = Handouts(task_group=tg, datapath=datapath, uds_dir=tmp_path / "uds",
+                            pin_dir=tmp_path / "pins", check_host=_check,
+                            secondary=FakeSubfunctions(), netdev_of=lambda _: None)  # fmt: skip
+        devices = Devices([pool], handouts, find_stale=kubelet.stale, read_link=_link, scan=_scan)
+        yield devices, datapath, kubelet
+        await handouts.shutdown()
+        tg.cancel_scope.cancel()
+
+
+async def test_an_allocate_that_fails_half_way_undoes_everything(tmp_path: Path) -> None:
+    pool = _pool("a", "b")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        datapath.fail_attach.add("b")
+        with pytest.raises(AllocateFailed, match="b: attach failed"):
+            await devices.allocate("p", ["a", "b"])
+        assert datapath.log == ["attach a", "listen a", "close a", "detach a"]
+        assert [d.state.value for d in pool.devices.values()] == ["free", "free"]
+        assert devices.handouts.handouts == {}
+
+
+async def test_refused_devices_are_each_named_and_nothing_is_set_up(tmp_path: Path) -> None:
+    pool = _pool("a", "b", "c")
+    async with node(pool, tmp_path) as (devices, datapath, kubelet):
+        await devices.allocate("p", ["a"])
+        kubelet.held.add("a")
+        pool.devices["b"].healthy = False
+        with pytest.raises(DeviceError) as err:
+            await devices.allocate("p", ["a", "b", "x"])
+        assert str(err.value) == "a: allocated; b: unhealthy; x: unknown device in pool p"
+        assert datapath.log == ["attach a", "listen a"]
+
+
+async def test_a_device_kubelet_no_longer_lists_is_reclaimed_at_allocate(tmp_path: Path) -> None:
+    pool = _pool("a")
+    async with node(pool, tmp_path) as (devices, datapath, kubelet):
+        first = await devices.allocate("p", ["a"])
+        second = await devices.allocate("p", ["a"])  # kubelet holds nothing: a was left over
+        assert first[0] is not second[0]
+        assert datapath.log == ["attach a", "listen a", "close a", "detach a", "attach a",
+                                "listen a"]  # fmt: skip
+        kubelet.held.add("a")
+        with pytest.raises(DeviceError, match="a: allocated"):
+            await devices.allocate("p", ["a"])
+
+
+async def test_reconcile_ends_only_old_allocations_no_pod_holds(tmp_path: Path) -> None:
+    pool = _pool("a", "b")
+    async with node(pool, tmp_path) as (devices, _datapath, kubelet):
+        await devices.allocate("p", ["a", "b"])
+        assert await devices.reconcile() == []  # younger than the grace period
+        assert kubelet.asked == 0
+        kubelet.held.add("b")
+        assert await devices.reconcile(grace=0.0) == ["a"]
+        assert pool.devices["a"].state.value == "free"
+        assert pool.devices["b"].state.value == "allocated"
+        kubelet.reachable = False
+        kubelet.held.clear()
+        assert await devices.reconcile(grace=0.0) == []  # kubelet cannot say: keep it
+
+
+async def test_skip_unload_bpf_from_a_del_keeps_the_program_when_the_allocation_ends(
+    tmp_path: Path,
+) -> None:
+    pool = _pool("a", "b")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        await devices.allocate("p", ["a", "b"])
+        await devices.came_home("a", keep_xdp=True)
+        await devices.came_home("b", keep_xdp=False)
+        assert await devices.reconcile(grace=0.0) == ["a", "b"]
+        assert "abandon a" in datapath.log and "detach a" not in datapath.log
+        assert "detach b" in datapath.log
+
+
+async def test_a_del_brings_the_device_home_but_not_the_allocation_to_an_end(
+    tmp_path: Path,
+) -> None:
+    pool = _pool("a")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        await devices.allocate("p", ["a"])
+        pool.devices["a"].healthy = False  # its link was in the pod
+        await devices.came_home("a", keep_xdp=False)
+        assert pool.devices["a"].state.value == "allocated"  # healthy again, still allocated
+        assert "close a" not in datapath.log
+
+
+async def test_link_events_of_an_allocated_device_count_only_when_it_is_destroyed(
+    tmp_path: Path,
+) -> None:
+    pool = _pool("a", "b")
+    async with node(pool, tmp_path) as (devices, _, _k):
+        await devices.allocate("p", ["a"])
+        version = devices.changes["p"].version
+        devices.on_link(LinkEvent("a", Change.DOWN))  # the CNI moving it into its pod
+        assert pool.devices["a"].healthy and devices.changes["p"].version == version
+        devices.on_link(LinkEvent("b", Change.DOWN))
+        assert not pool.devices["b"].healthy and devices.changes["p"].version == version + 1
+        devices.on_link(LinkEvent("a", Change.REMOVED))
+        assert not pool.devices["a"].healthy
+
+
+async def test_shutdown_leaves_devices_in_pods_their_program_and_undoes_the_rest(
+    tmp_path: Path,
+) -> None:
+    pool = _pool("a", "b")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        await devices.allocate("p", ["a", "b"])
+        datapath.in_pods.add("a")
+        datapath.log.clear()
+    assert sorted(datapath.log) == ["abandon a", "close a", "close b", "detach b"]
+
+
+async def test_a_stale_program_of_ours_is_replaced_at_allocate(tmp_path: Path) -> None:
+    pool = _pool("a")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        datapath.stale["a"] = 7
+        await devices.allocate("p", ["a"])
+        assert datapath.log[:2] == ["detach_stale a", "attach a"]
+
+
+async def test_pinned_pools_mount_the_device_directory_and_serve_no_socket(tmp_path: Path) -> None:
+    pool = _pool("a", udsServerDisable=True, bpfMapPinningEnable=True)
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        [handout] = await devices.allocate("p", ["a"])
+        assert handout.mounts == [(str(tmp_path / "pins" / "p" / "a"), "/tmp/afxdp_dp/a")]
+        assert datapath.log == ["attach a", "pin a"]
