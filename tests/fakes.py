@@ -103,7 +103,7 @@ class FakeHandshake:
     async def serve(self) -> None:
         await anyio.sleep_forever()
 
-    def close(self) -> None:
+    def close(self, *, keep_dir: bool = False) -> None:
         self._log.append(f"close {self.netdev}")
 
 
@@ -116,6 +116,7 @@ class FakeDatapath:
         self.fail_attach: set[str] = set()
         self.in_pods: set[str] = set()
         self.stale: dict[str, int] = {}
+        self.gone: set[int] = set()  # program ids that no longer exist
         self._ids = 0
 
     def detach_stale(self, device: str) -> int | None:
@@ -130,6 +131,12 @@ class FakeDatapath:
         self._ids += 1
         self.log.append(f"attach {device}")
         return FakeProgram(device, self._ids, self.log)
+
+    def adopt(self, device: str, prog_id: int) -> FakeProgram:
+        if prog_id in self.gone:
+            raise DeviceError(f"program {prog_id} is gone (fake)")
+        self.log.append(f"adopt {device}")
+        return FakeProgram(device, prog_id, self.log)
 
     def pin(self, program: Any, path: Path, uid: int) -> None:
         self.log.append(f"pin {path.parent.name}")

@@ -415,11 +415,12 @@ async def test_pods_keep_their_device_and_program_across_an_afxdpd_restart(node:
     ns = node.lab.netns("cnrs")
     async with running(node):
         await node.allocate(d0)
+        node.kubelet.hold("pod-0", "afxdp/pool1", d0)  # kubelet lists d0's pod
         code, _, err = await node.cni("ADD", node.netconf(d0), netns=f"/run/netns/{ns}")
         assert code == 0, err
         prog = pod_prog_id(ns, d0)
         assert prog
-        await node.allocate(d1)  # allocated but never ADDed: undone at shutdown
+        await node.allocate(d1)  # no pod holds it (kubelet's word): undone at shutdown
     # afxdpd stopped: the pod still has its device and our program on it.
     assert pod_prog_id(ns, d0) == prog
     assert libbpf.xdp_query_id(socket.if_nametoindex(d1)) == 0

@@ -53,7 +53,8 @@ class FakeDeviceSide:
 
 class FakeIpam:
     """FAKE IPAM plugin ``fakeipam``: the real host-local, except that it fails
-    or holds (until released) as the test says, through files in ``ctl``."""
+    or holds (until released) as the test says, through files in ``ctl``:
+    ``fail-ADD``/``fail-DEL``, ``hold-<container>`` (ADD), ``hold-DEL-<container>``."""
 
     def __init__(self, tmp: Path) -> None:
         self.bin = tmp / "fake-cni-bin"
@@ -71,6 +72,10 @@ done
 if [ "$CNI_COMMAND" = ADD ] && [ -e {c}/hold-$CNI_CONTAINERID ]; then
   touch {c}/entered-$CNI_CONTAINERID
   while [ -e {c}/hold-$CNI_CONTAINERID ]; do sleep 0.02; done
+fi
+if [ "$CNI_COMMAND" = DEL ] && [ -e {c}/hold-DEL-$CNI_CONTAINERID ]; then
+  touch {c}/entered-DEL-$CNI_CONTAINERID
+  while [ -e {c}/hold-DEL-$CNI_CONTAINERID ]; do sleep 0.02; done
 fi
 exec {HOST_LOCAL_DIR}/host-local
 """)

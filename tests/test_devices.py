@@ -18,6 +18,7 @@ from afxdp.handouts import Handouts
 from afxdp.inventory import NetDev
 from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import Pool, PoolDevice
+from afxdp.state import StateStore
 from afxdp.uds.handshake import HostCheck
 from tests.fakes import FakeDatapath, FakeSubfunctions
 
@@ -160,15 +161,52 @@ async def test_link_events_of_an_allocated_device_count_only_when_it_is_destroye
         assert not pool.devices["a"].healthy
 
 
-async def test_shutdown_leaves_devices_in_pods_their_program_and_undoes_the_rest(
+async def test_shutdown_keeps_what_kubelet_lists_and_ends_the_rest(tmp_path: Path) -> None:
+    pool = _pool("a", "b")
+    async with node(pool, tmp_path) as (devices, datapath, kubelet):
+        await devices.allocate("p", ["a", "b"])
+        kubelet.held.add("a")
+        datapath.log.clear()
+        await devices.shutdown()
+    # a keeps its program (the pod keeps receiving); b's allocation is over.
+    assert sorted(datapath.log) == ["abandon a", "close a", "close b", "detach b"]
+    assert devices.handouts.handouts == {}
+
+
+async def test_a_restart_takes_over_what_kubelet_lists_and_cleans_up_the_rest(
     tmp_path: Path,
 ) -> None:
-    pool = _pool("a", "b")
-    async with node(pool, tmp_path) as (devices, datapath, _):
-        await devices.allocate("p", ["a", "b"])
-        datapath.in_pods.add("a")
-        datapath.log.clear()
-    assert sorted(datapath.log) == ["abandon a", "close a", "close b", "detach b"]
+    pool = _pool("a", "b", "c")
+    async with node(pool, tmp_path) as (devices, datapath, kubelet):
+        devices.handouts.store = StateStore(tmp_path / "state")
+        await devices.allocate("p", ["a", "b", "c"])
+        kubelet.held.update({"a", "b"})
+        kubelet.reachable = False  # a crash: nothing is reconciled on the way out
+        await devices.handouts.shutdown()
+    record = StateStore(tmp_path / "state").load()
+    assert sorted(record.allocations) == ["a", "b", "c"]
+    prog_b = record.allocations["b"].prog_id
+    assert prog_b is not None
+
+    fresh = _pool("a", "b", "c")
+    async with node(fresh, tmp_path) as (devices, datapath, _):
+        store = devices.handouts.store = StateStore(tmp_path / "state")
+        record = store.load()
+        datapath.gone.add(prog_b)  # b's program did not survive (say, a reboot)
+        datapath.stale.update({"b": prog_b, "c": 3})
+        kept = await devices.restore(record, {"afxdp/p": {"a", "b"}})
+        assert kept == ["a"]
+        assert [d.state.value for d in fresh.devices.values()] == ["allocated", "free", "free"]
+        # a: its program adopted and its socket served again; b and c cleaned up.
+        assert datapath.log == ["adopt a", "listen a", "detach_stale b", "detach_stale c"]
+        assert sorted(StateStore(tmp_path / "state").load().allocations) == ["a"]
+    # kubelet not reachable at start: the record's view is kept.
+    again = _pool("a", "b", "c")
+    async with node(again, tmp_path) as (devices, datapath, _):
+        store = devices.handouts.store = StateStore(tmp_path / "state")
+        kept = await devices.restore(store.load(), None)
+        assert kept == ["a"] and again.devices["a"].allocated
+        assert datapath.log == ["adopt a", "listen a"]
 
 
 async def test_a_stale_program_of_ours_is_replaced_at_allocate(tmp_path: Path) -> None:

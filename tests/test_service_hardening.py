@@ -183,7 +183,7 @@ def test_fd_exhaustion_backs_off_and_serves_again_when_fds_return(tmp_path: Path
 def _afxdpd(tmp_path: Path, kubelet: FakeKubelet, cfg: Path, **popen: Any) -> subprocess.Popen[str]:
     args = ["--config", str(cfg), "--node-name", "node1", "--kubelet-dir", str(kubelet.dir),
             "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
-            "--run-dir", str(tmp_path / "run"), "--log-dir", str(tmp_path / "log")]  # fmt: skip
+            "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log")]  # fmt: skip
     return subprocess.Popen([sys.executable, "-m", "afxdp.cli.afxdpd", *args], env=ENV,
                             text=True, **popen)  # fmt: skip
 
@@ -397,6 +397,7 @@ def test_afxdpd_serves_metrics_and_readiness_and_survives_a_taken_metrics_port(
             [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(cfg), "--node-name", "n1",
              "--kubelet-dir", str(kubelet.dir), "--uds-dir", str(tmp_path / "uds"),
              "--pin-dir", str(tmp_path / "pins"), "--run-dir", str(tmp_path / "run"),
+             "--state-dir", str(tmp_path / "state"),
              "--metrics-address", f"127.0.0.1:{port}"],
             env=ENV, text=True, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -425,6 +426,7 @@ def test_afxdpd_serves_metrics_and_readiness_and_survives_a_taken_metrics_port(
             [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(cfg), "--node-name", "n1",
              "--kubelet-dir", str(kubelet.dir), "--uds-dir", str(tmp_path / "uds"),
              "--pin-dir", str(tmp_path / "pins"), "--run-dir", str(tmp_path / "run"),
+             "--state-dir", str(tmp_path / "state"),
              "--metrics-address", f"127.0.0.1:{busy}"],
             env=ENV, text=True, stderr=subprocess.PIPE,
         )  # fmt: skip

@@ -12,11 +12,12 @@ worker thread (``Work.DEVICES``), except ``uds_server`` (no I/O until
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from afxdp.bpf import pinning
+from afxdp.bpf import libbpf, pinning
 from afxdp.bpf.xdp import XdpAttachment, detach_stale, ifindex_of
 from afxdp.errors import DeviceError
 from afxdp.uds.handshake import HostCheck
@@ -57,7 +58,7 @@ class Handshake(Protocol):
 
     async def serve(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, keep_dir: bool = False) -> None: ...
 
 
 class Datapath(Protocol):
@@ -66,6 +67,11 @@ class Datapath(Protocol):
         ...
 
     def attach(self, device: str) -> Program: ...
+
+    def adopt(self, device: str, prog_id: int) -> Program:
+        """Our program ``prog_id``, left attached to ``device`` by a previous run
+        (the device may be in its pod's netns), with its XSKMAP."""
+        ...
 
     def pin(self, program: Program, path: Path, uid: int) -> None: ...
 
@@ -113,6 +119,29 @@ class _Attached:
         self.xdp.abandon()
 
 
+class _Adopted:
+    """A program a previous run attached: we hold only its map."""
+
+    def __init__(self, device: str, prog_id: int) -> None:
+        self.device = device
+        self.prog_id = prog_id
+        self.map_fd = libbpf.prog_map_fd(prog_id)
+        self.mode_name = "adopted"
+
+    def detach(self) -> None:
+        try:
+            detach_stale(self.device)  # ours only, by name; nothing if it is in a pod
+        except DeviceError:
+            pass
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        if self.map_fd >= 0:
+            os.close(self.map_fd)
+            self.map_fd = -1
+
+
 class KernelDatapath:
     """The real datapath: libbpf for programs and maps, bpffs pins, UDS servers."""
 
@@ -124,6 +153,9 @@ class KernelDatapath:
 
     def attach(self, device: str) -> Program:
         return _Attached(XdpAttachment.attach(device))
+
+    def adopt(self, device: str, prog_id: int) -> Program:
+        return _Adopted(device, prog_id)
 
     def pin(self, program: Program, path: Path, uid: int) -> None:
         assert isinstance(program, _Attached)

@@ -30,11 +30,12 @@ from typing import Any
 import anyio
 import msgspec
 
-from afxdp.errors import DeviceError
+from afxdp.errors import AfxdpError, DeviceError
 from afxdp.handouts import Handout, Handouts
 from afxdp.inventory import NetDev
 from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import DeviceState, Pool, PoolDevice
+from afxdp.state import Record
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,53 @@ class Devices:
                 await self.release(dev_id)
                 released.append(dev_id)
         return released
+
+    # -- restart and shutdown ---------------------------------------------------
+
+    async def restore(self, record: Record, held: dict[str, set[str]] | None) -> list[str]:
+        """Take over what a previous run handed out (its durable ``record``),
+        with kubelet's word (``held``: device IDs pods hold, by resource; None
+        when kubelet cannot be asked: then the record's view is kept and the
+        periodic reconcile settles it once kubelet answers). Returns the devices
+        kept; the others are cleaned up."""
+        kept = []
+        for alloc in list(record.allocations.values()):
+            found = self.find(alloc.device)
+            pool = found[0] if found and found[0].name == alloc.pool else None
+            reason = ""
+            if pool is None:
+                reason = f"pool {alloc.pool} no longer has it"
+            elif held is not None and alloc.device not in held.get(
+                pool.config.resource_name, set()
+            ):
+                reason = "no pod holds it (kubelet)"
+            else:
+                try:
+                    await self.handouts.adopt(pool, alloc)
+                except (AfxdpError, OSError) as exc:
+                    reason = f"its program is gone ({exc})"
+            if reason or pool is None:
+                log.info("%s: handed out before this start, but %s; cleaned up",
+                         alloc.device, reason)  # fmt: skip
+                await self.handouts.forget(alloc)
+                continue
+            dev = pool.devices[alloc.device]
+            dev.allocated, dev.healthy = True, True  # its link is its pod's to see
+            kept.append(alloc.device)
+            why = "held by a pod" if held is not None else "kubelet not reachable yet"
+            log.info("%s: kept from before this start (%s)", alloc.device, why)
+        for name in self.pools:
+            self.changes[name].bump()
+        return kept
+
+    async def shutdown(self) -> None:
+        """Stop: end the allocations kubelet says no pod holds (so nothing is left
+        behind for nobody), leave the others in place for the next start."""
+        try:
+            await self.reconcile(grace=0.0)
+        except Exception:
+            log.exception("the last reconcile with kubelet failed")
+        await self.handouts.shutdown()
 
     # -- health -----------------------------------------------------------------
 

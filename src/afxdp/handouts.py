@@ -15,13 +15,16 @@ work goes through a ``datapath.Datapath``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from afxdp import contracts
@@ -31,6 +34,7 @@ from afxdp.errors import AfxdpError, DeviceError
 from afxdp.inventory import NetDev
 from afxdp.pools import Pool, PoolDevice
 from afxdp.secondary import SecondaryDeviceProvider
+from afxdp.state import Allocation, StateStore
 from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import ConnectionBudget, socket_path
 from afxdp.workers import Work, run_sync
@@ -89,6 +93,7 @@ class Handouts:
         secondary: SecondaryDeviceProvider,
         netdev_of: Callable[[str], NetDev | None],
         uds_budget: ConnectionBudget | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self._tg = task_group
         self.datapath = datapath
@@ -100,9 +105,7 @@ class Handouts:
         # One budget for every device's UDS connections (fds are the process's).
         self.uds_budget = uds_budget if uds_budget is not None else ConnectionBudget()
         self.handouts: dict[str, Handout] = {}
-        # Devices a previous run of afxdpd handed out that are still in their
-        # pods (device -> pool): their program stays until the pod's DEL.
-        self.orphans: dict[str, str] = {}
+        self.store = store or StateStore(None)
         # Devices whose pod's DEL said skipUnloadBpf: their program stays when
         # the allocation ends (it is replaced at the next Allocate).
         self.keep_xdp: set[str] = set()
@@ -124,7 +127,58 @@ class Handouts:
             raise
         for handout in done:
             self.handouts[handout.device] = handout
+        await self.store.put([self._record(h) for h in done])
         return done
+
+    def _record(self, h: Handout) -> Allocation:
+        netdev = self._netdev_of(h.device)
+        return Allocation(
+            pool=h.pool,
+            device=h.device,
+            prog_id=h.xdp.prog_id if h.xdp else None,
+            pinned=str(h.pinned) if h.pinned else None,
+            secondary=h.secondary_created,
+            netdev=msgspec.to_builtins(netdev) if netdev else {},
+        )
+
+    async def adopt(self, pool: Pool, alloc: Allocation) -> Handout:
+        """Take over an allocation a previous run made (from the durable record):
+        its program stays attached and its map pinned; the UDS server listens
+        again (the pod has the device's directory mounted, so it sees the new
+        socket). Raises AfxdpError when the program is gone (e.g. after a reboot)."""
+        handout = Handout(pool.name, alloc.device, secondary_created=alloc.secondary)
+        handout.since = -math.inf  # kubelet may be asked about it right away
+        if alloc.prog_id is not None:
+            handout.xdp = await run_sync(
+                Work.DEVICES, self.datapath.adopt, alloc.device, alloc.prog_id
+            )
+        pod_dir = str(contracts.pod_device_dir(alloc.device))
+        if alloc.pinned is not None:
+            handout.pinned = Path(alloc.pinned)
+            handout.mounts.append((str(handout.pinned.parent), pod_dir))
+        elif handout.xdp is not None:
+            await self._serve_uds(pool, alloc.device, handout)
+        self.handouts[alloc.device] = handout
+        return handout
+
+    async def forget(self, alloc: Allocation) -> None:
+        """Undo what a previous run left for an allocation that is over."""
+        sock = socket_path(self.uds_dir, alloc.device)
+        sock.unlink(missing_ok=True)
+        with suppress(OSError):
+            sock.parent.rmdir()
+        if alloc.pinned is not None:
+            self.datapath.unpin(Path(alloc.pinned))
+        try:
+            await run_sync(Work.DEVICES, self.datapath.detach_stale, alloc.device)
+        except AfxdpError as exc:  # not in our netns (gone with its pod's): nothing to do
+            log.info("%s: no program to detach: %s", alloc.device, exc)
+        if alloc.secondary:
+            try:
+                await run_sync(Work.DEVICES, self._secondary.delete, alloc.device)
+            except AfxdpError as exc:
+                log.error("%s: deleting the secondary device failed: %s", alloc.device, exc)
+        await self.store.remove(alloc.device)
 
     async def _set_up(self, pool: Pool, dev: PoolDevice, handout: Handout) -> None:
         cfg = pool.config
@@ -149,11 +203,16 @@ class Handouts:
             handout.pinned = path
             handout.mounts.append((str(path.parent), pod_dir))
             return
+        await self._serve_uds(pool, dev.id, handout)
+
+    async def _serve_uds(self, pool: Pool, device: str, handout: Handout) -> None:
+        cfg = pool.config
+        assert handout.xdp is not None
         server = self.datapath.uds_server(
-            netdev=dev.id,
+            netdev=device,
             map_fd=handout.xdp.map_fd,
-            path=socket_path(self.uds_dir, dev.id),
-            check_host=partial(self._check_host, resource=cfg.resource_name, device=dev.id),
+            path=socket_path(self.uds_dir, device),
+            check_host=partial(self._check_host, resource=cfg.resource_name, device=device),
             uid=cfg.uid,
             idle_timeout=cfg.uds_timeout,
             budget=self.uds_budget,
@@ -162,7 +221,7 @@ class Handouts:
         server.listen()
         handout.uds = server
         handout.uds_scope = await self._tg.start(_serve, server)
-        handout.mounts.append((str(server.path.parent), pod_dir))
+        handout.mounts.append((str(server.path.parent), str(contracts.pod_device_dir(device))))
 
     async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
         """Undo a handout; every step runs even when an earlier one fails."""
@@ -192,34 +251,28 @@ class Handouts:
             keep_xdp = True
         handout = self.handouts.pop(device, None)
         if handout is None:
-            pool = self.orphans.pop(device, None)
-            if pool is not None:
-                await self._release_orphan(device, pool, keep_xdp)
-            return pool is not None
+            return False
         with anyio.CancelScope(shield=True):
             await self._tear_down(handout, keep_xdp)
+            await self.store.remove(device)
         log.info("%s: released", device)
         return True
 
-    async def _release_orphan(self, device: str, pool: str, keep_xdp: bool) -> None:
-        self.datapath.unpin(pinning.map_path(self.pin_dir, pool, device))
-        if not keep_xdp:
-            try:
-                await run_sync(Work.DEVICES, self.datapath.detach_stale, device)
-            except AfxdpError as exc:  # not home (its netns is gone with it): nothing to do
-                log.info("%s: no program to detach: %s", device, exc)
-        log.info("%s: released (handed out by a previous run)", device)
-
     async def shutdown(self) -> None:
-        """Stop serving. Devices in pods keep their program and pinned map, so the
-        pods keep receiving while afxdpd restarts; everything else is undone."""
-        for device, handout in list(self.handouts.items()):
-            if not await run_sync(Work.DEVICES, self.datapath.in_host, device):  # in its pod
-                if handout.xdp is not None:
-                    handout.xdp.abandon()
-                handout.xdp, handout.pinned, handout.secondary_created = None, None, False
-                log.info("%s: left to its pod (program and map stay)", device)
-            await self.release(device)
+        """Stop serving, and touch nothing else: every allocation keeps its
+        program, map and pin, and the durable record says how to take it over,
+        so pods keep receiving while afxdpd restarts (only new handshakes wait)."""
+        for handout in self.handouts.values():
+            if handout.uds_scope is not None:
+                handout.uds_scope.cancel()
+            if handout.uds is not None:
+                handout.uds.close(keep_dir=True)
+            if handout.xdp is not None:
+                handout.xdp.abandon()
+        if self.handouts:
+            log.info("left %d allocation(s) in place for the next start: %s",
+                     len(self.handouts), ", ".join(sorted(self.handouts)))  # fmt: skip
+        self.handouts.clear()
 
 
 async def _serve(server: Handshake, *, task_status: TaskStatus[anyio.CancelScope]) -> None:

@@ -45,20 +45,24 @@ class PodResourcesChecker:
             log.warning("pod resources lookup at %s failed: %s", self.socket_path, exc)
             return None
 
-    async def stale(self, resource: str, devices: Sequence[str]) -> list[str]:
-        """Those of ``devices`` that no pod holds; none when kubelet cannot say."""
+    async def held(self) -> dict[str, set[str]] | None:
+        """Device IDs that pods hold, by resource; None when kubelet cannot say."""
         pods = await self._pods()
         if pods is None:
+            return None
+        out: dict[str, set[str]] = {}
+        for pod in pods.pod_resources:
+            for container in pod.containers:
+                for devs in container.devices:
+                    out.setdefault(devs.resource_name, set()).update(devs.device_ids)
+        return out
+
+    async def stale(self, resource: str, devices: Sequence[str]) -> list[str]:
+        """Those of ``devices`` that no pod holds; none when kubelet cannot say."""
+        held = await self.held()
+        if held is None:
             return []
-        held = {
-            dev_id
-            for pod in pods.pod_resources
-            for container in pod.containers
-            for devs in container.devices
-            if devs.resource_name == resource
-            for dev_id in devs.device_ids
-        }
-        return [d for d in devices if d not in held]
+        return [d for d in devices if d not in held.get(resource, set())]
 
     async def check(self, hostname: str, *, resource: str, device: str) -> HostCheck:
         pods = await self._pods()

@@ -35,6 +35,7 @@ from afxdp.metrics import Metrics
 from afxdp.netwatch import NetWatch
 from afxdp.podresources import PodResourcesChecker
 from afxdp.secondary import SecondaryDeviceProvider
+from afxdp.state import StateStore
 from afxdp.uds.server import ConnectionBudget
 from afxdp.unixserver import ServerStats
 from afxdp.workers import Work
@@ -51,6 +52,9 @@ class Paths:
     uds_dir: Path = Path("/tmp/afxdp_dp")
     pin_dir: Path = Path("/var/run/afxdp_dp")
     run_dir: Path = Path("/run/afxdp")
+    # The durable record; None keeps it in the run dir (tests). afxdpd's
+    # --state-dir defaults to /var/lib/afxdp.
+    state_dir: Path | None = None
 
 
 @dataclass
@@ -88,11 +92,13 @@ class Service:
         watch.open()
         netdevs = {nd.name: nd for nd in await inventory.scan()}
         store = AttachmentStore(self.paths.run_dir / "cni-attachments.json")
-        # Devices in pods since before this start are not in our netns: count
-        # them as their attachments describe them, as allocated.
+        state = StateStore(self.paths.state_dir or self.paths.run_dir)
+        record = state.load()
+        # Devices in pods since before this start are not in our netns: their
+        # pools count them as the record describes them.
         in_pods = {
             a.device: msgspec.convert(a.netdev, NetDev)
-            for a in store.all()
+            for a in record.allocations.values()
             if a.netdev and a.device not in netdevs
         }
         assembly = pools.assemble(
@@ -119,6 +125,7 @@ class Service:
                 secondary=self.secondary,
                 netdev_of=netdevs.get,
                 uds_budget=ConnectionBudget.for_fd_limit(self.fd_limit[0] or 1024),
+                store=state,
             )
             self.devices = devs = Devices(
                 assembly.pools,
@@ -128,13 +135,12 @@ class Service:
                 scan=inventory.scan,
                 netdevs=netdevs,
             )
-            for pool in assembly.pools:
-                for dev_id in in_pods.keys() & pool.devices.keys():
-                    pool.devices[dev_id].allocated = True
-                    pool.devices[dev_id].healthy = True
-                    handouts.orphans[dev_id] = pool.name
-                    log.info("%s: in its pod since before this start; allocated", dev_id)
             try:
+                if record.allocations:
+                    # Kubelet is the source of truth; the record says how we set
+                    # up what kubelet still lists.
+                    kept = await devs.restore(record, await pod_resources.held())
+                    self.metrics.restarts_reconciled.inc(len(kept))
                 for pool in assembly.pools:
                     plugin = PoolPlugin(devs, pool.name, self.metrics)
                     reg = Registration(plugin, self.paths.kubelet_dir)
@@ -163,7 +169,7 @@ class Service:
             finally:
                 devs.ready = False
                 with anyio.CancelScope(shield=True):
-                    await handouts.shutdown()
+                    await devs.shutdown()
                 tg.cancel_scope.cancel()
 
     async def _serve_metrics(self, tg: TaskGroup) -> None:

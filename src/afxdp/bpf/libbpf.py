@@ -106,6 +106,7 @@ def _load() -> ctypes.CDLL:
         "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
         "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
+        "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -227,3 +228,23 @@ def prog_name(prog_id: int) -> str:
         return name
     finally:
         os.close(fd)
+
+
+def prog_map_fd(prog_id: int) -> int:
+    """An fd of the (first) map that loaded program ``prog_id`` uses: how a
+    restarted afxdpd gets the XSKMAP of a program it left attached. The caller
+    closes it."""
+    fd = _check("bpf_prog_get_fd_by_id", _lib.bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
+    try:
+        ids = (c_uint32 * 1)()
+        info = ProgInfo()
+        info.nr_map_ids = 1
+        info.map_ids = ctypes.addressof(ids)
+        _info(fd, info)
+        if info.nr_map_ids < 1:
+            raise BpfError(
+                "bpf_obj_get_info_by_fd", errno_mod.ENOENT, f"program {prog_id} has no map"
+            )
+    finally:
+        os.close(fd)
+    return _check("bpf_map_get_fd_by_id", _lib.bpf_map_get_fd_by_id(ids[0]), f"id {ids[0]}")

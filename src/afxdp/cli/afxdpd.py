@@ -23,6 +23,8 @@ from afxdp.service import Paths, Service
 
 log = logging.getLogger("afxdpd")
 
+STATE_DIR = Path("/var/lib/afxdp")
+
 
 def parser() -> argparse.ArgumentParser:
     d = Paths()
@@ -46,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
                     help=f"bpffs for pinned maps (default: {d.pin_dir})")  # fmt: skip
     ap.add_argument("--run-dir", type=Path, default=d.run_dir,
                     help=f"control socket and CNI socket (default: {d.run_dir})")  # fmt: skip
+    ap.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                    help="the durable record of allocations, kept across restarts "
+                         f"(default: {STATE_DIR})")  # fmt: skip
     ap.add_argument("--log-dir", type=Path, default=LOG_DIR,
                     help=f"where the config's logFile is written (default: {LOG_DIR})")  # fmt: skip
     ap.add_argument("--metrics-address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     service = Service(
         loaded.config,
         args.node_name,
-        Paths(args.kubelet_dir, args.uds_dir, args.pin_dir, args.run_dir),
+        Paths(args.kubelet_dir, args.uds_dir, args.pin_dir, args.run_dir, args.state_dir),
         DevlinkSubfunctions(),
         metrics_address=args.metrics_address,
     )

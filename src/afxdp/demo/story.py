@@ -161,6 +161,7 @@ class Story:
             "afxdp.cli.afxdpd", "--config", str(config), "--node-name", NODE,
             "--kubelet-dir", str(self.kubelet.kubelet_dir), "--uds-dir", str(self.uds_dir),
             "--pin-dir", str(self.pin_dir), "--run-dir", str(self.run_dir),
+            "--state-dir", str(self.run_dir / "state"),
             "--log-dir", str(self.work / "log"),
         )  # fmt: skip
         # Its own session: a Ctrl-C at the terminal reaches the demo only, which

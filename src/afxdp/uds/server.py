@@ -268,7 +268,9 @@ class UdsServer:
                     backoff.reset()
                     self._admit(tg, conn)
         finally:
-            self.close()
+            # The directory stays: whoever ends the allocation removes it
+            # (a pod may have it mounted across an afxdpd restart).
+            self.close(keep_dir=True)
 
     async def _accept_failed(self, exc: OSError, backoff: Backoff) -> None:
         # Out of fds or memory, or a peer gone while queued: the connection
@@ -299,12 +301,15 @@ class UdsServer:
             log.warning("%s: refused a connection (%s; %d so far)", self.netdev, reason,
                         self.refused)  # fmt: skip
 
-    def close(self) -> None:
-        """Stop listening and remove the socket file. Idempotent."""
+    def close(self, *, keep_dir: bool = False) -> None:
+        """Stop listening and remove the socket file (and the device's directory,
+        unless ``keep_dir``: a pod has that directory bind-mounted, and a restarted
+        afxdpd's new socket must appear in the very same directory). Idempotent."""
         if self._listener is not None:
             self._listener.close()
             self._listener = None
             self.path.unlink(missing_ok=True)
+        if not keep_dir:  # also after the serving task closed it, keeping the dir
             with suppress(OSError):
                 self.path.parent.rmdir()
 

@@ -1,0 +1,282 @@
+"""A restart loses nothing: afxdpd killed with SIGKILL after Allocate, during a
+CNI ADD and during a DEL, then started again on the same directories. Kubelet
+(the grpcio double) is the source of truth; the durable record says how each
+allocation was set up. afxdpd runs as a real process; the CNI goes through the
+built shim; IPAM is the real host-local behind a FAKE wrapper that can hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from afxdp import control
+from afxdp.bpf import libbpf
+from afxdp.cni import shim
+from afxdp.uds.client import UdsClient
+from tests.kernel import Lab, ip
+from tests.kubelet import FakeKubelet, PluginClient
+from tests.test_cni import cni
+from tests.test_cni_handler import FakeIpam
+
+pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+POD = "pod-r"
+SUBNET = "10.79.0"
+
+
+class Node:
+    """afxdpd as a process on fixed directories, its kubelet double, its shim."""
+
+    def __init__(self, tmp: Path, lab: Lab, devices: list[str]) -> None:
+        self.tmp, self.lab, self.devices = tmp, lab, devices
+        self.run_dir, self.uds_dir = tmp / "run", tmp / "uds"
+        self.kubelet = FakeKubelet(tmp / "kubelet")
+        self.kubelet.start_registration()
+        self.kubelet.start_pod_resources()
+        self.ipam = FakeIpam(tmp)
+        self.shim = shim.install(tmp / "cni-bin", [self.run_dir])
+        cfg = {
+            "pools": [{"name": "p", "mode": "primary", "devices": [{"name": d} for d in devices]}]
+        }
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(self.tmp / "config.json"),
+             "--node-name", "n1", "--kubelet-dir", str(self.kubelet.dir),
+             "--uds-dir", str(self.uds_dir), "--pin-dir", str(self.tmp / "pins"),
+             "--run-dir", str(self.run_dir), "--state-dir", str(self.tmp / "state"),
+             "--log-dir", str(self.tmp / "log"), "--metrics-address", ""],
+            env=ENV, stderr=(self.tmp / "afxdpd.log").open("ab"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if control.read_status(self.run_dir)["ready"]:
+                    return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, "afxdpd never became ready\n" + self.log()
+            time.sleep(0.05)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(timeout=20) == 0, self.log()
+
+    def log(self) -> str:
+        return (self.tmp / "afxdpd.log").read_text(errors="replace")
+
+    def states(self) -> dict[str, str]:
+        pools = control.read_status(self.run_dir)["pools"]
+        return {d["id"]: d["state"] for d in pools[0]["devices"]}
+
+    def allocate(self, dev: str) -> Any:
+        self.kubelet.hold(POD, "afxdp/p", dev)
+        client = PluginClient(self.kubelet.plugin_dir / "afxdp-p.sock")
+        try:
+            return client.allocate([dev])
+        finally:
+            client.close()
+
+    def handshake(self, dev: str) -> int:
+        """As the pod would, through the host side of its mounted directory:
+        the XSKMAP's id."""
+        with UdsClient(self.uds_dir / dev / "afxdp.sock") as c:
+            c.connect(POD)
+            fd = c.xsk_map_fd(dev)
+            c.fin()
+        try:
+            return int(libbpf.map_info(fd).id)
+        finally:
+            os.close(fd)
+
+    def netconf(self, dev: str) -> dict[str, Any]:
+        return {
+            "cniVersion": "1.0.0", "name": "restart-net", "type": "afxdp", "mode": "primary",
+            "deviceID": dev, "daemonSocket": str(self.run_dir / "cni.sock"),
+            "ipam": {"type": "fakeipam", "dataDir": str(self.tmp / "ipam"),
+                     "ranges": [[{"subnet": f"{SUBNET}.0/24"}]]},
+        }  # fmt: skip
+
+    async def cni(self, command: str, dev: str, netns: str) -> tuple[int, Any, str]:
+        return await cni(command, self.netconf(dev), shim_path=self.shim,
+                         netns=f"/run/netns/{netns}", container="ctr-r",
+                         CNI_PATH=f"{self.ipam.bin}:/usr/lib/cni")  # fmt: skip
+
+    def leases(self) -> set[str]:
+        d = self.tmp / "ipam" / "restart-net"
+        return {p.name for p in d.iterdir() if p.name.startswith(SUBNET)} if d.exists() else set()
+
+
+def prog_on(dev: str, netns: str | None = None) -> int:
+    cmd = ["ip", *(["-n", netns] if netns else []), "-j", "link", "show", dev]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        return -1  # no such link here
+    xdp = json.loads(done.stdout)[0].get("xdp", {})
+    return int(xdp.get("prog", {}).get("id", 0)) or int(
+        next((a["prog"]["id"] for a in xdp.get("attached", []) if "prog" in a), 0)
+    )
+
+
+@pytest.fixture
+def node(tmp_path: Path, lab: Lab) -> Iterator[Node]:
+    devices = []
+    for i in range(2):
+        a, b = lab.veth(lab.name(f"rs{i}"), lab.name(f"rt{i}"))
+        ip("link", "set", a, "up")
+        ip("link", "set", b, "up")
+        devices.append(a)
+    n = Node(tmp_path, lab, devices)
+    try:
+        yield n
+    finally:
+        n.ipam.release_all()
+        if n.proc is not None and n.proc.poll() is None:
+            n.proc.kill()
+            n.proc.wait()
+        n.kubelet.stop()
+
+
+async def test_kill9_after_allocate_keeps_the_allocation_and_the_pod_can_shake_hands(
+    node: Node,
+) -> None:
+    d0, d1 = node.devices
+    node.start()
+    resp = node.allocate(d0)
+    [mount] = resp.container_responses[0].mounts
+    assert mount.host_path == str(node.uds_dir / d0)  # the directory, so a new socket shows
+    map_before = node.handshake(d0)
+    prog = prog_on(d0)
+    node.kill9()
+
+    node.start()
+    assert node.states() == {d0: "allocated", d1: "free"}
+    assert prog_on(d0) == prog  # the same program, never detached
+    assert node.handshake(d0) == map_before  # a new socket, the same XSKMAP
+    ns = node.lab.netns("rpod")
+    code, _, err = await node.cni("ADD", d0, ns)
+    assert code == 0, err
+    assert prog_on(d0, ns) == prog
+    code, _, err = await node.cni("DEL", d0, ns)
+    assert code == 0, err
+    assert node.leases() == set()
+    # Kubelet lets the pod go: the allocation ends at the latest on the way out.
+    node.kubelet.pods.clear()
+    node.stop()
+    assert prog_on(d0) == 0
+    assert not (node.uds_dir / d0).exists()
+    assert json.loads((node.tmp / "state" / "state.json").read_text())["allocations"] == {}
+
+
+async def test_kill9_after_allocate_with_the_pod_gone_meanwhile_cleans_up_at_start(
+    node: Node,
+) -> None:
+    d0, _ = node.devices
+    node.start()
+    node.allocate(d0)
+    node.kill9()
+    node.kubelet.pods.clear()  # the pod went away while afxdpd was down
+    node.start()
+    assert node.states()[d0] == "free"
+    assert prog_on(d0) == 0
+    assert not (node.uds_dir / d0 / "afxdp.sock").exists()
+    assert "no pod holds it (kubelet); cleaned up" in node.log()
+    node.stop()
+
+
+async def test_kill9_during_add_then_the_runtimes_del_leaves_nothing(node: Node) -> None:
+    d0, _ = node.devices
+    node.start()
+    node.allocate(d0)
+    ns = node.lab.netns("rpod")
+    node.ipam.set("hold-ctr-r")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(node.cni, "ADD", d0, ns)
+        await node.ipam.wait_entered("ctr-r")
+        node.kill9()  # the shim's ADD gets an error; the runtime will DEL
+    # The orphaned IPAM plugin finishes on its own after afxdpd died: a lease.
+    node.ipam.set("hold-ctr-r", on=False)
+    with anyio.fail_after(10):
+        while not node.leases():
+            await anyio.sleep(0.02)
+    node.start()
+    assert node.states()[d0] == "allocated"
+    code, _, err = await node.cni("DEL", d0, ns)
+    assert code == 0, err
+    assert node.leases() == set()  # the half-done ADD was undone from its record
+    code, out, err = await node.cni("ADD", d0, ns)  # the runtime tries again
+    assert code == 0, err
+    assert prog_on(d0, ns) > 0
+    code, _, err = await node.cni("DEL", d0, ns)
+    assert code == 0, err
+    node.kubelet.pods.clear()
+    node.stop()
+    assert node.leases() == set() and prog_on(d0) == 0
+
+
+async def test_kill9_during_del_then_the_retried_del_finishes(node: Node) -> None:
+    d0, _ = node.devices
+    node.start()
+    node.allocate(d0)
+    ns = node.lab.netns("rpod")
+    code, _, err = await node.cni("ADD", d0, ns)
+    assert code == 0, err
+    assert len(node.leases()) == 1
+    node.ipam.set("hold-DEL-ctr-r")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(node.cni, "DEL", d0, ns)
+        with anyio.fail_after(10):
+            while not (node.ipam.ctl / "entered-DEL-ctr-r").exists():
+                await anyio.sleep(0.01)
+        node.kill9()
+    node.ipam.set("hold-DEL-ctr-r", on=False)
+    node.start()
+    code, _, err = await node.cni("DEL", d0, ns)  # runtimes retry a failed DEL
+    assert code == 0, err
+    assert node.leases() == set()
+    assert prog_on(d0) > 0 and node.states()[d0] == "allocated"  # home, still allocated
+    node.kubelet.pods.clear()
+    node.stop()
+    assert prog_on(d0) == 0
+    attachments = node.run_dir / "cni-attachments.json"
+    assert not attachments.exists() or json.loads(attachments.read_text()) == []
+
+
+async def test_sigterm_restart_keeps_the_pods_directory_and_serves_a_new_socket_in_it(
+    node: Node,
+) -> None:
+    d0, _ = node.devices
+    node.start()
+    node.allocate(d0)
+    directory = node.uds_dir / d0
+    inode = directory.stat().st_ino  # what the pod has bind-mounted
+    map_before = node.handshake(d0)
+    prog = prog_on(d0)
+    node.stop()  # SIGTERM: kubelet still lists the pod, so nothing is undone
+    assert prog_on(d0) == prog
+    assert directory.stat().st_ino == inode
+    node.start()
+    assert directory.stat().st_ino == inode
+    assert node.handshake(d0) == map_before
+    node.kubelet.pods.clear()
+    node.stop()
+    assert prog_on(d0) == 0 and not directory.exists()
