@@ -228,7 +228,7 @@ def test_afxdpd_survives_interrupted_status_and_refuses_a_second_instance(
 
         second = _afxdpd(tmp_path, kubelet, cfg, stderr=subprocess.PIPE)
         _out, err = second.communicate(timeout=30)
-        assert second.returncode == 5
+        assert second.returncode == 6
         assert f"another afxdpd (pid {first.pid}) already serves {run_dir}" in err
         # The second one touched nothing of the first's.
         assert (run_dir / "cni.sock").exists()

@@ -119,6 +119,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     log_level: str = "info"
     log_file: str | None = None
     kind_cluster: bool = False
+    # Write a CDI spec per pool and name CDI devices in Allocate (Kubernetes 1.28+).
+    cdi: bool = True
 
 
 class LoadedConfig(msgspec.Struct, frozen=True):
@@ -319,7 +321,7 @@ class _Validator:
     # -- the schema --------------------------------------------------------
 
     def config(self, raw: Any) -> Config | None:
-        obj = self.fields(raw, "", ("pools", "logLevel", "logFile", "kindCluster"))
+        obj = self.fields(raw, "", ("pools", "logLevel", "logFile", "kindCluster", "cdi"))
         if obj is None:
             return None
         log_level = self.typed(obj, "logLevel", "", str, "")
@@ -333,6 +335,7 @@ class _Validator:
                 f", got {log_file!r}",
             )
         kind_cluster = self.typed(obj, "kindCluster", "", bool, False)
+        cdi = self.typed(obj, "cdi", "", bool, True)
         pools = self.items(obj, "pools", "", self.pool)
         self.unique(
             [(p.name.lower(), f"pools[{i}].name") for i, p in enumerate(pools) if p.name],
@@ -345,6 +348,7 @@ class _Validator:
             log_level=log_level or "info",
             log_file=log_file or None,
             kind_cluster=kind_cluster,
+            cdi=cdi,
         )
 
     def unique(self, keyed: list[tuple[str, str]], message: str) -> None:

@@ -14,7 +14,10 @@ and the node's name. The rules, in order, per pool (config order):
   starting with a reserved prefix are never pooled;
 - in cdq mode each primary backs secondaries named by the provider, at most
   ``secondary`` of them (device's, else driver's, else the provider's capacity);
-- pools that end up empty are not advertised.
+- pools that end up empty are not advertised;
+- with ``kindCluster`` (at most one pool) the pool takes exactly the devices of
+  the kind network afxdpd built (``kind_devices``), in place of its drivers,
+  devices and nodes: never another veth, however its name or kind fits.
 
 A virtual netdev has no PCI device; its "driver" is its link kind (``veth``),
 so it is reached only when the config names that kind, its name or its MAC.
@@ -168,8 +171,13 @@ def assemble(
     *,
     unprivileged_bpf_disabled: int | None,
     secondary: SecondaryDeviceProvider,
+    kind_devices: Sequence[str] = (),
 ) -> Assembly:
-    """Build this node's pools (see the module docstring for the rules)."""
+    """Build this node's pools (see the module docstring for the rules).
+
+    ``kind_devices``: the pooled ends of the kind network (``KindNet.devices``);
+    used only when the config says ``kindCluster``.
+    """
     index = _Index(netdevs)
     taken: dict[str, str] = {}  # netdev name -> pool that took it
     warnings: list[str] = []
@@ -182,20 +190,14 @@ def assemble(
                 f"kernel.unprivileged_bpf_disabled={unprivileged_bpf_disabled}"
             )
             continue
-        drivers, devices, base = pc.drivers, pc.devices, f"pools[{i}]"
-        for j, node in enumerate(pc.nodes):
-            if node.hostname.lower() == node_name.lower():
-                drivers, devices, base = node.drivers, node.devices, f"pools[{i}].nodes[{j}]"
-                break
-        chosen = _choose(
-            index,
-            drivers=drivers,
-            devices=devices,
-            base=base,
-            pool=pc.name,
-            taken=taken,
-            warnings=warnings,
-        )
+        if config.kind_cluster:
+            chosen = _choose_kind(
+                index, kind_devices, where=where, pool=pc.name, taken=taken, warnings=warnings
+            )
+        else:
+            chosen = _choose_configured(
+                index, pc, i, node_name=node_name, taken=taken, warnings=warnings
+            )
         pool = Pool(pc)
         for nd, limit in chosen:
             if pc.mode == "primary":
@@ -218,6 +220,55 @@ def assemble(
         else:
             warnings.append(f"{where}: no devices on node {node_name}; not advertised")
     return Assembly(pools, warnings)
+
+
+def _choose_kind(
+    index: _Index,
+    kind_devices: Sequence[str],
+    *,
+    where: str,
+    pool: str,
+    taken: dict[str, str],
+    warnings: list[str],
+) -> list[tuple[NetDev, int]]:
+    """The kind network's pooled ends, by name; nothing else."""
+    if not kind_devices:
+        warnings.append(f"{where}: kindCluster is set but no kind network was built")
+    chosen = []
+    for name in kind_devices:
+        nd = index.by_name.get(name)
+        if nd is None:
+            warnings.append(f"{where}: kind network device {name} is not on this node; skipped")
+        else:
+            taken[name] = pool
+            chosen.append((nd, 0))
+    return chosen
+
+
+def _choose_configured(
+    index: _Index,
+    pc: cfg.Pool,
+    i: int,
+    *,
+    node_name: str,
+    taken: dict[str, str],
+    warnings: list[str],
+) -> list[tuple[NetDev, int]]:
+    """The pool's drivers and devices, or those of its ``nodes[]`` entry for this node."""
+    drivers, devices, base = pc.drivers, pc.devices, f"pools[{i}]"
+    for j, node in enumerate(pc.nodes):
+        if node.hostname.lower() == node_name.lower():
+            drivers, devices, base = node.drivers, node.devices, f"pools[{i}].nodes[{j}]"
+            break
+    return _choose(
+        index,
+        drivers=drivers,
+        devices=devices,
+        base=base,
+        pool=pc.name,
+        taken=taken,
+        warnings=warnings,
+    )
 
 
 def _choose(

@@ -20,7 +20,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from afxdp import control, inventory, metrics, pools, workers
+from afxdp import cdi, control, inventory, kindnet, metrics, pools, workers
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
 from afxdp.cni.handler import CniHandler
@@ -55,6 +55,8 @@ class Paths:
     # The durable record; None keeps it in the run dir (tests). afxdpd's
     # --state-dir defaults to /var/lib/afxdp.
     state_dir: Path | None = None
+    # Where CDI specs go (afxdpd: /var/run/cdi); None writes none (tests).
+    cdi_dir: Path | None = None
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Service:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         watch = NetWatch()
         watch.open()
+        kind = await kindnet.build() if self.config.kind_cluster else None
         netdevs = {nd.name: nd for nd in await inventory.scan()}
         store = AttachmentStore(self.paths.run_dir / "cni-attachments.json")
         state = StateStore(self.paths.state_dir or self.paths.run_dir)
@@ -107,6 +110,7 @@ class Service:
             self.node_name,
             unprivileged_bpf_disabled=inventory.unprivileged_bpf_disabled(),
             secondary=self.secondary,
+            kind_devices=kind.devices if kind else (),
         )
         for warning in assembly.warnings:
             log.warning("%s", warning)
@@ -135,6 +139,11 @@ class Service:
                 scan=inventory.scan,
                 netdevs=netdevs,
             )
+            specs = None
+            if self.config.cdi and self.paths.cdi_dir is not None:
+                specs = cdi.CdiSpecs(self.paths.cdi_dir, uds_dir=self.paths.uds_dir,
+                                     pin_dir=self.paths.pin_dir)  # fmt: skip
+                await specs.start(self.config.pools)
             try:
                 if record.allocations:
                     # Kubelet is the source of truth; the record says how we set
@@ -142,7 +151,11 @@ class Service:
                     kept = await devs.restore(record, await pod_resources.held())
                     self.metrics.restarts_reconciled.inc(len(kept))
                 for pool in assembly.pools:
-                    plugin = PoolPlugin(devs, pool.name, self.metrics)
+                    if specs is not None:  # before kubelet can Allocate
+                        await specs.update(pool.config, pool.devices.keys())
+                        tg.start_soon(self._keep_cdi_spec, specs, pool)
+                    plugin = PoolPlugin(devs, pool.name, self.metrics,
+                                        specs.names if specs else None)  # fmt: skip
                     reg = Registration(plugin, self.paths.kubelet_dir)
                     self.registrations[pool.name] = reg
                     await tg.start(reg.run)
@@ -170,6 +183,8 @@ class Service:
                 devs.ready = False
                 with anyio.CancelScope(shield=True):
                     await devs.shutdown()
+                    if kind is not None:  # pods' pairs stay; the next start mends the rest
+                        await kindnet.remove(keep_in_use=True)
                 tg.cancel_scope.cancel()
 
     async def _serve_metrics(self, tg: TaskGroup) -> None:
@@ -195,6 +210,15 @@ class Service:
         while not self.readiness()[0]:
             await anyio.sleep(0.1)
         log.info("ready on node %s: %s", self.node_name, summary)
+
+    async def _keep_cdi_spec(self, specs: cdi.CdiSpecs, pool: pools.Pool) -> None:
+        """Rewrite the pool's CDI spec whenever its devices change."""
+        assert self.devices is not None
+        changes = self.devices.changes[pool.name]
+        while True:
+            version = changes.version
+            await changes.wait_after(version)
+            await specs.update(pool.config, pool.devices.keys())
 
     async def reconcile_forever(self) -> None:
         """End allocations that kubelet no longer lists, every RECONCILE_INTERVAL."""

@@ -17,6 +17,7 @@ import anyio
 from afxdp import logsetup
 from afxdp.cli.common import Exit, default_node_name, load_or_report
 from afxdp.config import LOG_DIR
+from afxdp.kindnet import KindNetError
 from afxdp.metrics import DEFAULT_ADDRESS, parse_address
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths, Service
@@ -24,6 +25,7 @@ from afxdp.service import Paths, Service
 log = logging.getLogger("afxdpd")
 
 STATE_DIR = Path("/var/lib/afxdp")
+CDI_DIR = Path("/var/run/cdi")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
                     help=f"bpffs for pinned maps (default: {d.pin_dir})")  # fmt: skip
     ap.add_argument("--run-dir", type=Path, default=d.run_dir,
                     help=f"control socket and CNI socket (default: {d.run_dir})")  # fmt: skip
+    ap.add_argument("--cdi-dir", type=Path, default=CDI_DIR,
+                    help="where the CDI spec of each pool is written when the config's cdi "
+                         f"is true (default: {CDI_DIR})")  # fmt: skip
     ap.add_argument("--state-dir", type=Path, default=STATE_DIR,
                     help="the durable record of allocations, kept across restarts "
                          f"(default: {STATE_DIR})")  # fmt: skip
@@ -133,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     service = Service(
         loaded.config,
         args.node_name,
-        Paths(args.kubelet_dir, args.uds_dir, args.pin_dir, args.run_dir, args.state_dir),
+        Paths(
+            args.kubelet_dir, args.uds_dir, args.pin_dir, args.run_dir, args.state_dir, args.cdi_dir
+        ),
         DevlinkSubfunctions(),
         metrics_address=args.metrics_address,
     )
@@ -141,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("fd limit: %d (hard %d)", *service.fd_limit)
     try:
         anyio.run(_main, service, backend_options={"use_uvloop": True})
+    except KindNetError as exc:
+        log.error("kind network: %s", exc)
+        return Exit.KIND
     except OSError as exc:
         log.error("start-up failed: %s", exc)
         return Exit.POOL

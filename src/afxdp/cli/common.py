@@ -20,7 +20,8 @@ class Exit(enum.IntEnum):
     LOGGING = 2
     HOST = 3
     POOL = 4
-    RUNNING = 5  # another afxdpd already serves the run dir
+    KIND = 5  # the kind network cannot be built
+    RUNNING = 6  # another afxdpd already serves the run dir (not in the original)
 
 
 def default_node_name() -> str:

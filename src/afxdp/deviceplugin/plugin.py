@@ -8,6 +8,7 @@ resource pool); errors are mapped to gRPC statuses here, at the edge.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 
 from grpclib import GRPCError, Status
 from grpclib.server import Stream
@@ -23,14 +24,24 @@ log = logging.getLogger(__name__)
 
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
 
+# (pool, device IDs) -> the CDI device names whose spec is on disk.
+CdiNames = Callable[[str, Sequence[str]], list[str]]
+
 
 class PoolPlugin(api_grpc.DevicePluginBase):
     """DevicePlugin for resource ``afxdp/<pool>``."""
 
-    def __init__(self, devices: Devices, pool_name: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        devices: Devices,
+        pool_name: str,
+        metrics: Metrics | None = None,
+        cdi_names: CdiNames | None = None,
+    ) -> None:
         self.devices = devices
         self.pool_name = pool_name
         self.metrics = metrics or Metrics.create()
+        self.cdi_names = cdi_names
 
     @property
     def pool(self) -> Pool:
@@ -114,6 +125,10 @@ class PoolPlugin(api_grpc.DevicePluginBase):
         responses = []
         for ids in containers:
             resp = pb.ContainerAllocateResponse(envs={self.pool.config.env_var: " ".join(ids)})
+            if self.cdi_names is not None:  # the same devices again, for CDI runtimes
+                resp.cdi_devices.extend(
+                    pb.CDIDevice(name=n) for n in self.cdi_names(self.pool_name, ids)
+                )
             for dev_id in ids:
                 for host, container in mounts[dev_id]:
                     resp.mounts.append(pb.Mount(container_path=container, host_path=host))
