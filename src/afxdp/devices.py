@@ -90,6 +90,9 @@ class Devices:
         self._scan = scan
         self.netdevs = netdevs or {}
         self._allocating = {p.name: anyio.Lock() for p in pools}
+        # Pools a reload removed that still have allocations: not advertised,
+        # not allocatable, forgotten when the last allocation ends.
+        self.draining: set[str] = set()
         self.ready = False  # serving (set by the service once every part is up)
 
     # -- lookups --------------------------------------------------------------
@@ -128,6 +131,8 @@ class Devices:
         AllocateFailed: setting up failed and was rolled back.
         """
         pool = self.pools[pool_name]
+        if pool_name in self.draining:
+            raise DeviceError(f"pool {pool_name} was removed from the config")
         async with self._allocating[pool_name]:
             await self._reclaim_stale(pool, ids)
             pool.allocate(ids)
@@ -189,7 +194,7 @@ class Devices:
         """
         now = anyio.current_time()
         released = []
-        for pool in self.pools.values():
+        for pool in list(self.pools.values()):
             candidates = []
             for dev in pool.devices.values():
                 handout = self.handouts.handouts.get(dev.id)
@@ -202,7 +207,51 @@ class Devices:
                 log.info("%s: no pod holds %s any more (kubelet); released", resource, dev_id)
                 await self.release(dev_id)
                 released.append(dev_id)
+        self.prune()
         return released
+
+    # -- config reload -------------------------------------------------------
+
+    def replace_pools(self, new: Sequence[Pool]) -> tuple[list[str], list[str]]:
+        """Take a reloaded config's pools; returns (added, removed) pool names.
+
+        Allocated devices are never disturbed: a changed pool keeps each
+        allocated device as it is (also one the new config no longer takes,
+        until its allocation ends), and a removed pool stays (draining, no
+        longer advertised) until its last allocation ends. New allocations use
+        the new pool config; existing handouts keep what they were set up with.
+        """
+        new_by_name = {p.name: p for p in new}
+        for pool in new:
+            old = self.pools.get(pool.name)
+            if old is None:
+                continue
+            for dev_id, dev in old.devices.items():
+                if dev.allocated:
+                    pool.devices[dev_id] = dev
+                elif dev_id in pool.devices:  # keep the health we know
+                    pool.devices[dev_id].healthy = dev.healthy
+        added = [n for n in new_by_name if n not in self.pools]
+        removed = [n for n in self.pools if n not in new_by_name and n not in self.draining]
+        for name in removed:
+            self.draining.add(name)
+        for name, pool in new_by_name.items():
+            self.draining.discard(name)
+            self.pools[name] = pool
+            self.changes.setdefault(name, Changes())
+            self._allocating.setdefault(name, anyio.Lock())
+            self.changes[name].bump()
+        self.prune()
+        return added, removed
+
+    def prune(self) -> list[str]:
+        """Forget draining pools whose last allocation ended; their names."""
+        gone = [n for n in self.draining
+                if not any(d.allocated for d in self.pools[n].devices.values())]  # fmt: skip
+        for name in gone:
+            self.draining.discard(name)
+            del self.pools[name]
+        return gone
 
     # -- restart and shutdown ---------------------------------------------------
 

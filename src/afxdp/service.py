@@ -24,13 +24,15 @@ from afxdp import cdi, control, inventory, kindnet, metrics, pools, workers
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
 from afxdp.cni.handler import CniHandler
-from afxdp.config import Config
+from afxdp.config import Config, load_config_file
 from afxdp.datapath import KernelDatapath
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
 from afxdp.devices import Devices
+from afxdp.errors import ConfigError
 from afxdp.handouts import Handouts
 from afxdp.inventory import NetDev
+from afxdp.logsetup import LEVELS, OWN_LOGGERS
 from afxdp.metrics import Metrics
 from afxdp.netwatch import NetWatch
 from afxdp.podresources import PodResourcesChecker
@@ -42,6 +44,8 @@ from afxdp.workers import Work
 
 # How often allocations are checked against kubelet's PodResources.
 RECONCILE_INTERVAL = 10.0
+# How often the config file is looked at, and how long a change must settle.
+CONFIG_POLL, CONFIG_SETTLE = 1.0, 0.3
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,11 @@ class Service:
     registrations: dict[str, Registration] = field(default_factory=dict)
     servers: dict[str, ServerStats] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
+    config_path: Path | None = None  # re-read on SIGHUP and when it changes
+    _tg: TaskGroup | None = field(default=None, init=False)
+    _specs: cdi.CdiSpecs | None = field(default=None, init=False)
+    _pool_scopes: dict[str, anyio.CancelScope] = field(default_factory=dict, init=False)
+    _pool_stopped: dict[str, anyio.Event] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics.create(lambda: self.devices.rows() if self.devices else [])
@@ -150,15 +159,11 @@ class Service:
                     # up what kubelet still lists.
                     kept = await devs.restore(record, await pod_resources.held())
                     self.metrics.restarts_reconciled.inc(len(kept))
+                self._tg, self._specs = tg, specs
                 for pool in assembly.pools:
-                    if specs is not None:  # before kubelet can Allocate
-                        await specs.update(pool.config, pool.devices.keys())
-                        tg.start_soon(self._keep_cdi_spec, specs, pool)
-                    plugin = PoolPlugin(devs, pool.name, self.metrics,
-                                        specs.names if specs else None)  # fmt: skip
-                    reg = Registration(plugin, self.paths.kubelet_dir)
-                    self.registrations[pool.name] = reg
-                    await tg.start(reg.run)
+                    await self._serve_pool(pool.name)
+                if self.config_path is not None:
+                    tg.start_soon(self._watch_config, self.config_path)
                 tg.start_soon(watch.run, devs.on_link, devs.resync)
                 self.servers["control"] = ServerStats()
                 await tg.start(
@@ -211,14 +216,113 @@ class Service:
             await anyio.sleep(0.1)
         log.info("ready on node %s: %s", self.node_name, summary)
 
-    async def _keep_cdi_spec(self, specs: cdi.CdiSpecs, pool: pools.Pool) -> None:
+    async def _serve_pool(self, name: str) -> None:
+        """Serve pool ``name`` (its CDI spec first, then its gRPC server, which
+        registers with kubelet), in a scope of its own so a reload can stop it."""
+        assert self.devices is not None and self._tg is not None
+        specs = self._specs
+        if specs is not None:  # before kubelet can Allocate
+            pool = self.devices.pools[name]
+            await specs.update(pool.config, pool.devices.keys())
+        plugin = PoolPlugin(self.devices, name, self.metrics, specs.names if specs else None)
+        reg = Registration(plugin, self.paths.kubelet_dir)
+        self.registrations[name] = reg
+        self._pool_scopes[name] = await self._tg.start(self._pool_tasks, reg, specs)
+
+    async def _pool_tasks(
+        self,
+        reg: Registration,
+        specs: cdi.CdiSpecs | None,
+        *,
+        task_status: TaskStatus[anyio.CancelScope],
+    ) -> None:
+        stopped = self._pool_stopped[reg.plugin.pool_name] = anyio.Event()
+        try:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(reg.run)
+                    if specs is not None:
+                        tg.start_soon(self._keep_cdi_spec, specs, reg.plugin.pool_name)
+                    task_status.started(scope)
+        finally:
+            stopped.set()
+
+    async def _keep_cdi_spec(self, specs: cdi.CdiSpecs, name: str) -> None:
         """Rewrite the pool's CDI spec whenever its devices change."""
         assert self.devices is not None
-        changes = self.devices.changes[pool.name]
+        changes = self.devices.changes[name]
         while True:
             version = changes.version
             await changes.wait_after(version)
-            await specs.update(pool.config, pool.devices.keys())
+            pool = self.devices.pools.get(name)
+            if pool is not None:
+                await specs.update(pool.config, pool.devices.keys())
+
+    async def reload(self) -> bool:
+        """Read the config file again and apply it; False (and the old config
+        kept, every error logged) when the new one is invalid."""
+        assert self.devices is not None and self.config_path is not None
+        try:
+            loaded = await workers.run_sync(Work.DISK, load_config_file, self.config_path)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                log.error("reload refused, the running config stays: %s", issue)
+            self.metrics.reloads.labels("invalid").inc()
+            self.metrics.config_invalid.set(1)
+            return False
+        new = loaded.config
+        if new.kind_cluster != self.config.kind_cluster:
+            log.warning("reload: kindCluster changes take effect at the next start")
+        assembly = pools.assemble(
+            new,
+            list(self.devices.netdevs.values()),
+            self.node_name,
+            unprivileged_bpf_disabled=inventory.unprivileged_bpf_disabled(),
+            secondary=self.secondary,
+            kind_devices=[d for p in self.devices.pools.values() for d in p.devices]
+            if self.config.kind_cluster
+            else (),
+        )
+        self.config = new
+        added, removed = self.devices.replace_pools(assembly.pools)
+        for name in removed:  # unregistered by stopping its server; allocations drain
+            self._pool_scopes.pop(name).cancel()
+            await self._pool_stopped.pop(name).wait()
+            self.registrations.pop(name, None)
+            if self._specs is not None:
+                await self._specs.remove(name)
+        for name in added:
+            await self._serve_pool(name)
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(LEVELS.get(new.log_level, logging.INFO))
+        self.metrics.reloads.labels("ok").inc()
+        self.metrics.config_invalid.set(0)
+        log.info("config reloaded: pools %s (added %s, removed %s)",
+                 sorted(self.devices.pools), added or "none", removed or "none")  # fmt: skip
+        return True
+
+    async def _watch_config(self, path: Path) -> None:
+        """Reload when the file changes (a ConfigMap update swaps a symlink in its
+        directory): compared by what the path resolves to, debounced."""
+
+        def seen() -> tuple[int, int, int] | None:
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            return st.st_ino, st.st_mtime_ns, st.st_size
+
+        last = await workers.run_sync(Work.DISK, seen)
+        while True:
+            await anyio.sleep(CONFIG_POLL)
+            now = await workers.run_sync(Work.DISK, seen)
+            if now is None or now == last:
+                continue
+            await anyio.sleep(CONFIG_SETTLE)  # let a writer finish
+            last = await workers.run_sync(Work.DISK, seen)
+            if last is not None:
+                log.info("%s changed; reloading", path)
+                await self.reload()
 
     async def reconcile_forever(self) -> None:
         """End allocations that kubelet no longer lists, every RECONCILE_INTERVAL."""
@@ -230,8 +334,19 @@ class Service:
             except Exception:  # a bug here must not end the service
                 log.exception("reconciling allocations with kubelet failed")
 
+    def _pool_status(self, name: str, pool: pools.Pool) -> dict[str, Any]:
+        reg = self.registrations.get(name)  # none while a removed pool drains
+        return {
+            "resource": pool.config.resource_name,
+            "mode": pool.config.mode,
+            "registered": reg.registered if reg else False,
+            "registrations": reg.registrations if reg else 0,
+            "devices": [d.summary() for d in pool.devices.values()],
+        }
+
     def status(self) -> dict[str, Any]:
         devs = self.devices
+        pools_ = list(devs.pools.items()) if devs else []
         budget = devs.handouts.uds_budget if devs else None
         return {
             "node": self.node_name,
@@ -246,15 +361,6 @@ class Service:
             }
             if budget
             else None,
-            "pools": [
-                {
-                    "resource": pool.config.resource_name,
-                    "mode": pool.config.mode,
-                    "registered": self.registrations[name].registered,
-                    "registrations": self.registrations[name].registrations,
-                    "devices": [d.summary() for d in pool.devices.values()],
-                }
-                for name, pool in (devs.pools.items() if devs else ())
-            ],
+            "pools": [self._pool_status(name, pool) for name, pool in pools_],
             "allocations": [h.status() for h in devs.handouts.handouts.values()] if devs else [],
         }

@@ -71,6 +71,10 @@ async def _main(service: Service) -> None:
         await tg.start(service.run)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading %s", service.config_path)
+                    tg.start_soon(service.reload)
+                    continue
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 tg.cancel_scope.cancel()
                 break
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         DevlinkSubfunctions(),
         metrics_address=args.metrics_address,
+        config_path=args.config,
     )
     service.fd_limit = raise_fd_limit()
     log.info("fd limit: %d (hard %d)", *service.fd_limit)

@@ -1,0 +1,170 @@
+"""Config reload under a running pod: a bad config is refused and changes
+nothing; a good one adds, changes and removes pools without disturbing an
+allocated device. In-process for the rules, and afxdpd as a process for
+SIGHUP and the file watch (a ConfigMap update swaps a symlink)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from afxdp import control
+from afxdp.config import load_config
+from tests.kernel import Lab, ip
+from tests.kubelet import FakeKubelet
+from tests.node import NodeUnderTest, running
+
+pytestmark = pytest.mark.privileged
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def _pool(name: str, devices: list[str], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "mode": "primary", "devices": [{"name": d} for d in devices], **extra}
+
+
+@pytest.fixture
+def devices(lab: Lab) -> list[str]:
+    out = []
+    for i in range(3):
+        a, b = lab.veth(lab.name(f"rl{i}"), lab.name(f"rm{i}"))
+        ip("link", "set", a, "up")
+        ip("link", "set", b, "up")
+        out.append(a)
+    return out
+
+
+@pytest.mark.anyio
+async def test_a_bad_config_is_refused_and_a_good_one_applied_under_a_running_pod(
+    tmp_path: Path, lab: Lab, devices: list[str]
+) -> None:
+    d0, d1, d2 = devices
+    node = NodeUnderTest(tmp_path, lab, [d0], {"pools": [_pool("pool1", [d0])]})
+    cfg = tmp_path / "config.json"
+    async with running(node):
+        svc = node.service
+        assert svc is not None and svc.devices is not None
+        svc.config_path = cfg
+        await node.allocate(d0)
+        node.kubelet.hold("pod-a", "afxdp/pool1", d0)
+        sock = node.paths.uds_dir / d0 / "afxdp.sock"
+        inode = sock.stat().st_ino
+
+        cfg.write_text('{"pools": [{"name": "bad-name!", "mode": "primary"}]}')
+        assert await svc.reload() is False
+        assert list(svc.devices.pools) == ["pool1"]
+        assert svc.metrics.config_invalid._value.get() == 1
+
+        cfg.write_text(json.dumps({"pools": [_pool("pool1", [d0, d1], udsTimeout=60),
+                                             _pool("pool2", [d2])]}))  # fmt: skip
+        assert await svc.reload() is True
+        regs = await node.call(node.kubelet.wait_registrations, 2, 10.0)
+        assert "afxdp/pool2" in {r.resource_name for r in regs}
+        states = await node.states()
+        assert states == {d0: "allocated", d1: "free"}
+        assert sock.stat().st_ino == inode  # the pod's socket was not touched
+        assert svc.devices.pools["pool1"].config.uds_timeout == 60
+        assert svc.metrics.config_invalid._value.get() == 0
+        # The new pool works.
+        resp = await node.call(node.plugin("pool2").allocate, [d2])
+        assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL2": d2}
+
+
+@pytest.mark.anyio
+async def test_a_removed_pool_stops_advertising_and_drains_its_allocations(
+    tmp_path: Path, lab: Lab, devices: list[str]
+) -> None:
+    d0, d1, _ = devices
+    node = NodeUnderTest(tmp_path, lab, [d0, d1],
+                         {"pools": [_pool("pool1", [d0]), _pool("pool2", [d1])]})  # fmt: skip
+    cfg = tmp_path / "config.json"
+    async with running(node):
+        svc = node.service
+        assert svc is not None and svc.devices is not None
+        svc.config_path = cfg
+        await node.allocate(d0)
+        node.kubelet.hold("pod-a", "afxdp/pool1", d0)
+        cfg.write_text(json.dumps({"pools": [_pool("pool2", [d1])]}))
+        assert await svc.reload() is True
+        assert not (node.kubelet.plugin_dir / "afxdp-pool1.sock").exists()  # unregistered
+        assert "pool1" in svc.devices.draining
+        assert (node.paths.uds_dir / d0 / "afxdp.sock").exists()  # the pod keeps its device
+        node.kubelet.pods.clear()  # the pod is gone: the allocation ends, the pool with it
+        assert await svc.devices.reconcile(grace=0.0) == [d0]
+        assert list(svc.devices.pools) == ["pool2"]
+        assert not (node.paths.uds_dir / d0).exists()
+
+
+def test_sighup_and_a_swapped_configmap_symlink_reload_afxdpd(
+    tmp_path: Path, devices: list[str]
+) -> None:
+    d0, d1, _ = devices
+    # A ConfigMap volume: config.json -> ..data/config.json, ..data -> a timestamped dir.
+    first, second = tmp_path / "..2026_1", tmp_path / "..2026_2"
+    first.mkdir()
+    second.mkdir()
+    (first / "config.json").write_text(json.dumps({"pools": [_pool("pool1", [d0])]}))
+    (tmp_path / "..data").symlink_to(first.name)
+    cfg = tmp_path / "config.json"
+    cfg.symlink_to("..data/config.json")
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_registration()
+    kubelet.start_pod_resources()
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(cfg), "--node-name", "n1",
+         "--kubelet-dir", str(kubelet.dir), "--uds-dir", str(tmp_path / "uds"),
+         "--pin-dir", str(tmp_path / "pins"), "--run-dir", str(run_dir),
+         "--state-dir", str(tmp_path / "state"), "--metrics-address", ""],
+        env=ENV, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def pools() -> list[str]:
+        return [p["resource"] for p in control.read_status(run_dir)["pools"]]
+
+    def wait(cond: Any, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if cond():
+                    return
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        wait(lambda: pools() == ["afxdp/pool1"], "afxdpd never served pool1")
+        # The kubelet way: the new file goes in a new dir, then ..data is swapped.
+        (second / "config.json").write_text(
+            json.dumps({"pools": [_pool("pool1", [d0]), _pool("pool2", [d1])]})
+        )
+        tmp_link = tmp_path / "..data_tmp"
+        tmp_link.symlink_to(second.name)
+        tmp_link.replace(tmp_path / "..data")
+        wait(lambda: pools() == ["afxdp/pool1", "afxdp/pool2"], "the file change was not seen")
+        # SIGHUP with an invalid file: refused, running config kept, process alive.
+        (second / "config.json").write_text("{not json")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)  # nothing to wait for: the point is that nothing changes
+        (second / "config.json").write_text(json.dumps({"pools": [_pool("pool2", [d1])]}))
+        proc.send_signal(signal.SIGHUP)
+        wait(lambda: pools() == ["afxdp/pool2"], "SIGHUP did not reload")
+        assert load_config((second / "config.json").read_bytes()).config.pools[0].name == "pool2"
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert "reload refused, the running config stays: <document>: not valid JSON" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kubelet.stop()
