@@ -76,7 +76,7 @@ async def test_metrics_count_what_happened_and_devices_as_they_are_now() -> None
         assert got["afxdp_allocate_seconds_count", (("pool", "p1"), ("result", "ok"))] == 2
         assert got["afxdp_allocate_seconds_count", (("pool", "p1"), ("result", "refused"))] == 1
         assert got["afxdp_cni_request_seconds_count", (("result", "error"), ("verb", "ADD"))] == 1
-        assert got["afxdp_handshakes_total", (("result", "ok"),)] == 4
+        assert got["afxdp_uds_connections_total", (("result", "ok"),)] == 4
         key = (("health", "Healthy"), ("pool", "p1"), ("state", "free"))
         assert got["afxdp_devices", key] == 1
         assert got["afxdp_allocations", ()] == 1

@@ -24,12 +24,14 @@ import pytest
 from anyio.abc import SocketStream
 
 from afxdp import control
+from afxdp.cni import shim
 from afxdp.config import load_config
 from afxdp.errors import ConfigError
 from afxdp.handouts import Handouts
+from afxdp.uds.client import UdsClient
 from afxdp.unixserver import ServerStats, serve_unix
 from tests.kernel import Lab, ip
-from tests.kubelet import FakeKubelet
+from tests.kubelet import FakeKubelet, PluginClient
 from tests.node import NodeUnderTest, running
 
 pytestmark = pytest.mark.anyio
@@ -122,7 +124,8 @@ async def test_connections_over_the_limit_are_refused_and_counted(tmp_path: Path
 _EMFILE_SERVER = textwrap.dedent("""
     import resource, sys, anyio
     from pathlib import Path
-    from afxdp.unixserver import ServerStats, serve_unix
+    from afxdp.uds.client import UdsClient
+from afxdp.unixserver import ServerStats, serve_unix
 
     async def main():
         stats = ServerStats()
@@ -417,6 +420,25 @@ def test_afxdpd_serves_metrics_and_readiness_and_survives_a_taken_metrics_port(
         status, body = _http_get(port, "/metrics")
         assert status == 200
         assert 'afxdp_devices{health="Healthy",pool="p",state="free"} 1.0' in body
+        # Allocate, a handshake connection and a CNI request are counted.
+        client = PluginClient(kubelet.plugin_dir / "afxdp-p.sock")
+        client.allocate([dev])
+        client.close()
+        with UdsClient(tmp_path / "uds" / dev / "afxdp.sock") as uds:
+            uds.fin()
+        bin_dir = tmp_path / "bin"
+        done = subprocess.run(
+            [str(shim.install(bin_dir, [tmp_path / "run"]))],
+            input=json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "afxdp",
+                              "daemonSocket": str(tmp_path / "run" / "cni.sock")}).encode(),
+            env={"CNI_COMMAND": "STATUS", "CNI_PATH": "/usr/lib/cni"}, capture_output=True,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout
+        body = _http_get(port, "/metrics")[1]
+        assert 'afxdp_allocate_seconds_count{pool="p",result="ok"} 1.0' in body
+        assert 'afxdp_uds_connections_total{result="accepted"} 1.0' in body
+        assert 'afxdp_cni_request_seconds_count{result="ok",verb="STATUS"} 1.0' in body
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
 

@@ -91,6 +91,7 @@ class Datapath(Protocol):
         uid: int,
         idle_timeout: float | None,
         budget: ConnectionBudget,
+        count: Callable[[str], None] | None = None,
     ) -> Handshake: ...
 
 
@@ -184,8 +185,10 @@ class KernelDatapath:
         uid: int,
         idle_timeout: float | None,
         budget: ConnectionBudget,
+        count: Callable[[str], None] | None = None,
     ) -> Handshake:
         return UdsServer(
+            count=count,
             netdev=netdev,
             map_fd=map_fd,
             path=path,

@@ -106,6 +106,8 @@ class Handouts:
         self.uds_budget = uds_budget if uds_budget is not None else ConnectionBudget()
         self.handouts: dict[str, Handout] = {}
         self.store = store or StateStore(None)
+        # Told each UDS connection's outcome (the service counts them in metrics).
+        self.count_uds: Callable[[str], None] | None = None
         # Devices whose pod's DEL said skipUnloadBpf: their program stays when
         # the allocation ends (it is replaced at the next Allocate).
         self.keep_xdp: set[str] = set()
@@ -216,6 +218,7 @@ class Handouts:
             uid=cfg.uid,
             idle_timeout=cfg.uds_timeout,
             budget=self.uds_budget,
+            count=self.count_uds,
         )
         # Listening before Allocate returns: the container mounts the socket next.
         server.listen()

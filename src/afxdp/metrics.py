@@ -71,7 +71,6 @@ class Metrics:
     allocate: Histogram
     cni: Histogram
     handshakes: Counter
-    uds_refused: Counter
     reloads: Counter
     config_invalid: Gauge
     restarts_reconciled: Counter
@@ -96,10 +95,10 @@ class Metrics:
                 registry=r,
             ),
             handshakes=Counter(
-                "afxdp_handshakes", "UDS handshake connections by result", ["result"], registry=r
-            ),
-            uds_refused=Counter(
-                "afxdp_uds_connections_refused", "UDS connections refused over a limit", registry=r
+                "afxdp_uds_connections",
+                "UDS handshake connections by outcome (accepted, refused, denied, failed)",
+                ["result"],
+                registry=r,
             ),
             reloads=Counter(
                 "afxdp_config_reloads", "Config reloads by result", ["result"], registry=r

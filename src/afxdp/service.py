@@ -10,6 +10,7 @@ every handout whose device is not in a pod.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -23,6 +24,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from afxdp import cdi, control, inventory, kindnet, metrics, pools, workers
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
+from afxdp.cni.frame import Request
 from afxdp.cni.handler import CniHandler
 from afxdp.config import Config, load_config_file
 from afxdp.datapath import KernelDatapath
@@ -44,6 +46,7 @@ from afxdp.workers import Work
 
 # How often allocations are checked against kubelet's PodResources.
 RECONCILE_INTERVAL = 10.0
+VERBS = frozenset({"ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"})
 # How often the config file is looked at, and how long a change must settle.
 CONFIG_POLL, CONFIG_SETTLE = 1.0, 0.3
 
@@ -61,6 +64,28 @@ class Paths:
     state_dir: Path | None = None
     # Where CDI specs go (afxdpd: /var/run/cdi); None writes none (tests).
     cdi_dir: Path | None = None
+
+
+class _Counted:
+    """The CNI handler, with each request counted and timed by verb and result."""
+
+    def __init__(self, handler: CniHandler, m: Metrics) -> None:
+        self.handler, self.metrics = handler, m
+
+    async def handle(self, request: Request) -> tuple[int, bytes, bytes]:
+        verb = request.env.get("CNI_COMMAND", "")
+        verb = verb if verb in VERBS else "other"  # a label per junk value would grow forever
+        with self.metrics.timed(self.metrics.cni, verb) as result:
+            code, out, err = await self.handler.handle(request)
+            result[0] = "ok" if code == 0 else f"code {_cni_code(out)}"
+        return code, out, err
+
+
+def _cni_code(out: bytes) -> str:
+    try:
+        return str(int(json.loads(out)["code"]))
+    except (ValueError, KeyError, TypeError):
+        return "?"
 
 
 @dataclass
@@ -140,6 +165,7 @@ class Service:
                 uds_budget=ConnectionBudget.for_fd_limit(self.fd_limit[0] or 1024),
                 store=state,
             )
+            handouts.count_uds = lambda outcome: self.metrics.handshakes.labels(outcome).inc()
             self.devices = devs = Devices(
                 assembly.pools,
                 handouts,
@@ -172,7 +198,7 @@ class Service:
                     self.status,
                 )
                 cni = CniHandler(devs, store)
-                await tg.start(cni_server.serve, self.paths.run_dir, cni)
+                await tg.start(cni_server.serve, self.paths.run_dir, _Counted(cni, self.metrics))
                 devs.ready = True
                 replayed = await cni_server.replay_queue(self.paths.run_dir, cni)
                 if replayed:

@@ -207,6 +207,7 @@ class UdsServer:
         idle_timeout: float | None = 30.0,
         max_connections: int = MAX_CONNECTIONS,
         budget: ConnectionBudget | None = None,
+        count: Callable[[str], None] | None = None,
     ) -> None:
         self.netdev = netdev
         self.map_fd = map_fd
@@ -216,6 +217,8 @@ class UdsServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.budget = budget if budget is not None else ConnectionBudget()
+        # Told each connection's outcome (accepted, refused, denied, failed): metrics.
+        self.count: Callable[[str], None] = count or (lambda _outcome: None)
         self.connections = 0
         self.active = 0
         self.refused = 0
@@ -297,6 +300,7 @@ class UdsServer:
             return
         conn.close()
         self.refused += 1
+        self.count("refused")
         if self.refused == 1 or self.refused % 100 == 0:  # a flood must not flood the log
             log.warning("%s: refused a connection (%s; %d so far)", self.netdev, reason,
                         self.refused)  # fmt: skip
@@ -321,6 +325,7 @@ class UdsServer:
                 await self._converse(conn)
         except Exception as exc:
             self.failed += 1
+            self.count("failed")
             if isinstance(exc, OSError | TimeoutError):
                 log.info("%s: connection ended: %s", self.netdev, exc)
             else:
@@ -333,9 +338,11 @@ class UdsServer:
         uid = peer_uid(conn)
         if uid not in (0, self.uid):
             self.denied += 1
+            self.count("denied")
             log.warning("%s: refused a peer with uid %d", self.netdev, uid)
             return
         self.connections += 1
+        self.count("accepted")
         machine = hs.Handshake({self.netdev: self.map_fd})
         while machine.state is not hs.State.CLOSED:
             with anyio.move_on_after(self.idle_timeout) as idle:
