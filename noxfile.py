@@ -23,6 +23,8 @@ def lint(session: nox.Session) -> None:
     paths = ["src", "tests", "benchmarks", "noxfile.py", "hatch_build.py"]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", *paths)
+    # The layering contracts in pyproject.toml ([tool.importlinter]), on this tree's source.
+    session.run("lint-imports", env={"PYTHONPATH": "src"})
 
 
 @nox.session(python="3.11")

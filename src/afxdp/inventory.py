@@ -13,42 +13,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
-import msgspec
 from pyroute2 import IPRoute
+
+from afxdp.netdev import NetDev
+from afxdp.workers import Work, run_sync
+
+__all__ = ["NetDev", "read_inventory", "read_one", "scan", "unprivileged_bpf_disabled"]
 
 SYSFS = Path("/sys")
 PROCFS = Path("/proc")
-
-# Operational states in which a link can carry traffic. Virtual links that do
-# not report carrier stay "unknown" while up (the kernel's own convention).
-_USABLE_OPER_STATES = frozenset({"up", "unknown"})
-
-
-class NetDev(msgspec.Struct, frozen=True, kw_only=True):
-    """One network device of the node, as seen in one netns."""
-
-    name: str
-    ifindex: int
-    # Kernel driver behind the device (sysfs ``device/driver``); for a virtual
-    # device, its link kind ("veth", "bridge"...), which is what users write.
-    driver: str
-    kind: str | None = None
-    pci: str | None = None
-    mac: str | None = None
-    ipv4: tuple[str, ...] = ()
-    oper_state: str = "unknown"
-    admin_up: bool = False
-    rx_queues: int = 1
-    tx_queues: int = 1
-    numa_node: int | None = None
-    # True when no hardware device stands behind the netdev.
-    virtual: bool = True
-
-    @property
-    def link_up(self) -> bool:
-        """Administratively up and operationally usable."""
-        return self.admin_up and self.oper_state in _USABLE_OPER_STATES
 
 
 def _pci_address(device_dir: Path) -> str | None:
@@ -147,7 +120,7 @@ def read_one(name: str, sysfs: Path | None = None) -> NetDev | None:
 
 async def scan(sysfs: Path | None = None) -> tuple[NetDev, ...]:
     """``read_inventory`` off the event loop; safe under uvloop."""
-    return await anyio.to_thread.run_sync(read_inventory, sysfs)
+    return await run_sync(Work.NETLINK, read_inventory, sysfs)
 
 
 def unprivileged_bpf_disabled(procfs: Path = PROCFS) -> int | None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from afxdp import config as cfg
 from afxdp.errors import DeviceError
-from afxdp.inventory import NetDev
+from afxdp.netdev import NetDev
 from afxdp.secondary import SecondaryDeviceProvider
 
 PROHIBITED_PREFIXES = ("eno", "eth", "lo", "docker", "flannel", "cni")

@@ -13,7 +13,7 @@ import subprocess
 from typing import Protocol
 
 from afxdp.errors import DeviceError
-from afxdp.inventory import NetDev
+from afxdp.netdev import NetDev
 
 # The original created a fixed number of subfunction slots per primary.
 MAX_SECONDARIES = 64
