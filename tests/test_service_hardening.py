@@ -124,8 +124,7 @@ async def test_connections_over_the_limit_are_refused_and_counted(tmp_path: Path
 _EMFILE_SERVER = textwrap.dedent("""
     import resource, sys, anyio
     from pathlib import Path
-    from afxdp.uds.client import UdsClient
-from afxdp.unixserver import ServerStats, serve_unix
+    from afxdp.unixserver import ServerStats, serve_unix
 
     async def main():
         stats = ServerStats()

@@ -87,11 +87,14 @@ def test_kind_mode_builds_its_network_pools_exactly_it_and_removes_it(
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 20
-        while not (run_dir / "control.sock").exists():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        status = control.read_status(run_dir)
+        while True:  # the socket file exists a moment before it listens
+            try:
+                status = control.read_status(run_dir)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
         pooled = sorted(d["id"] for d in status["pools"][0]["devices"])
         assert pooled == ["afxk0", "afxk1", "afxk2", "afxk3"]
         assert {BRIDGE, "afxk0-br", "veth6"} <= _links(ns)
