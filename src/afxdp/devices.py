@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -46,6 +46,14 @@ LinkReader = Callable[[str], Awaitable[NetDev | None]]
 Scanner = Callable[[], Awaitable[Sequence[NetDev]]]
 
 RECONCILE_GRACE = 30.0
+
+
+class Holders(Protocol):
+    """Who holds which device, cached from PodResources (podresources.py)."""
+
+    async def prefetch(self, resource: str, device: str) -> None: ...
+
+    def forget(self, device: str) -> None: ...
 
 
 class AllocateFailed(Exception):
@@ -81,6 +89,7 @@ class Devices:
         read_link: LinkReader,
         scan: Scanner,
         netdevs: dict[str, NetDev] | None = None,
+        holders: Holders | None = None,
     ) -> None:
         self.pools = {p.name: p for p in pools}
         self.changes = {p.name: Changes() for p in pools}
@@ -89,6 +98,7 @@ class Devices:
         self._read_link = read_link
         self._scan = scan
         self.netdevs = netdevs or {}
+        self._holders = holders
         self._allocating = {p.name: anyio.Lock() for p in pools}
         # Pools a reload removed that still have allocations: not advertised,
         # not allocatable, forgotten when the last allocation ends.
@@ -144,6 +154,9 @@ class Devices:
                     log.exception("%s: Allocate %s failed unexpectedly", pool_name, list(ids))
                 raise AllocateFailed(str(exc)) from exc
         self.changes[pool_name].bump()
+        if self._holders is not None:  # so the pod's handshake need not wait on kubelet
+            for dev_id in ids:
+                self.handouts.spawn(self._holders.prefetch, pool.config.resource_name, dev_id)
         return handouts
 
     async def _reclaim_stale(self, pool: Pool, ids: Sequence[str]) -> None:
@@ -169,6 +182,8 @@ class Devices:
         return True
 
     async def _end(self, pool: Pool, device: str, keep_xdp: bool = False) -> None:
+        if self._holders is not None:
+            self._holders.forget(device)
         await self.handouts.release(device, keep_xdp)
         pool.release([device])
         dev = pool.devices[device]

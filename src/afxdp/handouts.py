@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -131,6 +131,10 @@ class Handouts:
             self.handouts[handout.device] = handout
         await self.store.put([self._record(h) for h in done])
         return done
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Run background work of an allocation (it ends with the service)."""
+        self._tg.start_soon(fn, *args)
 
     def _record(self, h: Handout) -> Allocation:
         netdev = self._netdev_of(h.device)

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
@@ -20,6 +21,7 @@ from afxdp.uds.handshake import HostCheck, hostname_matches
 log = logging.getLogger(__name__)
 
 TIMEOUT = 5.0
+PREFETCH_FOR = 10.0  # how long after Allocate to keep asking who holds the device
 
 
 class PodResourcesChecker:
@@ -28,6 +30,12 @@ class PodResourcesChecker:
     def __init__(self, socket_path: Path, timeout: float = TIMEOUT) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        # (resource, device) -> names of the pods kubelet last said hold it. A
+        # handshake whose hostname matches needs no live lookup; an entry goes
+        # when the allocation ends (``forget``), so it never vouches for a pod
+        # that no longer holds the device.
+        self._holders: dict[tuple[str, str], frozenset[str]] = {}
+        self.lookups = 0  # live PodResources calls (status, tests)
 
     async def list_pods(self) -> api_pb2.ListPodResourcesResponse:
         channel = Channel(path=str(self.socket_path))
@@ -39,11 +47,34 @@ class PodResourcesChecker:
 
     async def _pods(self) -> api_pb2.ListPodResourcesResponse | None:
         """The pods kubelet knows, or None (logged) when it cannot be asked."""
+        self.lookups += 1
         try:
-            return await self.list_pods()
+            pods = await self.list_pods()
         except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
             log.warning("pod resources lookup at %s failed: %s", self.socket_path, exc)
             return None
+        holders: dict[tuple[str, str], set[str]] = {}
+        for pod in pods.pod_resources:
+            for container in pod.containers:
+                for devs in container.devices:
+                    for dev_id in devs.device_ids:
+                        holders.setdefault((devs.resource_name, dev_id), set()).add(pod.name)
+        self._holders = {k: frozenset(v) for k, v in holders.items()}
+        return pods
+
+    def forget(self, device: str) -> None:
+        """The allocation of ``device`` ended: vouch for no pod of it any more."""
+        self._holders = {k: v for k, v in self._holders.items() if k[1] != device}
+
+    async def prefetch(self, resource: str, device: str, deadline: float = PREFETCH_FOR) -> None:
+        """Learn who holds ``device`` before its pod connects: kubelet lists a pod
+        once it is admitted, right after Allocate. Gives up quietly at ``deadline``."""
+        delay = 0.02
+        with anyio.move_on_after(deadline):
+            while (resource, device) not in self._holders:
+                await self._pods()
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def held(self) -> dict[str, set[str]] | None:
         """Device IDs that pods hold, by resource; None when kubelet cannot say."""
@@ -65,6 +96,9 @@ class PodResourcesChecker:
         return [d for d in devices if d not in held.get(resource, set())]
 
     async def check(self, hostname: str, *, resource: str, device: str) -> HostCheck:
+        cached = self._holders.get((resource, device), frozenset())
+        if any(hostname_matches(hostname, pod) for pod in cached):
+            return HostCheck.OK  # no wait on kubelet
         pods = await self._pods()
         if pods is None:
             return HostCheck.ERROR

@@ -173,6 +173,7 @@ class Service:
                 read_link=partial(workers.run_sync, Work.NETLINK, inventory.read_one),
                 scan=inventory.scan,
                 netdevs=netdevs,
+                holders=pod_resources,
             )
             specs = None
             if self.config.cdi and self.paths.cdi_dir is not None:
