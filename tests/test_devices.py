@@ -20,7 +20,7 @@ from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import Pool, PoolDevice
 from afxdp.state import StateStore
 from afxdp.uds.handshake import HostCheck
-from tests.fakes import FakeDatapath, FakeSubfunctions
+from tests.fakes import FakeDatapath, FakeProgram, FakeSubfunctions
 
 pytestmark = pytest.mark.anyio
 
@@ -223,3 +223,27 @@ async def test_pinned_pools_mount_the_device_directory_and_serve_no_socket(tmp_p
         [handout] = await devices.allocate("p", ["a"])
         assert handout.mounts == [(str(tmp_path / "pins" / "p" / "a"), "/tmp/afxdp_dp/a")]
         assert datapath.log == ["attach a", "pin a"]
+
+
+async def test_reconcile_never_ends_an_allocation_an_allocate_is_making(tmp_path: Path) -> None:
+    pool = _pool("a")
+    async with node(pool, tmp_path) as (devices, datapath, kubelet):
+        await devices.allocate("p", ["a"])  # an old pod's, which kubelet forgot
+        entered, go_on = anyio.Event(), anyio.Event()
+        real_attach = datapath.attach
+
+        def slow_attach(device: str) -> FakeProgram:
+            anyio.from_thread.run_sync(entered.set)
+            anyio.from_thread.run(go_on.wait)
+            return real_attach(device)
+
+        datapath.attach = slow_attach  # type: ignore[method-assign]  # a fake, slowed
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(devices.allocate, "p", ["a"])  # reclaims a, then sets it up
+            await entered.wait()
+            tg.start_soon(devices.reconcile)  # kubelet does not list the new pod yet
+            await anyio.sleep(0.05)
+            go_on.set()
+        kubelet.held.add("a")  # kubelet lists the new pod once Allocate answered
+        assert pool.devices["a"].state.value == "allocated"
+        assert "a" in devices.handouts.handouts

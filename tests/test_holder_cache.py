@@ -37,7 +37,7 @@ async def test_a_handshake_after_the_prefetch_asks_kubelet_nothing_and_the_cache
         node.kubelet.hold("pod-a", "afxdp/pool1", dev)
         await node.allocate(dev)
         with anyio.fail_after(10):  # the background prefetch learns pod-a
-            while checker._holders.get(("afxdp/pool1", dev)) != {"pod-a"}:
+            while checker._holders.get(("afxdp/pool1", dev)) != frozenset({"pod-a"}):
                 await anyio.sleep(0.01)
         sock = node.paths.uds_dir / dev / "afxdp.sock"
         before = checker.lookups

@@ -127,7 +127,7 @@ class Devices:
     def rows(self) -> list[tuple[str, str, str]]:
         """(pool, state, health) of every device, for metrics."""
         return [
-            (name, d.state.value, "Healthy" if d.healthy else "Unhealthy")
+            (name, d.state.value, "Healthy" if d.usable else "Unhealthy")
             for name, p in self.pools.items()
             for d in p.devices.values()
         ]
@@ -207,21 +207,25 @@ class Devices:
         ``grace`` are left alone (kubelet lists a pod right after Allocate; the
         margin covers a slow one).
         """
-        now = anyio.current_time()
         released = []
         for pool in list(self.pools.values()):
-            candidates = []
-            for dev in pool.devices.values():
-                handout = self.handouts.handouts.get(dev.id)
-                if dev.allocated and (handout is None or now - handout.since >= grace):
-                    candidates.append(dev.id)
-            if not candidates:
-                continue
-            resource = pool.config.resource_name
-            for dev_id in await self._find_stale(resource, candidates):
-                log.info("%s: no pod holds %s any more (kubelet); released", resource, dev_id)
-                await self.release(dev_id)
-                released.append(dev_id)
+            # Under the pool's Allocate lock: an Allocate that is reclaiming a
+            # device has it marked allocated before kubelet can list its new pod,
+            # and must not have that fresh allocation ended under it.
+            async with self._allocating[pool.name]:
+                now = anyio.current_time()
+                candidates = []
+                for dev in pool.devices.values():
+                    handout = self.handouts.handouts.get(dev.id)
+                    if dev.allocated and (handout is None or now - handout.since >= grace):
+                        candidates.append(dev.id)
+                if not candidates:
+                    continue
+                resource = pool.config.resource_name
+                for dev_id in await self._find_stale(resource, candidates):
+                    log.info("%s: no pod holds %s any more (kubelet); released", resource, dev_id)
+                    await self._end(pool, dev_id)
+                    released.append(dev_id)
         self.prune()
         return released
 

@@ -20,7 +20,8 @@ from afxdp.uds.handshake import HostCheck, hostname_matches
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 5.0
+TIMEOUT = 2.5  # per attempt
+ATTEMPTS = 2
 PREFETCH_FOR = 10.0  # how long after Allocate to keep asking who holds the device
 
 
@@ -48,11 +49,17 @@ class PodResourcesChecker:
     async def _pods(self) -> api_pb2.ListPodResourcesResponse | None:
         """The pods kubelet knows, or None (logged) when it cannot be asked."""
         self.lookups += 1
-        try:
-            pods = await self.list_pods()
-        except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
-            log.warning("pod resources lookup at %s failed: %s", self.socket_path, exc)
-            return None
+        for attempt in range(ATTEMPTS):
+            try:
+                pods = await self.list_pods()
+                break
+            except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
+                # Seen under load: one call on a fresh channel that never gets its
+                # answer while kubelet answers every other one. One more try, on a
+                # new channel, before telling the caller kubelet cannot say.
+                if attempt + 1 == ATTEMPTS:
+                    log.warning("pod resources lookup at %s failed: %s", self.socket_path, exc)
+                    return None
         holders: dict[tuple[str, str], set[str]] = {}
         for pod in pods.pod_resources:
             for container in pod.containers:

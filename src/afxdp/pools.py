@@ -52,12 +52,20 @@ class PoolDevice:
     # For cdq secondaries: the primary netdev and the 1-based secondary index.
     parent: str | None = None
     index: int | None = None
-    healthy: bool = True
+    healthy: bool = True  # its link, as netlink says
     allocated: bool = False
+    # Why the device cannot be handed out although its link is fine (our program
+    # could not be attached to it ahead of Allocate); None when nothing is wrong.
+    fault: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """What kubelet is told: Healthy or Unhealthy."""
+        return self.healthy and self.fault is None
 
     @property
     def state(self) -> DeviceState:
-        if not self.healthy:
+        if not self.usable:
             return DeviceState.UNHEALTHY
         return DeviceState.ALLOCATED if self.allocated else DeviceState.FREE
 
@@ -68,6 +76,7 @@ class PoolDevice:
             "state": self.state.value,
             "numa": self.numa_node,
             "parent": self.parent,
+            "fault": self.fault,
         }
 
 

@@ -55,7 +55,7 @@ class PoolPlugin(api_grpc.DevicePluginBase):
                 topology = pb.TopologyInfo(nodes=[pb.NUMANode(ID=dev.numa_node)])
             devices.append(
                 pb.Device(
-                    ID=dev.id, health=HEALTHY if dev.healthy else UNHEALTHY, topology=topology
+                    ID=dev.id, health=HEALTHY if dev.usable else UNHEALTHY, topology=topology
                 )
             )
         return pb.ListAndWatchResponse(devices=devices)
