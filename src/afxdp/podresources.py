@@ -13,7 +13,6 @@ from pathlib import Path
 
 import anyio
 from grpclib.client import Channel
-from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from afxdp.deviceplugin.podresources import api_grpc, api_pb2
 from afxdp.uds.handshake import HostCheck, hostname_matches
@@ -53,10 +52,11 @@ class PodResourcesChecker:
             try:
                 pods = await self.list_pods()
                 break
-            except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
+            except Exception as exc:
                 # Seen under load: one call on a fresh channel that never gets its
-                # answer while kubelet answers every other one. One more try, on a
-                # new channel, before telling the caller kubelet cannot say.
+                # answer while kubelet answers every other one; and grpclib raising
+                # AttributeError from a connection kubelet dropped mid-call. One
+                # more try, on a new channel, before saying kubelet cannot say.
                 if attempt + 1 == ATTEMPTS:
                     log.warning("pod resources lookup at %s failed: %s", self.socket_path, exc)
                     return None

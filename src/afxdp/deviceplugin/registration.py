@@ -14,7 +14,6 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 from grpclib.client import Channel
-from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Server
 
 from afxdp.deviceplugin.plugin import PoolPlugin
@@ -87,8 +86,8 @@ class Registration:
             if kubelet_inode is not None:
                 try:
                     await self._register_once(resource)
-                except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
-                    problem = f"registering {resource} with kubelet failed: {exc}; retrying"
+                except Exception as exc:  # whatever kubelet (or grpclib) does: retry
+                    problem = f"registering {resource} with kubelet failed: {exc!r}; retrying"
                 else:
                     self.registered = True
                     self.registrations += 1
