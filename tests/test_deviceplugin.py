@@ -135,18 +135,20 @@ async def test_allocate_errors_name_the_device_and_roll_back(node: Node) -> None
             ip("link", "set", d1, "up")
             await until(node, stream, {d1: "Healthy"})
             stream.cancel()
-            # d1 can be set up, d2 cannot: nothing of d1 may stay behind.
+            # d2 carries someone else's program: no program of ours could be
+            # prepared on it, so it is advertised Unhealthy with the reason, and
+            # an Allocate naming it is refused before anything is done for d1.
+            status = await node.call(control.read_status, node.paths.run_dir)
+            by_id = {d["id"]: d for d in status["pools"][0]["devices"]}
+            assert by_id[d2]["state"] == "unhealthy"
+            assert f"another XDP program (id {foreign}) is attached" in by_id[d2]["fault"]
             with pytest.raises(grpc.RpcError) as err:
                 await node.call(client.allocate, [d1, d2])
-            assert err.value.code() is grpc.StatusCode.INTERNAL
-            assert (
-                f"{d2}: {d2}: another XDP program (id {foreign}) is attached" in err.value.details()
-            )
-            assert libbpf.xdp_query_id(socket_index(d1)) == 0
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert f"{d2}: unhealthy" in err.value.details()
             assert not (node.paths.uds_dir / d1).exists()
-            status = await node.call(control.read_status, node.paths.run_dir)
             states = {d["id"]: d["state"] for d in status["pools"][0]["devices"]}
-            assert states == {d0: "allocated", d1: "free", d2: "free"}
+            assert states == {d0: "allocated", d1: "free", d2: "unhealthy"}
             # And d1 is still usable.
             resp = await node.call(client.allocate, [d1])
             assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": d1}

