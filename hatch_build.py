@@ -54,3 +54,8 @@ class AfxdpBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         built.append(out)
         # The outputs are git-ignored; artifacts are shipped all the same.
         build_data.setdefault("artifacts", []).extend(str(p.relative_to(root)) for p in built)
+        if self.target_name == "wheel":
+            # A native shim inside: the wheel is for this platform and Python
+            # (cp311-cp311-linux_x86_64), not py3-none-any.
+            build_data["pure_python"] = False
+            build_data["infer_tag"] = True

@@ -20,7 +20,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     session.install(".[lint]")
-    paths = ["src", "tests", "benchmarks", "noxfile.py", "hatch_build.py"]
+    paths = ["src", "tests", "benchmarks", "noxfile.py", "hatch_build.py", "scripts/build-image"]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", *paths)
     # The layering contracts in pyproject.toml ([tool.importlinter]), on this tree's source.
@@ -128,3 +128,9 @@ def soak(session: nox.Session) -> None:
         "python", "-m", "tests.soak", "--lifecycles", "1000", "--concurrency", "8",
         *session.posargs,
     )  # fmt: skip
+
+
+@nox.session(python=False, default=False)
+def image(session: nox.Session) -> None:
+    """Build the image with podman on a local mmdebstrap base and check it (root)."""
+    session.run("scripts/build-image", *session.posargs, external=True)
