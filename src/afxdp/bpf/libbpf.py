@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno as errno_mod
+import functools
 import os
 from pathlib import Path
 
@@ -88,8 +89,17 @@ class ProgInfo(ctypes.Structure):
     )
 
 
+LIBRARY = "libbpf.so.1"
+
+
 def _load() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    try:
+        lib = ctypes.CDLL(LIBRARY, use_errno=True)
+    except OSError as exc:
+        raise BpfError(
+            f"dlopen {LIBRARY}", errno_mod.ENOENT,
+            f"{exc}; install libbpf 1.x (Debian and Ubuntu: apt install libbpf1)",
+        ) from None  # fmt: skip
     sigs: dict[str, tuple[type | None, list[type]]] = {
         "bpf_object__open_file": (c_void_p, [c_char_p, c_void_p]),
         "bpf_object__load": (c_int, [c_void_p]),
@@ -115,7 +125,11 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
-_lib = _load()
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    """libbpf, loaded on first use: importing this module (the pod-side client
+    does) needs no libbpf until a BPF call is made."""
+    return _load()
 
 
 def _check(op: str, rc: int, detail: str = "") -> int:
@@ -132,12 +146,12 @@ class BpfObject:
     """An opened and loaded BPF object file; close it to release its fds."""
 
     def __init__(self, path: Path) -> None:
-        ptr = _lib.bpf_object__open_file(os.fsencode(path), None)
+        ptr = _lib().bpf_object__open_file(os.fsencode(path), None)
         if not ptr:
             raise BpfError("bpf_object__open_file", _errno(), str(path))
         self._ptr: int | None = ptr
         try:
-            _check("bpf_object__load", _lib.bpf_object__load(ptr), str(path))
+            _check("bpf_object__load", _lib().bpf_object__load(ptr), str(path))
         except BpfError:
             self.close()
             raise
@@ -148,25 +162,25 @@ class BpfObject:
         return self._ptr
 
     def program_fd(self, name: str) -> int:
-        prog = _lib.bpf_object__find_program_by_name(self._obj(), name.encode())
+        prog = _lib().bpf_object__find_program_by_name(self._obj(), name.encode())
         if not prog:
             raise BpfError("bpf_object__find_program_by_name", errno_mod.ENOENT, name)
-        return _check("bpf_program__fd", _lib.bpf_program__fd(prog), name)
+        return _check("bpf_program__fd", _lib().bpf_program__fd(prog), name)
 
     def map_fd(self, name: str) -> int:
-        found = _lib.bpf_object__find_map_by_name(self._obj(), name.encode())
+        found = _lib().bpf_object__find_map_by_name(self._obj(), name.encode())
         if not found:
             raise BpfError("bpf_object__find_map_by_name", errno_mod.ENOENT, name)
-        return _check("bpf_map__fd", _lib.bpf_map__fd(found), name)
+        return _check("bpf_map__fd", _lib().bpf_map__fd(found), name)
 
     def close(self) -> None:
         if self._ptr is not None:
-            _lib.bpf_object__close(self._ptr)
+            _lib().bpf_object__close(self._ptr)
             self._ptr = None
 
 
 def xdp_attach(ifindex: int, prog_fd: int, flags: XdpFlags) -> None:
-    _check("bpf_xdp_attach", _lib.bpf_xdp_attach(ifindex, prog_fd, int(flags), None))
+    _check("bpf_xdp_attach", _lib().bpf_xdp_attach(ifindex, prog_fd, int(flags), None))
 
 
 def xdp_detach(ifindex: int, flags: XdpFlags, expected_prog_fd: int | None = None) -> None:
@@ -176,30 +190,30 @@ def xdp_detach(ifindex: int, flags: XdpFlags, expected_prog_fd: int | None = Non
     if expected_prog_fd is not None:
         flags |= XdpFlags.REPLACE
         opts = ctypes.byref(_XdpAttachOpts(ctypes.sizeof(_XdpAttachOpts), expected_prog_fd))
-    _check("bpf_xdp_detach", _lib.bpf_xdp_detach(ifindex, int(flags), opts))
+    _check("bpf_xdp_detach", _lib().bpf_xdp_detach(ifindex, int(flags), opts))
 
 
 def xdp_query_id(ifindex: int, flags: int = 0) -> int:
     """ID of the XDP program attached in ``flags``' mode (any mode when 0); 0 if none."""
     prog_id = c_uint32(0)
-    _check("bpf_xdp_query_id", _lib.bpf_xdp_query_id(ifindex, int(flags), ctypes.byref(prog_id)))
+    _check("bpf_xdp_query_id", _lib().bpf_xdp_query_id(ifindex, int(flags), ctypes.byref(prog_id)))
     return prog_id.value
 
 
 def obj_pin(fd: int, path: Path) -> None:
-    _check("bpf_obj_pin", _lib.bpf_obj_pin(fd, os.fsencode(path)), str(path))
+    _check("bpf_obj_pin", _lib().bpf_obj_pin(fd, os.fsencode(path)), str(path))
 
 
 def obj_get(path: Path) -> int:
     """Open a pinned object; the caller owns the returned fd."""
-    return _check("bpf_obj_get", _lib.bpf_obj_get(os.fsencode(path)), str(path))
+    return _check("bpf_obj_get", _lib().bpf_obj_get(os.fsencode(path)), str(path))
 
 
 def map_update_u32(fd: int, key: int, value: int) -> None:
     k, v = c_uint32(key), c_uint32(value)
     _check(
         "bpf_map_update_elem",
-        _lib.bpf_map_update_elem(fd, ctypes.byref(k), ctypes.byref(v), BPF_ANY),
+        _lib().bpf_map_update_elem(fd, ctypes.byref(k), ctypes.byref(v), BPF_ANY),
         f"key {key}",
     )
 
@@ -208,7 +222,7 @@ def _info(fd: int, info: ctypes.Structure) -> None:
     size = c_uint32(ctypes.sizeof(info))
     _check(
         "bpf_obj_get_info_by_fd",
-        _lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+        _lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
     )
 
 
@@ -220,7 +234,7 @@ def map_info(fd: int) -> MapInfo:
 
 def prog_name(prog_id: int) -> str:
     """The name of the loaded program ``prog_id`` (cut at 15 characters by the kernel)."""
-    fd = _check("bpf_prog_get_fd_by_id", _lib.bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
+    fd = _check("bpf_prog_get_fd_by_id", _lib().bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
     try:
         info = ProgInfo()
         _info(fd, info)
@@ -234,7 +248,7 @@ def prog_map_fd(prog_id: int) -> int:
     """An fd of the (first) map that loaded program ``prog_id`` uses: how a
     restarted afxdpd gets the XSKMAP of a program it left attached. The caller
     closes it."""
-    fd = _check("bpf_prog_get_fd_by_id", _lib.bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
+    fd = _check("bpf_prog_get_fd_by_id", _lib().bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
     try:
         ids = (c_uint32 * 1)()
         info = ProgInfo()
@@ -247,4 +261,4 @@ def prog_map_fd(prog_id: int) -> int:
             )
     finally:
         os.close(fd)
-    return _check("bpf_map_get_fd_by_id", _lib.bpf_map_get_fd_by_id(ids[0]), f"id {ids[0]}")
+    return _check("bpf_map_get_fd_by_id", _lib().bpf_map_get_fd_by_id(ids[0]), f"id {ids[0]}")
