@@ -54,10 +54,15 @@ MUTATION_TARGETS: dict[str, tuple[str, list[str]]] = {
     "pools": ("src/afxdp/pools.py", ["tests/test_pools.py"]),
     "config": ("src/afxdp/config.py", ["tests/test_config.py", "tests/test_config_fuzz.py"]),
     "handshake": ("src/afxdp/uds/handshake.py", ["tests/test_handshake.py"]),
-    "netconf": ("src/afxdp/cni/netconf.py", ["tests/test_cni_units.py"]),
+    "netconf": (
+        "src/afxdp/cni/netconf.py",
+        ["tests/test_cni_units.py", "tests/test_cni_fuzz.py", "tests/test_cni_input.py"],
+    ),
     "handler": ("src/afxdp/cni/handler.py", ["tests/test_cni_units.py"]),
+    "devices": ("src/afxdp/devices.py", ["tests/test_devices.py"]),
+    "handouts": ("src/afxdp/handouts.py", ["tests/test_devices.py"]),
 }
-MUTATION_DEFAULT = ["pools", "config", "handshake"]
+MUTATION_DEFAULT = ["pools", "config", "handshake", "netconf", "devices", "handouts"]
 
 
 @nox.session(python="3.11", default=False)
