@@ -8,6 +8,7 @@ resource pool); errors are mapped to gRPC statuses here, at the edge.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from grpclib import GRPCError, Status
@@ -54,9 +55,7 @@ class PoolPlugin(api_grpc.DevicePluginBase):
             if dev.numa_node is not None:
                 topology = pb.TopologyInfo(nodes=[pb.NUMANode(ID=dev.numa_node)])
             devices.append(
-                pb.Device(
-                    ID=dev.id, health=HEALTHY if dev.usable else UNHEALTHY, topology=topology
-                )
+                pb.Device(ID=dev.id, health=HEALTHY if dev.usable else UNHEALTHY, topology=topology)
             )
         return pb.ListAndWatchResponse(devices=devices)
 
@@ -113,13 +112,19 @@ class PoolPlugin(api_grpc.DevicePluginBase):
     ) -> None:
         containers = [list(c.devices_ids) for c in req.container_requests]
         all_ids = [d for ids in containers for d in ids]
+        start = time.perf_counter()
+
+        def took() -> str:
+            return f"{(time.perf_counter() - start) * 1000:.1f} ms"
+
         try:
             handouts = await self.devices.allocate(self.pool_name, all_ids)
         except DeviceError as exc:
-            log.warning("%s: Allocate %s refused: %s", self.pool_name, all_ids, exc)
+            log.warning("%s: Allocate %s refused in %s: %s", self.pool_name, all_ids, took(), exc)
             raise GRPCError(Status.FAILED_PRECONDITION, f"{self.pool_name}: {exc}") from None
         except AllocateFailed as exc:
-            log.error("%s: Allocate %s failed, rolled back: %s", self.pool_name, all_ids, exc)
+            log.error("%s: Allocate %s failed in %s, rolled back: %s",
+                      self.pool_name, all_ids, took(), exc)  # fmt: skip
             raise GRPCError(Status.INTERNAL, f"{self.pool_name}: {exc}") from None
         mounts = {h.device: h.mounts for h in handouts}
         responses = []
@@ -133,5 +138,5 @@ class PoolPlugin(api_grpc.DevicePluginBase):
                 for host, container in mounts[dev_id]:
                     resp.mounts.append(pb.Mount(container_path=container, host_path=host))
             responses.append(resp)
-        log.info("%s: allocated %s", self.pool_name, all_ids)
+        log.info("%s: allocated %s in %s", self.pool_name, all_ids, took())
         await stream.send_message(pb.AllocateResponse(container_responses=responses))
