@@ -224,7 +224,7 @@ async def test_kill9_during_add_then_the_runtimes_del_leaves_nothing(node: Node)
     code, _, err = await node.cni("DEL", d0, ns)
     assert code == 0, err
     assert node.leases() == set()  # the half-done ADD was undone from its record
-    code, out, err = await node.cni("ADD", d0, ns)  # the runtime tries again
+    code, _out, err = await node.cni("ADD", d0, ns)  # the runtime tries again
     assert code == 0, err
     assert prog_on(d0, ns) > 0
     code, _, err = await node.cni("DEL", d0, ns)
@@ -281,3 +281,37 @@ async def test_sigterm_restart_keeps_the_pods_directory_and_serves_a_new_socket_
     node.kubelet.pods.clear()
     node.stop()
     assert prog_on(d0) == 0 and not directory.exists()
+
+
+async def test_sigterm_lets_a_cni_add_in_flight_finish_and_turns_new_ones_away(
+    node: Node,
+) -> None:
+    d0, d1 = node.devices
+    node.start()
+    node.allocate(d0)
+    ns = node.lab.netns("rpod")
+    node.ipam.set("hold-ctr-r")
+    results: list[tuple[int, Any, str]] = []
+
+    async def add() -> None:
+        results.append(await node.cni("ADD", d0, ns))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(add)
+        await node.ipam.wait_entered("ctr-r")
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+        # While it drains, a new request is told to come back later.
+        with anyio.fail_after(10):
+            while True:
+                code, out, _ = await cni("ADD", node.netconf(d1), shim_path=node.shim,
+                                         netns=f"/run/netns/{ns}", container="ctr-other",
+                                         CNI_PATH=f"{node.ipam.bin}:/usr/lib/cni")  # fmt: skip
+                if code and out and out["code"] == 11 and "stopping" in out["msg"]:
+                    break
+                await anyio.sleep(0.05)
+        node.ipam.set("hold-ctr-r", on=False)
+    [(code, _, err)] = results
+    assert code == 0, err  # the ADD in flight was finished, not cut off
+    assert node.proc.wait(timeout=20) == 0
+    assert prog_on(d0, ns) > 0  # the pod has its device

@@ -25,8 +25,10 @@ from anyio.abc import TaskGroup, TaskStatus
 from afxdp import cdi, control, inventory, kindnet, metrics, pools, workers
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
+from afxdp.cni.errors import TRY_AGAIN_LATER, CniError
 from afxdp.cni.frame import Request
 from afxdp.cni.handler import CniHandler
+from afxdp.cni.netconf import peek_version
 from afxdp.config import Config, load_config_file
 from afxdp.datapath import KernelDatapath
 from afxdp.deviceplugin.plugin import PoolPlugin
@@ -68,18 +70,28 @@ class Paths:
 
 
 class _Counted:
-    """The CNI handler, with each request counted and timed by verb and result."""
+    """The CNI handler, with each request counted and timed by verb and result,
+    and, while the service drains for a stop, new requests turned away."""
 
     def __init__(self, handler: CniHandler, m: Metrics) -> None:
         self.handler, self.metrics = handler, m
+        self.in_flight = 0
+        self.draining = False
 
     async def handle(self, request: Request) -> tuple[int, bytes, bytes]:
         verb = request.env.get("CNI_COMMAND", "")
         verb = verb if verb in VERBS else "other"  # a label per junk value would grow forever
-        with self.metrics.timed(self.metrics.cni, verb) as result:
-            code, out, err = await self.handler.handle(request)
-            result[0] = "ok" if code == 0 else f"code {_cni_code(out)}"
-        return code, out, err
+        if self.draining and verb != "VERSION":
+            err = CniError(TRY_AGAIN_LATER, "afxdpd is stopping; try again in a moment")
+            return 1, err.to_json(peek_version(request.stdin)), f"afxdp: {err}\n".encode()
+        self.in_flight += 1
+        try:
+            with self.metrics.timed(self.metrics.cni, verb) as result:
+                code, out, err_text = await self.handler.handle(request)
+                result[0] = "ok" if code == 0 else f"code {_cni_code(out)}"
+        finally:
+            self.in_flight -= 1
+        return code, out, err_text
 
 
 def _cni_code(out: bytes) -> str:
@@ -120,6 +132,7 @@ class Service:
     _specs: cdi.CdiSpecs | None = field(default=None, init=False)
     _pool_scopes: dict[str, anyio.CancelScope] = field(default_factory=dict, init=False)
     _pool_stopped: dict[str, anyio.Event] = field(default_factory=dict, init=False)
+    _cni: _Counted | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics.create(lambda: self.devices.rows() if self.devices else [])
@@ -215,7 +228,8 @@ class Service:
                     self.status,
                 )
                 cni = CniHandler(devs, store)
-                await tg.start(cni_server.serve, self.paths.run_dir, _Counted(cni, self.metrics))
+                self._cni = _Counted(cni, self.metrics)
+                await tg.start(cni_server.serve, self.paths.run_dir, self._cni)
                 devs.ready = True
                 replayed = await cni_server.replay_queue(self.paths.run_dir, cni)
                 if replayed:
@@ -366,6 +380,19 @@ class Service:
             if last is not None:
                 log.info("%s changed; reloading", path)
                 await self.reload()
+
+    async def drain(self) -> None:
+        """Before a stop: turn new CNI requests away (code 11, the runtime retries)
+        and return once those in flight are done. The caller bounds the wait."""
+        if self.devices is not None:
+            self.devices.ready = False  # CNI STATUS says not ready
+        if self._cni is None:
+            return
+        self._cni.draining = True
+        if self._cni.in_flight:
+            log.info("waiting for %d CNI request(s) in flight", self._cni.in_flight)
+        while self._cni.in_flight:
+            await anyio.sleep(0.02)
 
     async def reconcile_forever(self) -> None:
         """End allocations that kubelet no longer lists, every RECONCILE_INTERVAL."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 
-from afxdp import logsetup
+from afxdp import __version__, logsetup
 from afxdp.cli.common import Exit, default_node_name, load_or_report
 from afxdp.config import LOG_DIR
 from afxdp.kindnet import KindNetError
@@ -26,11 +26,15 @@ log = logging.getLogger("afxdpd")
 
 STATE_DIR = Path("/var/lib/afxdp")
 CDI_DIR = Path("/var/run/cdi")
+# How long a stop waits for CNI requests in flight (IPAM gets 60 s; kubelet's
+# terminationGracePeriodSeconds in the DaemonSet must exceed this).
+DRAIN_TIMEOUT = 25.0
 
 
 def parser() -> argparse.ArgumentParser:
     d = Paths()
     ap = argparse.ArgumentParser(prog="afxdpd", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--config", type=Path, default=Path("config.json"),
                     help="config file (default: ./config.json, as the original)")  # fmt: skip
     ap.add_argument(
@@ -76,6 +80,9 @@ async def _main(service: Service) -> None:
                     tg.start_soon(service.reload)
                     continue
                 log.info("%s: shutting down", signal.Signals(signum).name)
+                # Requests in flight finish (bounded); then everything stops.
+                with anyio.move_on_after(DRAIN_TIMEOUT):
+                    await service.drain()
                 tg.cancel_scope.cancel()
                 break
 
