@@ -463,3 +463,34 @@ def test_afxdpd_serves_metrics_and_readiness_and_survives_a_taken_metrics_port(
             proc.kill()
             proc.wait()
         kubelet.stop()
+
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# An empty SETTINGS frame, then a HEADERS frame cut short: the start of a gRPC call.
+_H2_START = _H2_PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]) + bytes([0, 0, 40, 1, 4, 0, 0, 0, 1])
+
+
+@pytest.mark.privileged
+async def test_a_grpc_peer_hanging_up_at_every_byte_never_harms_the_plugin_server(
+    node: NodeUnderTest,
+) -> None:
+    dev = node.devices[0]
+    async with running(node):
+        sock = node.kubelet.plugin_dir / "afxdp-pool1.sock"
+
+        def hang_ups() -> None:
+            for cut in range(len(_H2_START) + 1):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(str(sock))
+                    s.sendall(_H2_START[:cut])
+                    if cut % 2:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # Junk instead of HTTP/2, then hang up.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(sock))
+                s.sendall(b"\x00\xff" * 100)
+
+        await anyio.to_thread.run_sync(hang_ups)
+        resp = await node.allocate(dev)  # kubelet's next call is served as ever
+        assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": dev}
+        assert (await node.states())[dev] == "allocated"
