@@ -50,12 +50,19 @@ class NodeUnderTest:
 
 
 @asynccontextmanager
-async def running(node: NodeUnderTest) -> AsyncIterator[NodeUnderTest]:
-    """The service up (pools registered with the kubelet double) for the block's duration."""
-    node.kubelet.start_registration()
+async def running(
+    node: NodeUnderTest,
+    secondary: FakeSubfunctions | None = None,
+    *,
+    registration: bool = True,
+) -> AsyncIterator[NodeUnderTest]:
+    """The service up for the block's duration: its pools registered with the
+    kubelet double (unless ``registration`` is False: kubelet.sock absent)."""
+    if registration:
+        node.kubelet.start_registration()
     node.kubelet.start_pod_resources()
     config = load_config(json.dumps(node.config).encode()).config
-    node.service = Service(config, "node1", node.paths, FakeSubfunctions())
+    node.service = Service(config, "node1", node.paths, secondary or FakeSubfunctions())
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(node.service.run)

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import grpc
 import pytest
 
 from afxdp import control
-from afxdp.config import load_config
-from afxdp.service import Service
 from tests.fakes import FakeSubfunctions, peer_of
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest as Node
+from tests.node import running
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
 
@@ -46,22 +43,6 @@ def node(tmp_path: Path, lab: Lab, primary: str) -> Node:
     config = {"pools": [{"name": "pool1", "mode": "cdq",
                          "devices": [{"name": primary, "secondary": 2}]}]}  # fmt: skip
     return Node(tmp_path, lab, [primary], config)
-
-
-@asynccontextmanager
-async def running(node: Node, provider: FakeSubfunctions) -> AsyncIterator[Node]:
-    """tests.node.running with this file's subfunction provider."""
-    node.kubelet.start_registration()
-    node.kubelet.start_pod_resources()
-    config = load_config(json.dumps(node.config).encode()).config
-    node.service = Service(config, "node1", node.paths, provider)
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(node.service.run)
-            yield node
-            tg.cancel_scope.cancel()
-    finally:
-        node.kubelet.stop()
 
 
 def link_exists(name: str) -> bool:
