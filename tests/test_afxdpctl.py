@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
+from afxdp import __version__, control
 from afxdp.cli import afxdpctl
 from afxdp.cni import shim
+from afxdp.status import PodRef, Status, pod_from_cni_args, pods_by_device
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest as Node
 from tests.node import pool_config, running
+from tests.test_cni import Node as CniNode
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -117,46 +123,210 @@ def devices(lab: Lab) -> Iterator[list[str]]:
     yield [a, c]
 
 
+async def ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``afxdpctl ARGV`` in-process, off the event loop; (exit code, stdout, stderr)."""
+    code = await anyio.to_thread.run_sync(afxdpctl.main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def rows(lines: list[str]) -> list[list[str]]:
+    """A kubectl-like table's lines, split into cells (no cell here holds a space)."""
+    return [line.split() for line in lines]
+
+
+def tables(out: str) -> list[list[list[str]]]:
+    """``afxdpctl status``'s tables (separated by blank lines), each split into cells."""
+    return [rows(block.splitlines()) for block in out.strip().split("\n\n")]
+
+
+async def registered(node: Node, timeout: float = 10.0) -> None:
+    """Until afxdpd says every pool is registered (kubelet's Register returns a
+    moment before afxdpd notes it)."""
+    with anyio.fail_after(timeout):
+        while (await node.call(control.fetch_status, node.paths.run_dir)).unready_reasons():
+            await anyio.sleep(0.02)
+
+
 @pytest.mark.privileged
 @pytest.mark.anyio
-async def test_status_human_and_json_describe_the_running_service(
+async def test_status_every_output_describes_the_running_service(
     tmp_path: Path, lab: Lab, devices: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     d0, d1 = devices
     node = Node(tmp_path, lab, devices, pool_config(devices))
     run_dir = str(node.paths.run_dir)
     async with running(node):
+        await registered(node)
         await node.allocate(d0)
-        assert (
-            await anyio.to_thread.run_sync(
-                afxdpctl.main, ["status", "--run-dir", run_dir, "--json"]
-            )
-            == 0
-        )
-        doc = json.loads(capsys.readouterr().out)
-        assert await anyio.to_thread.run_sync(afxdpctl.main, ["status", "--run-dir", run_dir]) == 0
-        human = capsys.readouterr().out.splitlines()
-    assert (doc["node"], doc["ready"]) == ("node1", True)
-    (pool,) = doc["pools"]
-    assert (pool["resource"], pool["mode"], pool["registered"]) == ("afxdp/pool1", "primary", True)
-    assert {d["id"]: d["state"] for d in pool["devices"]} == {d0: "allocated", d1: "free"}
-    (alloc,) = doc["allocations"]
-    assert (alloc["device"], alloc["pool"], alloc["xdp_mode"]) == (d0, "pool1", "native")
-    assert alloc["uds_socket"] == str(node.paths.uds_dir / d0 / "afxdp.sock")
+        outputs = {}
+        for flags in (["-o", "json"], ["--json"], ["-o", "yaml"], [], ["-o", "wide"]):
+            code, out, err = await ctl(capsys, "status", "--run-dir", run_dir, *flags)
+            assert (code, err) == (0, ""), (flags, out)  # ready: 0, and nothing on stderr
+            outputs[" ".join(flags)] = out
 
-    assert human[0] == "node node1: ready"
-    assert human[1].startswith("pool afxdp/pool1 [primary] registered")
-    assert human[2].split() == [d0, "allocated", "numa=-"]
-    assert human[3].split() == [d1, "free", "numa=-"]
-    assert human[4] == (
-        f"allocated {d0} (pool1): xdp=native prog={alloc['xdp_prog_id']} "
-        f"{alloc['uds_socket']} connections=0"
-    )
+    doc = msgspec.json.decode(outputs["-o json"], type=Status)
+    assert (doc.node, doc.ready, doc.unready_reasons()) == ("node1", True, [])
+    (pool,) = doc.pools
+    assert (pool.resource, pool.mode, pool.registered, pool.label) == (
+        "afxdp/pool1", "primary", True, "pool1")  # fmt: skip
+    assert {d.id: (d.state, d.health) for d in pool.devices} == {
+        d0: ("allocated", "Healthy"),
+        d1: ("free", "Healthy"),
+    }
+    (alloc,) = doc.allocations
+    assert (alloc.device, alloc.pool, alloc.xdp_mode) == (d0, "pool1", "native")
+    assert alloc.uds_socket == str(node.paths.uds_dir / d0 / "afxdp.sock")
+    assert alloc.xdp_prog_id and alloc.uds_connections == 0
+    assert doc.queued_dels == 0
+    # --json is -o json; yaml is the same document (counters of the control
+    # server itself move between two reads, so pools and allocations are compared).
+    assert msgspec.json.decode(outputs["--json"], type=Status).pools == doc.pools
+    from_yaml = msgspec.yaml.decode(outputs["-o yaml"], type=Status)
+    assert (from_yaml.pools, from_yaml.allocations) == (doc.pools, doc.allocations)
+
+    node_t, pools_t, devices_t = tables(outputs[""])
+    assert node_t == [["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS"],
+                      ["node1", "yes", "1", "2", "1", "0"]]  # fmt: skip
+    assert pools_t == [["POOL", "RESOURCE", "MODE", "REGISTERED", "DEVICES", "FREE"],
+                       ["pool1", "afxdp/pool1", "primary", "yes", "2", "1"]]  # fmt: skip
+    assert devices_t == [
+        ["POOL", "DEVICE", "STATE", "HEALTH", "POD"],
+        ["pool1", d0, "allocated", "Healthy", "<none>"],  # no CNI ADD yet: no pod known
+        ["pool1", d1, "free", "Healthy", "<none>"],
+    ]
+    *_, wide = tables(outputs["-o wide"])
+    assert wide == [
+        ["POOL", "DEVICE", "STATE", "HEALTH", "POD", "NUMA", "PARENT", "XDP-MODE", "PROG-ID",
+         "SOCKET", "CONNECTIONS", "ACTIVE"],
+        ["pool1", d0, "allocated", "Healthy", "<none>", "<none>", "<none>", "native",
+         str(alloc.xdp_prog_id), str(alloc.uds_socket), "0", "0"],
+        ["pool1", d1, "free", "Healthy", "<none>", *["<none>"] * 7],
+    ]  # fmt: skip
+
+
+@pytest.mark.privileged
+@pytest.mark.anyio
+async def test_status_names_the_pod_from_the_cni_add(
+    tmp_path: Path, lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = lab.veth(lab.name("cp"), lab.name("cq"))
+    for link in (a, b):
+        ip("link", "set", link, "up")
+    node = CniNode(tmp_path, lab, [a])
+    netns = f"/run/netns/{lab.netns('ctlpod')}"
+    async with running(node):
+        await registered(node)
+        await node.allocate(a)
+        code, result, err = await node.cni("ADD", node.netconf(a), netns=netns,
+            CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=rx-0")  # fmt: skip
+        assert code == 0, (result, err)
+        _, out, _ = await ctl(capsys, "status", "--run-dir", str(node.paths.run_dir), "-o", "json")
+        *_, table = tables((await ctl(capsys, "status", "--run-dir",
+                                      str(node.paths.run_dir)))[1])  # fmt: skip
+        code, _, err = await node.cni("DEL", node.netconf(a), netns=netns)
+        assert code == 0, err
+    (dev,) = msgspec.json.decode(out, type=Status).pools[0].devices
+    assert dev.pod == PodRef(name="rx-0", namespace="team-a")
+    assert table[1] == ["pool1", a, "allocated", "Healthy", "team-a/rx-0"]
+
+
+@pytest.mark.privileged
+@pytest.mark.anyio
+async def test_status_of_a_service_kubelet_has_not_registered_exits_1_with_the_reason(
+    tmp_path: Path, lab: Lab, devices: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    node = Node(tmp_path, lab, devices, pool_config(devices))
+    run_dir = str(node.paths.run_dir)
+    async with running(node, registration=False):
+        code, out, err = await ctl(capsys, "status", "--run-dir", run_dir)
+        json_code, json_out, _ = await ctl(capsys, "status", "--run-dir", run_dir, "-o", "json")
+    assert code == json_code == 1
+    assert err == "not ready: not registered with kubelet: afxdp/pool1\n"
+    node_t, pools_t, _ = tables(out)  # the status is printed all the same
+    assert node_t[1][:2] == ["node1", "no"]
+    assert pools_t[1][:4] == ["pool1", "afxdp/pool1", "primary", "no"]
+    doc = msgspec.json.decode(json_out, type=Status)
+    assert doc.ready and not doc.pools[0].registered
 
 
 def test_status_without_a_running_service_says_where_it_looked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert afxdpctl.main(["status", "--run-dir", str(tmp_path)]) == 3
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err
+        == f"afxdpd is not answering on {tmp_path / 'control.sock'}: No such file or directory\n"
+    )
+
+
+def test_status_with_a_dead_socket_or_a_stranger_answering_exits_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # bound, never listening: what a killed afxdpd leaves
+        assert afxdpctl.main(["status", "--run-dir", str(tmp_path)]) == 3
     _, err = capsys.readouterr()
-    assert err.startswith(f"afxdpd is not answering on {tmp_path / 'control.sock'}: ")
+    assert err == f"afxdpd is not answering on {path}: Connection refused\n"
+
+    path.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
+        stranger.bind(str(path))
+        stranger.listen()
+
+        def answer() -> None:
+            conn, _ = stranger.accept()
+            with conn:
+                conn.sendall(b'{"hello": "world"}')
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        try:
+            assert afxdpctl.main(["status", "--run-dir", str(tmp_path)]) == 3
+        finally:
+            thread.join(timeout=10)
+    _, err = capsys.readouterr()
+    assert err.startswith(f"what answered on {path} is not afxdpd's status: ")
+    assert "node" in err  # names the missing field
+
+
+def test_status_document_of_an_older_afxdpd_decodes_and_unknown_fields_are_ignored() -> None:
+    older = {  # what afxdpd wrote before status.py: no health, pod, name, queued_dels
+        "node": "n", "ready": True, "fd_limit": {"soft": 1024, "hard": 4096},
+        "workers": {"disk": {"limit": 4, "busy": 0}},
+        "servers": {"control": {"served": 1, "refused": 0, "failed": 0, "accept_errors": 0,
+                                "active": 1}},
+        "uds_budget": None,
+        "pools": [{"resource": "afxdp/p1", "mode": "primary", "registered": False,
+                   "registrations": 0, "devices": [{"id": "e0", "state": "free", "numa": 0,
+                                                    "parent": None, "fault": None}]}],
+        "allocations": [],
+        "from_the_future": {"x": 1},
+    }  # fmt: skip
+    doc = msgspec.json.decode(json.dumps(older), type=Status)
+    assert doc.queued_dels is None and doc.pools[0].devices[0].pod is None
+    assert doc.pools[0].label == "p1"
+    assert doc.unready_reasons() == ["not registered with kubelet: afxdp/p1"]
+    assert doc.pools[0].devices[0].health is None
+    # a pool a reload removed drains unregistered without making the node unready
+    doc.pools[0].draining = True
+    assert doc.unready_reasons() == []
+
+
+def test_pod_comes_from_the_cni_args_kubernetes_adds() -> None:
+    assert pod_from_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p") == PodRef(
+        "p", "ns")  # fmt: skip
+    assert str(pod_from_cni_args("K8S_POD_NAME=p;junk")) == "p"
+    assert pod_from_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns") is None
+    assert pods_by_device([("e0", {"CNI_ARGS": "K8S_POD_NAME=a"}), ("e1", {})]) == {
+        "e0": PodRef("a")}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["afxdpctl", "afxdpd"])
+def test_version_names_the_command_and_the_package_version(command: str) -> None:
+    done = subprocess.run([sys.executable, "-m", f"afxdp.cli.{command}", "--version"],
+                          capture_output=True, text=True, env=ENV, check=False, timeout=60)  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{command} {__version__}\n", "")

@@ -76,13 +76,14 @@ def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab
         while not (run_dir / "control.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         PluginClient(kubelet.plugin_dir / "afxdp-demo.sock").allocate([dev])
-        status = subprocess.run(
-            [sys.executable, "-m", "afxdp.cli.afxdpctl", "status", "--run-dir", str(run_dir)],
-            capture_output=True, text=True, env=ENV, check=True,
-        )  # fmt: skip
-        assert "node node1: ready" in status.stdout
-        assert "pool afxdp/demo [primary] registered" in status.stdout
-        assert f"allocated {dev} (demo): xdp=native" in status.stdout
+        status = subprocess.run([sys.executable, "-m", "afxdp.cli.afxdpctl", "status",
+                                 "--run-dir", str(run_dir), "-o", "wide"],
+                                capture_output=True, text=True, env=ENV, check=False)  # fmt: skip
+        assert status.returncode == 0, status.stdout + status.stderr
+        cells = [ln.split() for ln in status.stdout.splitlines()]
+        assert cells[1][:2] == ["node1", "yes"]
+        assert ["demo", "afxdp/demo", "primary", "yes", "1", "0"] in cells
+        assert next(c for c in cells if c[:3] == ["demo", dev, "allocated"])[7] == "native"
         assert libbpf.xdp_query_id(socket.if_nametoindex(dev)) != 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0

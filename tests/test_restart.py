@@ -313,5 +313,5 @@ async def test_sigterm_lets_a_cni_add_in_flight_finish_and_turns_new_ones_away(
         node.ipam.set("hold-ctr-r", on=False)
     [(code, _, err)] = results
     assert code == 0, err  # the ADD in flight was finished, not cut off
-    assert node.proc.wait(timeout=20) == 0
+    assert node.proc is not None and node.proc.wait(timeout=20) == 0
     assert prog_on(d0, ns) > 0  # the pod has its device

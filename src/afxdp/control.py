@@ -1,9 +1,9 @@
 """The control socket: ``afxdpctl status`` reads the service's state from it.
 
 Protocol (trivial on purpose): connect to ``<run-dir>/control.sock``; the
-service writes one JSON document and closes. Only root may connect (mode 0600).
-A client that hangs up before reading (an interrupted ``afxdpctl status``) is
-normal, not an error.
+service writes one JSON document (a ``status.Status``) and closes. Only root
+may connect (mode 0600). A client that hangs up before reading (an
+interrupted ``afxdpctl status``) is normal, not an error.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.abc import SocketStream, TaskStatus
 
+from afxdp import status as status_doc
 from afxdp.unixserver import ServerStats, serve_unix
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,13 @@ SEND_TIMEOUT = 10.0
 
 async def serve(
     run_dir: Path,
-    status: Callable[[], dict[str, Any]],
+    status: Callable[[], status_doc.Status | dict[str, Any]],
     *,
     stats: ServerStats | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     async def answer(stream: SocketStream) -> None:
-        doc = json.dumps(status()).encode()
+        doc = msgspec.json.encode(status())
         # A client that neither reads nor hangs up must not hold a task forever.
         with anyio.move_on_after(SEND_TIMEOUT):
             try:
@@ -48,13 +50,26 @@ async def serve(
     )
 
 
-def read_status(run_dir: Path, timeout: float = 5.0) -> dict[str, Any]:
-    """Blocking client: the service's status document."""
+def _read(run_dir: Path, timeout: float) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(run_dir / SOCKET_NAME))
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
-    doc: dict[str, Any] = json.loads(b"".join(chunks))
+    return b"".join(chunks)
+
+
+def read_status(run_dir: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """Blocking client: the service's status document, as plain data."""
+    doc: dict[str, Any] = json.loads(_read(run_dir, timeout))
     return doc
+
+
+def fetch_status(run_dir: Path, timeout: float = 5.0) -> status_doc.Status:
+    """Blocking client: the service's status document, typed.
+
+    OSError: nothing answers (no socket, refused, timed out).
+    msgspec.MsgspecError: something answered, but not with a status document.
+    """
+    return status_doc.decode(_read(run_dir, timeout))

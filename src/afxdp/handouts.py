@@ -35,6 +35,7 @@ from afxdp.inventory import NetDev
 from afxdp.pools import Pool, PoolDevice
 from afxdp.secondary import SecondaryDeviceProvider
 from afxdp.state import Allocation, StateStore
+from afxdp.status import AllocationStatus
 from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import ConnectionBudget, socket_path
 from afxdp.workers import Work, run_sync
@@ -56,21 +57,22 @@ class Handout:
     mounts: list[tuple[str, str]] = field(default_factory=list)  # (host, container)
     since: float = field(default_factory=anyio.current_time)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pool": self.pool,
-            "device": self.device,
-            "xdp_mode": self.xdp.mode_name if self.xdp else None,
-            "xdp_prog_id": self.xdp.prog_id if self.xdp else None,
-            "uds_socket": str(self.uds.path) if self.uds else None,
-            "uds_connections": self.uds.connections if self.uds else 0,
-            "uds_active": self.uds.active if self.uds else 0,
-            "uds_refused": self.uds.refused if self.uds else 0,
-            "uds_denied": self.uds.denied if self.uds else 0,
-            "uds_failed": self.uds.failed if self.uds else 0,
-            "uds_idle_timeout": self.uds.idle_timeout if self.uds else None,
-            "pinned_map": str(self.pinned) if self.pinned else None,
-        }
+    def status(self) -> AllocationStatus:
+        uds = self.uds
+        return AllocationStatus(
+            pool=self.pool,
+            device=self.device,
+            xdp_mode=self.xdp.mode_name if self.xdp else None,
+            xdp_prog_id=self.xdp.prog_id if self.xdp else None,
+            uds_socket=str(uds.path) if uds else None,
+            uds_connections=uds.connections if uds else 0,
+            uds_active=uds.active if uds else 0,
+            uds_refused=uds.refused if uds else 0,
+            uds_denied=uds.denied if uds else 0,
+            uds_failed=uds.failed if uds else 0,
+            uds_idle_timeout=uds.idle_timeout if uds else None,
+            pinned_map=str(self.pinned) if self.pinned else None,
+        )
 
 
 def loads_program(cfg: config.Pool) -> bool:

@@ -16,13 +16,13 @@ import logging
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from afxdp import cdi, control, inventory, kindnet, metrics, pools, workers
+from afxdp import status as st
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
 from afxdp.cni.errors import TRY_AGAIN_LATER, CniError
@@ -130,6 +130,7 @@ class Service:
     config_path: Path | None = None  # re-read on SIGHUP and when it changes
     _tg: TaskGroup | None = field(default=None, init=False)
     _specs: cdi.CdiSpecs | None = field(default=None, init=False)
+    _attachments: AttachmentStore | None = field(default=None, init=False)
     _pool_scopes: dict[str, anyio.CancelScope] = field(default_factory=dict, init=False)
     _pool_stopped: dict[str, anyio.Event] = field(default_factory=dict, init=False)
     _cni: _Counted | None = field(default=None, init=False)
@@ -157,6 +158,7 @@ class Service:
         kind = await kindnet.build() if self.config.kind_cluster else None
         netdevs = {nd.name: nd for nd in await inventory.scan()}
         store = AttachmentStore(self.paths.run_dir / "cni-attachments.json")
+        self._attachments = store
         state = StateStore(self.paths.state_dir or self.paths.run_dir)
         record = state.load()
         # Devices in pods since before this start are not in our netns: their
@@ -405,33 +407,54 @@ class Service:
                 log.exception("reconciling allocations with kubelet failed")
             await workers.run_sync(Work.DISK, _trim_native_heap)
 
-    def _pool_status(self, name: str, pool: pools.Pool) -> dict[str, Any]:
+    def _pool_status(self, name: str, pool: pools.Pool,
+                     pods: dict[str, st.PodRef]) -> st.PoolStatus:  # fmt: skip
         reg = self.registrations.get(name)  # none while a removed pool drains
-        return {
-            "resource": pool.config.resource_name,
-            "mode": pool.config.mode,
-            "registered": reg.registered if reg else False,
-            "registrations": reg.registrations if reg else 0,
-            "devices": [d.summary() for d in pool.devices.values()],
-        }
+        return st.PoolStatus(
+            resource=pool.config.resource_name,
+            mode=pool.config.mode,
+            registered=reg.registered if reg else False,
+            registrations=reg.registrations if reg else 0,
+            devices=[
+                st.DeviceStatus(
+                    id=d.id,
+                    state=d.state.value,
+                    numa=d.numa_node,
+                    parent=d.parent,
+                    fault=d.fault,
+                    health=st.HEALTHY if d.usable else st.UNHEALTHY,
+                    pod=pods.get(d.id) if d.allocated else None,
+                )
+                for d in pool.devices.values()
+            ],
+            name=name,
+            draining=self.devices is not None and name in self.devices.draining,
+        )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> st.Status:
         devs = self.devices
-        pools_ = list(devs.pools.items()) if devs else []
         budget = devs.handouts.uds_budget if devs else None
-        return {
-            "node": self.node_name,
-            "ready": self.ready,
-            "fd_limit": {"soft": self.fd_limit[0], "hard": self.fd_limit[1]},
-            "workers": workers.usage(),
-            "servers": {name: asdict(st) for name, st in self.servers.items()},
-            "uds_budget": {
-                "limit": budget.limit,
-                "active": budget.active,
-                "refused": budget.refused,
-            }
+        attachments = self._attachments.all() if self._attachments else []
+        pods = st.pods_by_device((a.device, a.env) for a in attachments)
+        # A handful of names in a small dir: cheap enough for the event loop.
+        queue = self.paths.run_dir / cni_server.QUEUE_DIR
+        return st.Status(
+            node=self.node_name,
+            ready=self.ready,
+            fd_limit=st.FdLimit(soft=self.fd_limit[0], hard=self.fd_limit[1]),
+            workers={
+                kind: st.WorkerUsage(limit=int(u["limit"]), busy=int(u["busy"]))
+                for kind, u in workers.usage().items()
+            },
+            servers={
+                name: st.ServerCounts(**asdict(stats)) for name, stats in self.servers.items()
+            },
+            uds_budget=st.UdsBudget(
+                limit=budget.limit, active=budget.active, refused=budget.refused
+            )
             if budget
             else None,
-            "pools": [self._pool_status(name, pool) for name, pool in pools_],
-            "allocations": [h.status() for h in devs.handouts.handouts.values()] if devs else [],
-        }
+            pools=[self._pool_status(n, p, pods) for n, p in (devs.pools.items() if devs else [])],
+            allocations=[h.status() for h in devs.handouts.handouts.values()] if devs else [],
+            queued_dels=len(list(queue.glob("*.del"))),
+        )

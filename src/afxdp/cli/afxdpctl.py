@@ -1,22 +1,25 @@
-"""``afxdpctl``: validate configs and show what this node would offer."""
+"""``afxdpctl``: validate configs, show what this node would offer and what the
+running afxdpd has handed out, and check the node for what afxdpd needs."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import uvloop
 
-from afxdp import control, inventory, pools
+from afxdp import __version__, control, inventory, pools
+from afxdp.cli import doctor
 from afxdp.cli.common import Exit, default_node_name, load_or_report
 from afxdp.cni import shim
 from afxdp.config import LoadedConfig
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths
+from afxdp.status import Status
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -81,29 +84,82 @@ def _discover(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+# ``status`` exit codes: an exec probe's verdict. 3 is Exit.HOST, the code the
+# original used when the host could not be served.
+READY, NOT_READY, NOT_RUNNING = Exit.OK, 1, Exit.HOST
+OUTPUTS = ("table", "wide", "json", "yaml")
+NONE = "<none>"  # kubectl's word for an empty cell
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """kubectl's layout: upper-case headers, columns left-aligned, three spaces apart."""
+    cells = [list(headers), *([NONE if c is None else str(c) for c in r] for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return ["   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells]  # fmt: skip
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
+    """Three tables: the node, its pools, their devices (``-o wide``: more columns)."""
+    devices = [(p, d) for p in doc.pools for d in p.devices]
+    lines = _table(
+        ["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS"],
+        [(doc.node, _yes(not doc.unready_reasons()), len(doc.pools), len(devices),
+          len(doc.allocations), doc.queued_dels)],
+    )  # fmt: skip
+    lines.append("")
+    lines += _table(
+        ["POOL", "RESOURCE", "MODE", "REGISTERED", "DEVICES", "FREE"],
+        [(p.label, p.resource, p.mode, _yes(p.registered), len(p.devices),
+          sum(d.state == "free" for d in p.devices)) for p in doc.pools],
+    )  # fmt: skip
+    headers = ["POOL", "DEVICE", "STATE", "HEALTH", "POD"]
+    if wide:
+        headers += ["NUMA", "PARENT", "XDP-MODE", "PROG-ID", "SOCKET", "CONNECTIONS", "ACTIVE"]
+    rows: list[list[object]] = []
+    for pool, d in devices:
+        row: list[object] = [pool.label, d.id, d.state, d.health, d.pod]
+        if wide:
+            a = doc.allocation(d.id)
+            row += [d.numa, d.parent]
+            row += [None] * 5 if a is None else [
+                a.xdp_mode, a.xdp_prog_id, a.uds_socket or a.pinned_map,
+                a.uds_connections, a.uds_active,
+            ]  # fmt: skip
+        rows.append(row)
+    lines.append("")
+    lines += _table(headers, rows)
+    return lines
+
+
 def _status(args: argparse.Namespace) -> int:
+    where = args.run_dir / control.SOCKET_NAME
     try:
-        doc = control.read_status(args.run_dir)
+        doc = control.fetch_status(args.run_dir)
     except OSError as exc:
-        print(f"afxdpd is not answering on {args.run_dir / control.SOCKET_NAME}: {exc}",
-              file=sys.stderr)  # fmt: skip
-        return Exit.HOST
-    if args.json:
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-        return Exit.OK
-    print(f"node {doc['node']}: {'ready' if doc['ready'] else 'NOT READY'}")
-    for p in doc["pools"]:
-        reg = "registered" if p["registered"] else "NOT registered"
-        print(f"pool {p['resource']} [{p['mode']}] {reg} ({p['registrations']} registration(s))")
-        for d in p["devices"]:
-            numa = "-" if d["numa"] is None else d["numa"]
-            print(f"  {d['id']:<16} {d['state']:<10} numa={numa}")
-    for a in doc["allocations"]:
-        how = a["uds_socket"] or a["pinned_map"] or "raw netdev"
-        xdp = f"xdp={a['xdp_mode']} prog={a['xdp_prog_id']}" if a["xdp_mode"] else "no xdp"
-        print(f"allocated {a['device']} ({a['pool']}): {xdp} {how} "
-              f"connections={a['uds_connections']}")  # fmt: skip
-    return Exit.OK
+        print(f"afxdpd is not answering on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return NOT_RUNNING
+    except msgspec.MsgspecError as exc:
+        print(f"what answered on {where} is not afxdpd's status: {exc}", file=sys.stderr)
+        return NOT_RUNNING
+    if args.output == "json":
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc)).decode() + "\n")
+    elif args.output == "yaml":
+        try:
+            sys.stdout.write(msgspec.yaml.encode(doc).decode())
+        except ImportError:
+            print("-o yaml needs PyYAML (pip install PyYAML)", file=sys.stderr)
+            return Exit.CONFIG
+    else:
+        print("\n".join(status_lines(doc, wide=args.output == "wide")))
+    reasons = doc.unready_reasons()
+    for reason in reasons:
+        print(f"not ready: {reason}", file=sys.stderr)
+    return NOT_READY if reasons else READY
 
 
 def _install_cni(args: argparse.Namespace) -> int:
@@ -121,6 +177,7 @@ def _install_cni(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="afxdpctl", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     config = sub.add_parser("config", help="config file tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -142,8 +199,20 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what the running afxdpd offers and has handed out")
     status.add_argument("--run-dir", type=Path, default=Paths().run_dir,
                         help="afxdpd's --run-dir (default: %(default)s)")  # fmt: skip
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("-o", "--output", choices=OUTPUTS, default="table",
+                        help="table (default), wide (more columns), json or yaml (the "
+                             "whole document); exit 0 ready, 1 not ready, 3 not "
+                             "answering")  # fmt: skip
+    status.add_argument("--json", dest="output", action="store_const", const="json",
+                        help="the same as -o json")  # fmt: skip
     status.set_defaults(func=_status)
+    doctor_p = sub.add_parser(
+        "doctor",
+        help="check this node for what afxdpd needs, each failure with its fix; exit 0 "
+             "only when every check passes",
+    )  # fmt: skip
+    defaults = Paths()
+    doctor.configure(doctor_p, kubelet_dir=defaults.kubelet_dir, pin_dir=defaults.pin_dir)
     install = sub.add_parser(
         "install-cni", help="copy the CNI plugin (the static 'afxdp' shim) into a CNI bin dir"
     )

@@ -1,0 +1,173 @@
+"""The status document: what afxdpd serves on its control socket, as typed structs.
+
+afxdpd builds a ``Status`` and the control socket sends it as JSON; ``afxdpctl
+status`` (and anything else that reads it) decodes the JSON back into the same
+structs, so a field is named once, here, and never read back by a string key.
+
+Compatibility, both ways: a field added later has a default (None, or an empty
+value), so the document of an older afxdpd still decodes; fields this version
+does not know are ignored (msgspec's default), so an older afxdpctl reads a
+newer afxdpd. No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"  # kubelet's words (DESIGN.md 3.1)
+
+
+class FdLimit(msgspec.Struct):
+    """RLIMIT_NOFILE of the afxdpd process."""
+
+    soft: int
+    hard: int
+
+
+class WorkerUsage(msgspec.Struct):
+    """One kind of blocking work (``workers.Work``): threads allowed and in use."""
+
+    limit: int
+    busy: int
+
+
+class ServerCounts(msgspec.Struct):
+    """A server's connections (``unixserver.ServerStats``)."""
+
+    served: int = 0
+    refused: int = 0
+    failed: int = 0
+    accept_errors: int = 0
+    active: int = 0
+
+
+class UdsBudget(msgspec.Struct):
+    """The node-wide bound on open UDS connections (``uds.server.ConnectionBudget``)."""
+
+    limit: int
+    active: int
+    refused: int
+
+
+class PodRef(msgspec.Struct, frozen=True):
+    """The pod a device was handed to; the namespace is unknown when only the
+    pod's name is known (PodResources' holders cache keeps names only)."""
+
+    name: str
+    namespace: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+class DeviceStatus(msgspec.Struct):
+    """One device of a pool. ``state``: free, allocated or unhealthy (``pools.DeviceState``)."""
+
+    id: str
+    state: str
+    numa: int | None = None
+    parent: str | None = None  # a cdq secondary's primary netdev
+    fault: str | None = None  # why a device with a good link cannot be handed out
+    health: str | None = None  # HEALTHY or UNHEALTHY: what kubelet is told
+    pod: PodRef | None = None  # who holds it, when known
+
+
+class PoolStatus(msgspec.Struct):
+    resource: str  # afxdp/<pool>
+    mode: str  # primary or cdq
+    registered: bool  # with kubelet, now
+    registrations: int = 0  # how many times (kubelet restarts make it more than one)
+    devices: list[DeviceStatus] = msgspec.field(default_factory=list)
+    name: str | None = None  # the config's pool name; older afxdpd: see ``label``
+    # Removed by a reload, its allocated devices not yet released: unregistered
+    # on purpose, so it does not make the node unready.
+    draining: bool = False
+
+    @property
+    def label(self) -> str:
+        """The pool's name (from the resource name when an older afxdpd left it out)."""
+        return self.name or self.resource.rpartition("/")[2]
+
+
+class AllocationStatus(msgspec.Struct):
+    """What is set up for one handed-out device (``handouts.Handout``)."""
+
+    pool: str
+    device: str
+    xdp_mode: str | None = None  # the attach mode: native or generic; None: no program
+    xdp_prog_id: int | None = None
+    uds_socket: str | None = None  # host path; None when the pool has no UDS server
+    uds_connections: int = 0  # handshake connections accepted so far
+    uds_active: int = 0  # open now
+    uds_refused: int = 0
+    uds_denied: int = 0
+    uds_failed: int = 0
+    uds_idle_timeout: float | None = None
+    pinned_map: str | None = None  # host path of the pinned XSKMAP (pinned-map pools)
+
+
+class Status(msgspec.Struct):
+    """The whole document."""
+
+    node: str
+    ready: bool  # serving: every part started (registration is per pool)
+    fd_limit: FdLimit | None = None
+    workers: dict[str, WorkerUsage] = msgspec.field(default_factory=dict)
+    servers: dict[str, ServerCounts] = msgspec.field(default_factory=dict)
+    uds_budget: UdsBudget | None = None
+    pools: list[PoolStatus] = msgspec.field(default_factory=list)
+    allocations: list[AllocationStatus] = msgspec.field(default_factory=list)
+    # CNI DELs the shim queued while afxdpd was down, not (yet) replayed; None:
+    # an afxdpd that does not say.
+    queued_dels: int | None = None
+
+    def unready_reasons(self) -> list[str]:
+        """Why this node cannot take pods yet; empty when it can.
+
+        Ready means serving and every pool registered with kubelet: what
+        ``/readyz`` says too, so ``afxdpctl status`` can be an exec probe.
+        """
+        reasons = [] if self.ready else ["afxdpd is still starting"]
+        waiting = [p.resource for p in self.pools if not (p.registered or p.draining)]
+        if waiting:
+            reasons.append("not registered with kubelet: " + ", ".join(waiting))
+        return reasons
+
+    def allocation(self, device: str) -> AllocationStatus | None:
+        return next((a for a in self.allocations if a.device == device), None)
+
+
+def encode(status: Status) -> bytes:
+    return msgspec.json.encode(status)
+
+
+def decode(data: bytes) -> Status:
+    """Raises ``msgspec.DecodeError`` (not JSON) or ``msgspec.ValidationError``
+    (JSON, but not a status document), both ``msgspec.MsgspecError``."""
+    return msgspec.json.decode(data, type=Status)
+
+
+def pod_from_cni_args(cni_args: str) -> PodRef | None:
+    """The pod named in a CNI request's ``CNI_ARGS`` (Kubernetes runtimes add
+    ``K8S_POD_NAMESPACE`` and ``K8S_POD_NAME``); None when it names none.
+
+    Lenient on purpose: a status report must not fail on an odd entry, which
+    the CNI handler already refused or accepted when the request came.
+    """
+    args = dict(p.partition("=")[::2] for p in cni_args.split(";") if "=" in p)
+    name = args.get("K8S_POD_NAME")
+    if not name:
+        return None
+    return PodRef(name=name, namespace=args.get("K8S_POD_NAMESPACE") or None)
+
+
+def pods_by_device(attachments: Iterable[tuple[str, dict[str, str]]]) -> dict[str, PodRef]:
+    """Device -> pod, from the CNI attachments' (device, ADD env) pairs."""
+    out: dict[str, PodRef] = {}
+    for device, env in attachments:
+        pod = pod_from_cni_args(env.get("CNI_ARGS", ""))
+        if pod is not None:
+            out[device] = pod
+    return out
