@@ -117,6 +117,7 @@ class Handouts:
         self.prepared: dict[str, Program] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self.closing = False  # set at shutdown: nothing more is prepared
+        self._preparing = anyio.Semaphore(Work.PREPARE.value)
         # Told each UDS connection's outcome (the service counts them in metrics).
         self.count_uds: Callable[[str], None] | None = None
         # Devices whose pod's DEL said skipUnloadBpf: their program stays when
@@ -220,28 +221,33 @@ class Handouts:
             return
         await self._serve_uds(pool, dev.id, handout)
 
-    async def _fresh(self, cfg: config.Pool, device: str) -> Program | None:
+    async def _fresh(
+        self, cfg: config.Pool, device: str, work: Work = Work.DEVICES
+    ) -> Program | None:
         """Replace whatever of ours is on a free ``device`` with a fresh program
         and map (none for a raw pool). A program of ours found on it is left
         over: by skipUnloadBpf, a crash, or a device that came home while we were
         down; it is never one a pod has a map fd for (those are handed out)."""
-        stale = await run_sync(Work.DEVICES, self.datapath.detach_stale, device)
+        stale = await run_sync(work, self.datapath.detach_stale, device)
         if stale is not None:
             log.info("%s: detached program %d left over", device, stale)
         if not loads_program(cfg):
             return None
-        return await run_sync(Work.DEVICES, self.datapath.attach, device)
+        return await run_sync(work, self.datapath.attach, device)
 
     async def prepare(self, pool: Pool, dev: PoolDevice) -> str | None:
         """Attach a fresh program to a free device ahead of Allocate; the reason
         when it cannot be done (the device is then not to be handed out)."""
         if not loads_program(pool.config) or dev.parent is not None:
             return None  # nothing to load, or a cdq secondary that does not exist yet
-        async with self._device_lock(dev.id):
+        # Its own threads, and a turn taken BEFORE the device's lock: a thousand
+        # devices waiting to be prepared must neither hold up Allocate's threads
+        # nor sit on the locks of devices Allocate wants.
+        async with self._preparing, self._device_lock(dev.id):
             if self.closing or dev.allocated or dev.id in self.prepared:
                 return None
             try:
-                program = await self._fresh(pool.config, dev.id)
+                program = await self._fresh(pool.config, dev.id, Work.PREPARE)
             except (AfxdpError, OSError) as exc:
                 return str(exc)
             if program is not None:

@@ -33,6 +33,7 @@ class Work(enum.Enum):
     """Kinds of blocking work, each with its own number of threads."""
 
     DEVICES = 8  # Allocate, release, XDP attach/detach: kubelet waits on these
+    PREPARE = 3  # programs attached ahead of Allocate, in the background
     CNI = 16  # CNI verbs: netns moves, IPAM and ethtool programs
     NETLINK = 4  # link health, inventory scans
     DISK = 2  # the durable records
