@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -85,12 +86,17 @@ class _Counted:
             err = CniError(TRY_AGAIN_LATER, "afxdpd is stopping; try again in a moment")
             return 1, err.to_json(peek_version(request.stdin)), f"afxdp: {err}\n".encode()
         self.in_flight += 1
+        start = time.perf_counter()
         try:
             with self.metrics.timed(self.metrics.cni, verb) as result:
                 code, out, err_text = await self.handler.handle(request)
                 result[0] = "ok" if code == 0 else f"code {_cni_code(out)}"
         finally:
             self.in_flight -= 1
+        # One line per request, with its outcome and how long it took.
+        log.log(logging.INFO if code == 0 else logging.WARNING, "CNI %s %s: %s in %.1f ms",
+                verb, request.env.get("CNI_CONTAINERID", "-")[:12], result[0],
+                (time.perf_counter() - start) * 1000)  # fmt: skip
         return code, out, err_text
 
 
