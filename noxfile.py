@@ -65,7 +65,12 @@ MUTATION_TARGETS: dict[str, tuple[str, list[str]]] = {
     "handshake": ("src/afxdp/uds/handshake.py", ["tests/test_handshake.py"]),
     "netconf": (
         "src/afxdp/cni/netconf.py",
-        ["tests/test_cni_units.py", "tests/test_cni_fuzz.py", "tests/test_cni_input.py"],
+        [
+            "tests/test_cni_units.py",
+            "tests/test_cni_fuzz.py",
+            "tests/test_cni_input.py",
+            "tests/test_netconf.py",
+        ],
     ),
     "handler": ("src/afxdp/cni/handler.py", ["tests/test_cni_units.py"]),
     "devices": ("src/afxdp/devices.py", ["tests/test_devices.py"]),
