@@ -54,7 +54,10 @@ class FakeDeviceSide:
 class FakeIpam:
     """FAKE IPAM plugin ``fakeipam``: the real host-local, except that it fails
     or holds (until released) as the test says, through files in ``ctl``:
-    ``fail-ADD``/``fail-DEL``, ``hold-<container>`` (ADD), ``hold-DEL-<container>``."""
+    ``fail-ADD``/``fail-DEL``, ``hold-<container>`` (ADD), ``hold-DEL-<container>``;
+    ``see-ADD`` (``NS DEV``: ADD waits until DEV is in netns NS) and ``see-DEL``
+    (``DEV``: DEL waits until DEV is in the host netns), giving up after 10 s
+    (code 5), before anything else. Each call is logged to ``ctl/log``."""
 
     def __init__(self, tmp: Path) -> None:
         self.bin = tmp / "fake-cni-bin"
@@ -64,6 +67,20 @@ class FakeIpam:
         script = self.bin / "fakeipam"
         c = self.ctl
         script.write_text(f"""#!/bin/sh
+echo "$CNI_COMMAND $CNI_CONTAINERID" >> {c}/log
+see() {{  # wait until the link is there, or give up
+  n=0
+  until ip $1 link show $2 >/dev/null 2>&1; do
+    n=$((n+1)); [ $n -gt 500 ] || {{ sleep 0.02; continue; }}
+    echo '{{"cniVersion":"1.0.0","code":5,"msg":"fake IPAM never saw '$2'"}}'; exit 1
+  done
+}}
+if [ "$CNI_COMMAND" = ADD ] && [ -e {c}/see-ADD ]; then
+  read ns dev < {c}/see-ADD; see "-n $ns" $dev
+fi
+if [ "$CNI_COMMAND" = DEL ] && [ -e {c}/see-DEL ]; then
+  read dev < {c}/see-DEL; see "" $dev
+fi
 for verb in ADD DEL; do
   if [ "$CNI_COMMAND" = "$verb" ] && [ -e {c}/fail-$verb ]; then
     echo '{{"cniVersion":"1.0.0","code":11,"msg":"fake IPAM refuses '$verb'"}}'; exit 1
@@ -83,6 +100,16 @@ exec {HOST_LOCAL_DIR}/host-local
 
     def set(self, flag: str, on: bool = True) -> None:
         (self.ctl / flag).touch() if on else (self.ctl / flag).unlink(missing_ok=True)
+
+    def see(self, verb: str, text: str | None) -> None:
+        """``see-<verb>`` with ``text`` (None removes it)."""
+        f = self.ctl / f"see-{verb}"
+        f.write_text(text + "\n") if text is not None else f.unlink(missing_ok=True)
+
+    def calls(self) -> list[str]:
+        f = self.ctl / "log"
+        lines = f.read_text().splitlines() if f.exists() else []
+        return [c for c in lines if not c.startswith("VERSION")]  # ADD, DEL, CHECK
 
     def release_all(self) -> None:
         for f in self.ctl.glob("hold-*"):

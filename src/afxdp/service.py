@@ -235,7 +235,7 @@ class Service:
                     self.paths.run_dir,
                     self.status,
                 )
-                cni = CniHandler(devs, store)
+                cni = CniHandler(devs, store, after=tg)
                 self._cni = _Counted(cni, self.metrics)
                 await tg.start(cni_server.serve, self.paths.run_dir, self._cni)
                 devs.ready = True

@@ -2,8 +2,10 @@
 
 Record first, then act: ADD writes its record, marked incomplete, before its
 first step and notes each step before taking it (``ipam``, ``ethtool``,
-``moved``); only its end marks it complete. So whatever a crash interrupted, a
-later DEL finds what may have been done and undoes it.
+``moved``; steps that run side by side are noted together before either
+starts); only its end marks it complete. So whatever a crash interrupted, a
+later DEL finds what may have been done and undoes it. An undo that brought
+the device home notes ``home`` until the device side has been told.
 
 One JSON file, replaced atomically (write, fsync, rename): a crash leaves the
 old file or the new one, never half of either.
@@ -47,6 +49,9 @@ class Attachment:
     ipam: bool = False  # the IPAM plugin's ADD ran (or may have)
     moved: bool = False  # the device was (or may have been) moved into netns
     ethtool: list[dict[str, Any]] = field(default_factory=list)  # ethtool.Change docs
+    # Undone and home, but the device side has not been told yet (it is told
+    # after DEL's reply): a crash before that leaves this for the next touch.
+    home: bool = False
 
     @property
     def key(self) -> tuple[str, str]:

@@ -7,6 +7,17 @@ attachment record (attachments.py) names each step before it is taken, so a
 failed ADD, and a DEL after a crash mid-ADD, undo exactly what may have been
 done. A repeated ADD returns the earlier answer, for a completed record only.
 
+What does not depend on each other runs side by side, because the netns
+moves are the kernel's slow part (RCU waits, about 15 ms in, 20 ms back):
+ADD runs the IPAM plugin while the device moves (ethtool, which runs on the
+host side before the move, goes first on the move's side; only commands that
+use ``-ip-`` make the move wait for IPAM), and applies the addresses after
+both. The undo (DEL, a failed ADD, GC) releases the lease while the device
+comes home. Telling the device side the device came home (a health re-read
+the pod cannot observe) happens after DEL's reply when the handler is given a
+task group; the record keeps ``home`` until then, and the device is not
+touched by another request of ours before it is done.
+
 DEL undoes what its own ADD did, and nothing else: a DEL for a (container,
 ifname) that holds no attachment of that device touches nothing. The
 allocation is kubelet's and outlives the DEL (the runtime's sandbox retry is
@@ -24,13 +35,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+from anyio.abc import TaskGroup
 from pyroute2.netlink.exceptions import NetlinkError
 
 from afxdp.cni import ethtool, ipam, link
@@ -91,6 +103,11 @@ async def _in(netns: str | Path | None, fn: Callable[..., Any], *args: Any) -> A
     return await run_sync(Work.CNI, run_in, where, fn, *args)
 
 
+def _ethtool_cmds(conf: NetConf) -> tuple[str, ...]:
+    """The ethtool commands ADD runs (primary mode only)."""
+    return conf.ethtool_cmds if conf.mode == "primary" else ()
+
+
 def _first_ipv4(ipam_result: dict[str, Any] | None) -> str | None:
     for ip in (ipam_result or {}).get("ips", []):
         if ":" not in ip["address"]:
@@ -112,6 +129,28 @@ def _as_cni(exc: Exception, what: str) -> CniError:
     return exc if isinstance(exc, CniError) else CniError(IO_FAILURE, what, str(exc) or repr(exc))
 
 
+async def _together(*steps: Callable[[], Awaitable[None]]) -> None:
+    """Run ``steps`` side by side, each to its end even when another fails (what
+    ran is then undone as a whole); raise the failure of the first step, in the
+    order given, that failed."""
+    errors: list[Exception | None] = [None] * len(steps)
+
+    async def one(i: int, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except Exception as exc:
+            errors[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i, step in enumerate(steps):
+            tg.start_soon(one, i, step)
+    failed = [e for e in errors if e is not None]
+    for other in failed[1:]:
+        log.warning("a step beside the failing one failed too: %s", other)
+    if failed:
+        raise failed[0]
+
+
 def _summary(problems: list[CniError]) -> CniError:
     """One error naming every problem (the first one's code)."""
     first = problems[0]
@@ -119,11 +158,23 @@ def _summary(problems: list[CniError]) -> CniError:
 
 
 class CniHandler:
-    def __init__(self, devices: DeviceSide, store: AttachmentStore) -> None:
+    """Answers CNI requests. With ``after`` (a task group that outlives the
+    requests, e.g. the service's), work the pod cannot observe runs there after
+    the reply; without it, before the reply."""
+
+    def __init__(
+        self, devices: DeviceSide, store: AttachmentStore, after: TaskGroup | None = None
+    ) -> None:
         self.devices = devices
         self.store = store
         self._locks: dict[str, anyio.Lock] = {}
         self._users: dict[str, int] = {}
+        self._after = after
+        self._telling: dict[str, list[anyio.Event]] = {}  # device -> tells under way
+        if after is not None:
+            for record in store.all():
+                if record.home:  # a crash came between an undo and its telling
+                    self._tell_later(record)
 
     @asynccontextmanager
     async def _locked(self, *keys: str) -> AsyncIterator[None]:
@@ -176,6 +227,8 @@ class CniHandler:
             await self.gc(env, conf)
             return None
         async with self._locked(f"container:{env.container_id}", f"dev:{conf.device_id}"):
+            held = self.store.get((env.container_id, env.ifname))
+            await self._settled(conf.device_id, *([held.device] if held else []))
             if env.command == "ADD":
                 return await self.add(env, conf)
             if env.command == "DEL":
@@ -213,6 +266,7 @@ class CniHandler:
             )
         if previous is not None:  # an ADD that afxdpd did not finish (it crashed)
             problems = await self._undo(previous, env.path)
+            await self._settled(previous.device)
             if problems:
                 raise CniError(IO_FAILURE, "undoing an earlier unfinished ADD failed",
                                str(_summary(problems)))  # fmt: skip
@@ -220,10 +274,12 @@ class CniHandler:
         if host_up is None:
             raise CniError(INVALID_CONFIG, f"deviceID: {dev} is not in the host network namespace",
                            "it may still be in another pod's namespace")  # fmt: skip
+        # The first steps are noted with the record: IPAM, and the move when no
+        # ethtool step comes before it (both start at once).
         await self.store.put(
             Attachment(env.container_id, env.ifname, dev, env.netns, conf.name, env=env.raw,
                        netconf=conf.raw, host_up=host_up, netdev=self.devices.describe(dev),
-                       complete=False)
+                       complete=False, ipam=bool(conf.ipam_type), moved=not _ethtool_cmds(conf))
         )  # fmt: skip
         try:
             return await self._add_steps(env, conf)
@@ -253,31 +309,54 @@ class CniHandler:
 
     async def _add_steps(self, env: Env, conf: NetConf) -> dict[str, Any]:
         dev, netns, key = conf.device_id, env.netns, (env.container_id, env.ifname)
-        ipam_result = None
-        if conf.ipam_type:
-            await self._note(key, ipam=True)
-            ipam_result = await ipam.add(env, conf)
-        if conf.mode == "primary" and conf.ethtool_cmds:
-            changes: list[ethtool.Change] = []
-            for argv in ethtool.render(conf.ethtool_cmds, dev, _first_ipv4(ipam_result)):
-                changes.append(await ethtool.before(argv))
-                await self._note(key, ethtool=[c.to_doc() for c in changes])
-                try:
-                    changes[-1] = changes[-1].after(await ethtool.run(argv))
-                except ethtool.Failed:
-                    if not changes[-1].rereads:  # refused: nothing that -X default must undo
-                        changes.pop()
-                        await self._note(key, ethtool=[c.to_doc() for c in changes])
-                    raise
-                await self._note(key, ethtool=[c.to_doc() for c in changes])
-        await self._note(key, moved=True)
-        await _in(None, link.move, dev, Path(netns))
+        cmds = _ethtool_cmds(conf)
+        ipam_result: dict[str, Any] | None = None
+
+        async def lease() -> None:  # noted with the record
+            nonlocal ipam_result
+            if conf.ipam_type:
+                ipam_result = await ipam.add(env, conf)
+
+        async def move(ip: str | None = None) -> None:
+            if cmds:  # on the host side, before the move
+                await self._ethtool(key, dev, cmds, ip)
+                await self._note(key, moved=True)
+            try:
+                await _in(None, link.move, dev, Path(netns))
+            except (NetlinkError, LookupError):
+                # Refused (a link of that name in the pod, ...): it did not move, and
+                # the undo must not move the pod's own link of that name out.
+                await self._note(key, moved=False)
+                raise
+
+        if any("-ip-" in cmd for cmd in cmds):  # ethtool needs IPAM's address first
+            await lease()
+            await move(_first_ipv4(ipam_result))
+        else:
+            await _together(lease, move)
         ips, routes = (ipam_result["ips"], ipam_result["routes"]) if ipam_result else ([], [])
         inside = await _in(netns, link.setup, dev, ips, routes)
         out = results.build(conf.cni_version, ipam_result, dev, inside.mac, netns)
         await self._note(key, result=out, complete=True)
         log.info("ADD %s: %s moved into %s", env.container_id, dev, netns)
         return out
+
+    async def _ethtool(
+        self, key: tuple[str, str], dev: str, cmds: tuple[str, ...], ip: str | None
+    ) -> None:
+        """The ethtool commands, each noted (with what it changes) before it runs."""
+        changes: list[ethtool.Change] = []
+        for argv in ethtool.render(cmds, dev, ip):
+            changes.append(await ethtool.before(argv))
+            await self._note(key, ethtool=[c.to_doc() for c in changes])
+            try:
+                changes[-1] = changes[-1].after(await ethtool.run(argv))
+            except ethtool.Failed:
+                if not changes[-1].rereads:  # refused: nothing that -X default must undo
+                    changes.pop()
+                    await self._note(key, ethtool=[c.to_doc() for c in changes])
+                raise
+            await self._note(key, ethtool=[c.to_doc() for c in changes])
 
     # Undo: DEL, a failed ADD, GC, an unfinished ADD found later
 
@@ -294,54 +373,123 @@ class CniHandler:
         return await _in(None, link.admin_up, dev) is not None
 
     async def _undo(self, record: Attachment, path: tuple[str, ...]) -> list[CniError]:
-        """Undo the steps ``record`` names, each even when another fails.
+        """Undo the steps ``record`` names, each even when another fails; the
+        lease is released while the device comes home (ethtool settings are
+        restored once it is home).
 
         Returns the failures; the steps that failed stay in the record (a
-        retried DEL runs only those), and a record with none left is removed.
+        retried DEL runs only those), and a record with none left is removed
+        once the device side has been told that the device came home.
         """
         dev = record.device
-        problems: list[CniError] = []
+        at_home: list[CniError] = []
+        released: list[CniError] = []
         left: dict[str, Any] = {}
-        if record.moved:
-            try:
-                await self._bring_home(dev, record.netns, record.host_up)
-            except Exception as exc:
-                problems.append(_as_cni(exc, f"moving {dev} out of {record.netns} failed"))
-                left["moved"] = True
-        changes = [ethtool.Change.from_doc(d) for d in record.ethtool]
-        if changes and "moved" in left:
-            left["ethtool"] = record.ethtool  # still in the pod: restore it when it is home
-        elif changes:
+
+        async def come_home() -> None:
+            if record.moved:
+                try:
+                    await self._bring_home(dev, record.netns, record.host_up)
+                except Exception as exc:
+                    at_home.append(_as_cni(exc, f"moving {dev} out of {record.netns} failed"))
+                    left["moved"] = True
+            changes = [ethtool.Change.from_doc(d) for d in record.ethtool]
+            if changes and "moved" in left:
+                left["ethtool"] = record.ethtool  # still in the pod: restore it when it is home
+                return
             for n, change in reversed(list(enumerate(changes))):
                 try:
                     if not await self._at_home(dev):
                         break  # gone with its netns: nothing to restore on
                     await ethtool.restore(change)
                 except Exception as exc:
-                    problems.append(_as_cni(exc, f"restoring ethtool settings of {dev} failed"))
+                    at_home.append(_as_cni(exc, f"restoring ethtool settings of {dev} failed"))
                     left["ethtool"] = [c.to_doc() for c in changes[: n + 1]]
                     break  # restores undo in order: the earlier ones wait for this one
-        if record.ipam:
-            try:
-                old_env, old_conf = self._request_of(record, path)
-                await ipam.delete(old_env, old_conf)
-            except Exception as exc:
-                problems.append(_as_cni(exc, "IPAM DEL failed"))
-                left["ipam"] = True
-        if left:
+
+        async def release() -> None:
+            if record.ipam:
+                try:
+                    old_env, old_conf = self._request_of(record, path)
+                    await ipam.delete(old_env, old_conf)
+                except Exception as exc:
+                    released.append(_as_cni(exc, "IPAM DEL failed"))
+                    left["ipam"] = True
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(come_home)
+            tg.start_soon(release)
+        home = record.home or (record.moved and "moved" not in left)
+        if left or home:
             steps = {"moved": False, "ipam": False, "ethtool": [], **left}
-            await self.store.put(replace(record, complete=False, **steps))
+            now = replace(record, complete=False, home=home, **steps)
+            if now != self.store.get(record.key):
+                await self.store.put(now)
+            if home:
+                await self._tell(now)
         else:
             await self.store.remove(record.key)
-        if record.moved and "moved" not in left:
+        return at_home + released
+
+    async def _tell(self, record: Attachment) -> None:
+        """Tell the device side that ``record``'s device came home: after the
+        reply when there is a task group for it, else now."""
+        if self._after is None:
+            await self._told(record)
+        else:
+            self._tell_later(record)
+
+    def _tell_later(self, record: Attachment) -> None:
+        assert self._after is not None
+        done = anyio.Event()
+        self._telling.setdefault(record.device, []).append(done)
+
+        async def tell() -> None:
             try:
-                keep_xdp = (
-                    bool(record.netconf) and self._request_of(record, path)[1].skip_unload_bpf
-                )
+                await self._told(record)
+            finally:
+                done.set()
+                waiting = self._telling[record.device]
+                waiting.remove(done)
+                if not waiting:
+                    del self._telling[record.device]
+
+        self._after.start_soon(tell)
+
+    async def _told(self, record: Attachment) -> None:
+        """The telling itself, then the record's ``home`` note dropped (the
+        record with it when nothing else is left). Never raises: it may run in
+        the service's task group, where a failure would end the service."""
+        dev = record.device
+        with anyio.CancelScope(shield=True):  # started: finished, even at shutdown
+            keep_xdp = False
+            try:
+                if record.netconf:
+                    doc = json.dumps(record.netconf).encode()
+                    keep_xdp = parse_netconf(doc, "DEL").skip_unload_bpf
+            except Exception as exc:  # still told, with the default
+                log.warning("%s: the recorded netconf is unreadable: %s", dev, exc)
+            try:
                 await self.devices.came_home(dev, keep_xdp)
             except Exception:
                 log.exception("%s: telling the device side it came home failed", dev)
-        return problems
+            try:
+                current = self.store.get(record.key)
+                if current is None or not current.home:
+                    return
+                if current.moved or current.ipam or current.ethtool:
+                    await self.store.put(replace(current, home=False))
+                else:
+                    await self.store.remove(current.key)
+            except Exception:
+                log.exception("%s: dropping the attachment record's home note failed", dev)
+
+    async def _settled(self, *devices: str) -> None:
+        """Wait until the device side has been told about each of ``devices``
+        (a device is handed on only after the work of its last undo)."""
+        for dev in devices:
+            for done in list(self._telling.get(dev, ())):
+                await done.wait()
 
     @staticmethod
     def _request_of(record: Attachment, path: tuple[str, ...]) -> tuple[Env, NetConf]:
@@ -399,6 +547,7 @@ class CniHandler:
                 continue
             log.info("GC: %s/%s (%s) is stale", record.container_id, record.ifname, record.device)
             async with self._locked(f"container:{record.container_id}", f"dev:{record.device}"):
+                await self._settled(record.device)
                 current = self.store.get(record.key)
                 if current is None:
                     continue  # a DEL got there first
