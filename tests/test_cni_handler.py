@@ -504,3 +504,24 @@ async def test_an_unexpected_exception_is_internal_error_5_and_the_handler_keeps
     side.broken = False
     status = {"CNI_COMMAND": "STATUS", "CNI_PATH": HOST_LOCAL_DIR}
     assert await handler.handle(Request(status, stdin)) == (0, b"", b"")  # still serving
+
+
+@privileged
+async def test_a_del_cut_short_after_the_move_home_leaves_the_retry_to_set_the_link_up(
+    setup: Setup,
+) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chcu")
+    netns = f"/run/netns/{ns}"
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=netns)
+    assert code == 0, out
+    # What a crash between the move home and the link-up leaves: the device is
+    # home and down, and its record still says it is in the pod.
+    ip("link", "set", dev, "netns", str(os.getpid()), netns=ns)
+    ip("link", "set", dev, "down")
+    code, out = await setup.call("DEL", setup.netconf(dev), netns=netns)
+    assert (code, out) == (0, None)
+    state = subprocess.run(["ip", "-j", "link", "show", dev], capture_output=True, text=True,
+                           check=True).stdout  # fmt: skip
+    assert "UP" in json.loads(state)[0]["flags"]  # as it was before the ADD
+    assert setup.leases() == set()

@@ -361,12 +361,16 @@ class CniHandler:
     # Undo: DEL, a failed ADD, GC, an unfinished ADD found later
 
     async def _bring_home(self, dev: str, netns: str, up: bool) -> bool:
-        """Move ``dev`` from ``netns`` back to the host as it was; False if not there."""
-        if not link.exists(netns) or not await _in(netns, link.leave, dev, link.HOST_NETNS):
-            return False
-        if up:
+        """Move ``dev`` from ``netns`` back to the host as it was; False if not there.
+
+        A device already home (a DEL cut short between the move and the link-up,
+        by a crash) is still set up as it was: the retried DEL finishes the job.
+        """
+        moved = link.exists(netns) and await _in(netns, link.leave, dev, link.HOST_NETNS)
+        home = moved or await _in(None, link.admin_up, dev) is not None
+        if home and up:
             await _in(None, link.set_up, dev)
-        return True
+        return bool(moved)
 
     async def _at_home(self, dev: str) -> bool:
         """Whether ``dev`` is in the host netns."""
