@@ -5,9 +5,13 @@ we set that device up. One JSON file under ``--state-dir`` (default
 ``/var/lib/afxdp/state.json``) keeps, per allocated device: its pool, the id of
 the program we attached (so its XSKMAP can be had again), whether the map is
 pinned, and the netdev as the host saw it (a device in its pod is not in our
-netns, yet its pool must still count it). It is replaced atomically (write,
-fsync, rename, fsync the directory): a crash leaves the old record or the new
-one, never half of either. An unreadable record is moved aside, never trusted.
+netns, yet its pool must still count it). It is replaced atomically (write a
+temp file, rename): a crash of afxdpd leaves the old record or the new one, never
+half of either. No fsync, on purpose: the record must outlive afxdpd, and the
+page cache does that; what only an fsync would add is surviving the node's own
+crash, after which no program, map or pod netns of the record exists any more
+and kubelet allocates again (it cost 1.3 ms of every Allocate's 2.2 ms). An
+unreadable record is moved aside, never trusted.
 """
 
 from __future__ import annotations
@@ -88,13 +92,5 @@ class StateStore:
         assert self.path is not None
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.write_bytes(data)
         tmp.replace(self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

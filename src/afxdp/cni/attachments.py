@@ -7,7 +7,7 @@ starts); only its end marks it complete. So whatever a crash interrupted, a
 later DEL finds what may have been done and undoes it. An undo that brought
 the device home notes ``home`` until the device side has been told.
 
-One JSON file, replaced atomically (write, fsync, rename): a crash leaves the
+One JSON file, replaced atomically (write, rename): a crash of afxdpd leaves the
 old file or the new one, never half of either.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -98,8 +97,7 @@ class AttachmentStore:
     def _write(self, doc: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
+        # No fsync: the record must outlive afxdpd, not the node (a rebooted node
+        # has no pod netns left to undo), and it is on every ADD's path.
+        tmp.write_text(json.dumps(doc))
         tmp.replace(self.path)
