@@ -125,13 +125,14 @@ class BenchNode:
             return {}  # not listening yet
 
     async def settle(self, timeout: float = 120.0) -> None:
-        """Until every device is free: anything afxdpd does to a free device in
-        the background (preparing its program) is done before Allocate is timed."""
+        """Until every device is free and prepared (it carries a fresh program of
+        ours): what afxdpd does to a free device in the background is done
+        before Allocate is timed, as on a node that has been up for a while."""
         with anyio.fail_after(timeout):
             while True:
                 pools = (await self.status()).get("pools", [])
-                states = {d["state"] for p in pools for d in p["devices"]}
-                if states == {"free"}:
+                devices = [d for p in pools for d in p["devices"]]
+                if all(d["state"] == "free" and d.get("prepared", True) for d in devices):
                     return
                 await anyio.sleep(0.05)
 

@@ -76,11 +76,13 @@ class PodResourcesChecker:
     async def prefetch(self, resource: str, device: str, deadline: float = PREFETCH_FOR) -> None:
         """Learn who holds ``device`` before its pod connects: kubelet lists a pod
         once it is admitted, right after Allocate. Gives up quietly at ``deadline``."""
-        delay = 0.02
+        delay = 0.05
         with anyio.move_on_after(deadline):
             while (resource, device) not in self._holders:
-                await self._pods()
+                # First wait: kubelet lists the pod only once it has Allocate's
+                # answer, which must not queue behind this call on the loop.
                 await anyio.sleep(delay)
+                await self._pods()
                 delay = min(delay * 2, 1.0)
 
     async def held(self) -> dict[str, set[str]] | None:

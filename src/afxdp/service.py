@@ -316,12 +316,20 @@ class Service:
         """Rewrite the pool's CDI spec whenever its devices change."""
         assert self.devices is not None
         changes = self.devices.changes[name]
+        described = None  # what the spec on disk was made from
         while True:
             version = changes.version
             await changes.wait_after(version)
             pool = self.devices.pools.get(name)
-            if pool is not None:
+            if pool is None:
+                continue
+            # Most changes are allocations and health, which the spec does not
+            # describe: only a new device set or pool config rewrites it (and
+            # Allocate's answer must not wait behind the rebuild).
+            now = (pool.config, frozenset(pool.devices))
+            if now != described:
                 await specs.update(pool.config, pool.devices.keys())
+                described = now
 
     async def reload(self) -> bool:
         """Read the config file again and apply it; False (and the old config
@@ -430,6 +438,7 @@ class Service:
                     fault=d.fault,
                     health=st.HEALTHY if d.usable else st.UNHEALTHY,
                     pod=pods.get(d.id) if d.allocated else None,
+                    prepared=self.devices is not None and d.id in self.devices.handouts.prepared,
                 )
                 for d in pool.devices.values()
             ],

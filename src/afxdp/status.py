@@ -72,6 +72,7 @@ class DeviceStatus(msgspec.Struct):
     fault: str | None = None  # why a device with a good link cannot be handed out
     health: str | None = None  # HEALTHY or UNHEALTHY: what kubelet is told
     pod: PodRef | None = None  # who holds it, when known
+    prepared: bool = False  # a free device already carrying a fresh program of ours
 
 
 class PoolStatus(msgspec.Struct):
