@@ -46,7 +46,7 @@ def health(resp: dp.ListAndWatchResponse) -> dict[str, str]:
 
 async def until(node: Node, stream: Any, want: dict[str, str]) -> dict[str, str]:
     """Read lists from the stream until one shows ``want``; that list."""
-    with anyio.fail_after(5):
+    with anyio.fail_after(10):
         while True:
             got = health(await node.call(next, stream))
             if all(got.get(k) == v for k, v in want.items()):

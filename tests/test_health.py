@@ -7,9 +7,7 @@ import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import anyio
 import pytest
 
 from afxdp import control, inventory
@@ -18,6 +16,7 @@ from afxdp.netwatch import NetWatch
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest as Node
 from tests.node import running
+from tests.test_deviceplugin import health, until
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
 
@@ -36,19 +35,6 @@ def devices(lab: Lab) -> Iterator[list[str]]:
 @pytest.fixture
 def node(tmp_path: Path, lab: Lab, devices: list[str]) -> Node:
     return Node(tmp_path, lab, devices)
-
-
-def health(resp: dp.ListAndWatchResponse) -> dict[str, str]:
-    return {d.ID: d.health for d in resp.devices}
-
-
-async def until(node: Node, stream: Any, want: dict[str, str]) -> dict[str, str]:
-    """Read lists from the stream until one shows ``want``; that list."""
-    with anyio.fail_after(10):
-        while True:
-            got = health(await node.call(next, stream))
-            if all(got.get(k) == v for k, v in want.items()):
-                return got
 
 
 async def test_removed_allocated_device_is_marked_unhealthy(node: Node) -> None:
