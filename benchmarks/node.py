@@ -94,7 +94,8 @@ class BenchNode:
         config.write_text(json.dumps({"logLevel": "info", "pools": [pool]}))
         log = (self.work / "afxdpd.log").open("wb")
         stack.callback(log.close)
-        argv = [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(config),
+        # The console script, as the image runs it (it picks its allocator first).
+        argv = [str(Path(sys.executable).with_name("afxdpd")), "--config", str(config),
                 "--node-name", "bench-node", "--kubelet-dir", str(self.kubelet.dir),
                 "--uds-dir", str(self.work / "uds"), "--pin-dir", str(self.work / "pins"),
                 "--run-dir", str(self.run_dir), "--log-dir", str(self.work / "log"),

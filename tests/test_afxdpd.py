@@ -51,6 +51,28 @@ def test_unusable_log_dir_exits_2_saying_why(tmp_path: Path) -> None:
     assert "usage:" not in done.stderr
 
 
+# What the re-exec'd process says: its pid, its argv, the allocator it runs on.
+_REPORT = (
+    "import os, sys, _testcapi; from afxdp.cli.heap import use_system_malloc; "
+    "use_system_malloc(); print(os.getpid(), sys.argv[1:], _testcapi.pymem_getallocatorsname())"
+)
+
+
+def test_afxdpd_runs_on_glibc_malloc_in_the_same_process_with_the_same_arguments() -> None:
+    env = {k: v for k, v in ENV.items() if k != "PYTHONMALLOC"}
+    proc = subprocess.Popen([sys.executable, "-c", _REPORT, "--config", "x y"], env=env,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    out, _ = proc.communicate(timeout=30)
+    assert out.split(maxsplit=1)[0] == str(proc.pid), "an exec, not a child that outlives us"
+    assert out.split(maxsplit=1)[1] == "['--config', 'x y'] malloc\n"
+
+
+def test_an_allocator_the_operator_chose_is_kept() -> None:
+    done = subprocess.run([sys.executable, "-c", _REPORT], env={**ENV, "PYTHONMALLOC": "pymalloc"},
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert done.stdout.endswith("[] pymalloc\n")
+
+
 @pytest.mark.privileged
 def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab) -> None:
     dev, peer = lab.veth(lab.name("ad"), lab.name("ae"))
@@ -72,6 +94,8 @@ def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab
     try:
         regs = kubelet.wait_registrations(1, timeout=20)
         assert [r.resource_name for r in regs] == ["afxdp/demo"]
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"PYTHONMALLOC=malloc" in environ, "afxdpd picks glibc's malloc (cli/heap.py)"
         deadline = time.monotonic() + 10
         while not (run_dir / "control.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -16,6 +16,7 @@ import anyio
 
 from afxdp import __version__, logsetup
 from afxdp.cli.common import Exit, default_node_name, load_or_report
+from afxdp.cli.heap import use_system_malloc
 from afxdp.config import LOG_DIR
 from afxdp.kindnet import KindNetError
 from afxdp.metrics import DEFAULT_ADDRESS, parse_address
@@ -170,4 +171,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    use_system_malloc()  # the console script does this before its imports
     sys.exit(main())

@@ -14,6 +14,9 @@ def _missing(command: str, exc: ModuleNotFoundError) -> int:
 
 
 def afxdpd() -> int:
+    from afxdp.cli.heap import use_system_malloc  # noqa: PLC0415 - before the heavy imports
+
+    use_system_malloc()
     try:
         from afxdp.cli import afxdpd as command  # noqa: PLC0415 - to say what is missing
     except ModuleNotFoundError as exc:
