@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 from afxdp import config, contracts
 from afxdp.bpf import pinning
@@ -289,7 +289,10 @@ class Handouts:
         # Listening before Allocate returns: the container mounts the socket next.
         server.listen()
         handout.uds = server
-        handout.uds_scope = await self._tg.start(_serve, server)
+        # Not tg.start: waiting for the task to run costs Allocate a loop turn, and
+        # the socket already accepts (a connection waits in the backlog).
+        handout.uds_scope = anyio.CancelScope()
+        self._tg.start_soon(_serve, server, handout.uds_scope)
         handout.mounts.append((str(server.path.parent), str(contracts.pod_device_dir(device))))
 
     async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
@@ -349,7 +352,6 @@ class Handouts:
         self.handouts.clear()
 
 
-async def _serve(server: Handshake, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
-    with anyio.CancelScope() as scope:
-        task_status.started(scope)
+async def _serve(server: Handshake, scope: anyio.CancelScope) -> None:
+    with scope:  # cancelled before it got here: it ends at once
         await server.serve()
