@@ -212,6 +212,23 @@ async def test_allocated_device_moved_into_a_pod_stays_healthy(node: Node) -> No
             ip("link", "set", d1, "netns", str(os.getpid()), netns=pod)
 
 
+async def test_an_allocation_sends_kubelet_no_device_list_only_a_health_change_does(
+    node: Node,
+) -> None:
+    d0, d1, _ = node.devices
+    async with running(node):
+        stream = node.plugin().list_and_watch()
+        try:
+            assert health(await node.call(next, stream)) == dict.fromkeys(node.devices, "Healthy")
+            await node.call(node.plugin().allocate, [d0])  # kubelet's view: unchanged
+            ip("link", "set", d1, "down")
+            # The very next list is the health change: no copy of the first one.
+            assert health(await node.call(next, stream))[d1] == "Unhealthy"
+        finally:
+            stream.cancel()
+            ip("link", "set", d1, "up")
+
+
 async def test_kubelet_restart_reregisters_and_keeps_allocations(node: Node) -> None:
     d0 = node.devices[0]
     async with running(node):

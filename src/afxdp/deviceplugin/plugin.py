@@ -65,12 +65,21 @@ class PoolPlugin(api_grpc.DevicePluginBase):
         await stream.recv_message()
         await stream.send_message(pb.DevicePluginOptions(get_preferred_allocation_available=True))
 
+    def advertised(self) -> tuple[tuple[str, bool, int | None], ...]:
+        """What a device list tells kubelet (an allocation changes none of it)."""
+        return tuple((d.id, d.usable, d.numa_node) for d in self.pool.devices.values())
+
     async def ListAndWatch(self, stream: Stream[pb.Empty, pb.ListAndWatchResponse]) -> None:
         await stream.recv_message()
         changes = self.devices.changes[self.pool_name]
+        sent = None
         while True:
             version = changes.version
-            await stream.send_message(self.device_list())
+            # Most changes are allocations: kubelet's view is the same, and sending
+            # it anyway (1,000 devices) held up the Allocate answer beside it.
+            if (now := self.advertised()) != sent:
+                await stream.send_message(self.device_list())
+                sent = now
             await changes.wait_after(version)
 
     async def GetPreferredAllocation(
