@@ -12,9 +12,10 @@ import pytest
 from afxdp.podresources import PodResourcesChecker
 from afxdp.uds.client import HandshakeError, UdsClient
 from tests.kernel import Lab, ip
+from tests.kubelet import FakeKubelet
 from tests.node import NodeUnderTest, running
 
-pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
+pytestmark = pytest.mark.anyio
 
 
 def _shake(path: Path, pod: str, dev: str) -> None:
@@ -23,6 +24,7 @@ def _shake(path: Path, pod: str, dev: str) -> None:
         c.fin()
 
 
+@pytest.mark.privileged
 async def test_a_handshake_after_the_prefetch_asks_kubelet_nothing_and_the_cache_ends_with_the_allocation(
     tmp_path: Path, lab: Lab
 ) -> None:
@@ -50,3 +52,21 @@ async def test_a_handshake_after_the_prefetch_asks_kubelet_nothing_and_the_cache
         with pytest.raises(HandshakeError):
             await anyio.to_thread.run_sync(_shake, sock, "pod-a", dev)
         await anyio.to_thread.run_sync(_shake, sock, "pod-b", dev)
+
+
+async def test_prefetches_that_overlap_share_one_pod_resources_call(tmp_path: Path) -> None:
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_pod_resources()
+    try:
+        checker = PodResourcesChecker(tmp_path / "kubelet" / "pod-resources" / "kubelet.sock")
+        devices = [f"dev{i}" for i in range(20)]
+        kubelet.hold("pod-a", "afxdp/p", "dev7")  # admitted; the other 19 never are
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for dev in devices:  # 20 pods started at once, as a scaled-up Deployment
+                    tg.start_soon(checker.prefetch, "afxdp/p", dev, 0.5)
+        # Each wait (50, 100, 200 ms) asked kubelet about once for all 20, not 20 times.
+        assert 2 <= kubelet.list_calls <= 8, kubelet.list_calls  # 60 without sharing
+        assert checker._holders == {("afxdp/p", "dev7"): frozenset({"pod-a"})}
+    finally:
+        kubelet.stop()

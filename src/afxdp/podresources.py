@@ -36,6 +36,7 @@ class PodResourcesChecker:
         # that no longer holds the device.
         self._holders: dict[tuple[str, str], frozenset[str]] = {}
         self.lookups = 0  # live PodResources calls (status, tests)
+        self._prefetching: anyio.Event | None = None  # a prefetch's List under way
 
     async def list_pods(self) -> api_pb2.ListPodResourcesResponse:
         channel = Channel(path=str(self.socket_path))
@@ -82,8 +83,23 @@ class PodResourcesChecker:
                 # First wait: kubelet lists the pod only once it has Allocate's
                 # answer, which must not queue behind this call on the loop.
                 await anyio.sleep(delay)
-                await self._pods()
+                await self._prefetch_once()
                 delay = min(delay * 2, 1.0)
+
+    async def _prefetch_once(self) -> None:
+        """One List for all the prefetches that ask while it is under way: pods
+        starting together (a Deployment scaled up) would otherwise each ask
+        kubelet every second. Live lookups never join one: a List that began
+        before their pod was admitted could not vouch for it."""
+        if self._prefetching is not None:
+            await self._prefetching.wait()
+            return
+        self._prefetching = done = anyio.Event()
+        try:
+            await self._pods()
+        finally:
+            self._prefetching = None
+            done.set()
 
     async def held(self) -> dict[str, set[str]] | None:
         """Device IDs that pods hold, by resource; None when kubelet cannot say."""
