@@ -108,3 +108,18 @@ def test_unprivileged_bpf_sysctl_is_read(tmp_path: Path) -> None:
     (tmp_path / "sys" / "kernel").mkdir(parents=True)
     (tmp_path / "sys" / "kernel" / "unprivileged_bpf_disabled").write_text("2\n")
     assert inventory.unprivileged_bpf_disabled(tmp_path) == 2
+
+
+@pytest.mark.privileged
+def test_read_one_finds_a_link_of_the_threads_netns_by_name_and_none_for_a_missing_one(
+    lab: Lab,
+) -> None:
+    ns = lab.netns()
+    lab.veth("pr0", "pr1", netns=ns, mac="02:aa:00:00:00:07")
+    from afxdp.netns import run_in  # noqa: PLC0415 - only this test enters a netns
+
+    found = run_in(Path("/run/netns") / ns, inventory.read_one, "pr0")
+    assert found is not None and (found.name, found.mac) == ("pr0", "02:aa:00:00:00:07")
+    assert found.ifindex == run_in(Path("/run/netns") / ns, inventory.index_of, "pr0")
+    assert run_in(Path("/run/netns") / ns, inventory.read_one, "pr9") is None
+    assert inventory.read_one("pr0") is None  # not in this (the host's) netns

@@ -16,6 +16,8 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from afxdp.inventory import index_of
+
 # The service's own netns, reachable from a thread that entered a pod's.
 HOST_NETNS = Path(f"/proc/{os.getpid()}/ns/net")
 IFF_UP = 1
@@ -30,43 +32,51 @@ class LinkState:
     routes: frozenset[tuple[str, str | None]]  # (dst, gateway)
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else None
+def _index(name: str) -> int:
+    idx = index_of(name)
+    if idx is None:
+        raise LookupError(f"no link {name}")
+    return idx
 
 
 def state(name: str) -> LinkState | None:
     """The link ``name`` in the calling thread's netns, or None."""
+    idx = index_of(name)
+    if idx is None:
+        return None
     with IPRoute() as ipr:
-        idx = _index(ipr, name)
-        if idx is None:
-            return None
-        link = ipr.get_links(idx)[0]
-        addrs = frozenset(f"{a.get('address')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx))
-        routes = set()
-        for r in ipr.get_routes(oif=idx, table=254):
-            dst = r.get("dst")
-            routes.add((f"{dst}/{r['dst_len']}" if dst else "0.0.0.0/0", r.get("gateway")))
-        return LinkState(idx, str(link.get("address")), bool(link["flags"] & IFF_UP), addrs,
-                         frozenset(routes))  # fmt: skip
+        return _state(ipr, idx)
+
+
+def _state(ipr: IPRoute, idx: int) -> LinkState:
+    link = ipr.get_links(idx)[0]
+    addrs = frozenset(f"{a.get('address')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx))
+    routes = set()
+    for r in ipr.get_routes(oif=idx, table=254):
+        dst = r.get("dst")
+        routes.add((f"{dst}/{r['dst_len']}" if dst else "0.0.0.0/0", r.get("gateway")))
+    return LinkState(idx, str(link.get("address")), bool(link["flags"] & IFF_UP), addrs,
+                     frozenset(routes))  # fmt: skip
 
 
 def admin_up(name: str) -> bool | None:
     """Whether ``name`` is administratively up here; None when there is no such link."""
+    idx = index_of(name)
+    if idx is None:
+        return None
     with IPRoute() as ipr:
-        idx = _index(ipr, name)
-        return None if idx is None else bool(ipr.get_links(idx)[0]["flags"] & IFF_UP)
+        return bool(ipr.get_links(idx)[0]["flags"] & IFF_UP)
 
 
 def setup(name: str, ips: list[dict[str, Any]], routes: list[dict[str, Any]]) -> LinkState:
-    """In the pod: link up, addresses and routes; the resulting state (one netns entry)."""
-    set_up(name)
-    if ips:
-        configure(name, ips, routes)
-    result = state(name)
-    if result is None:
-        raise LookupError(f"{name} vanished")
-    return result
+    """In the pod: link up, addresses and routes; the resulting state (one netns
+    entry, one netlink socket: each socket costs the pod's ADD a little)."""
+    idx = _index(name)
+    with IPRoute() as ipr:
+        ipr.link("set", index=idx, state="up")
+        if ips:
+            _configure(ipr, idx, ips, routes)
+        return _state(ipr, idx)
 
 
 def leave(name: str, netns: Path) -> bool:
@@ -80,48 +90,42 @@ def leave(name: str, netns: Path) -> bool:
 
 def move(name: str, netns: Path) -> None:
     """Move ``name`` (in the calling thread's netns) into ``netns``, keeping its name."""
+    idx = _index(name)
     fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with IPRoute() as ipr:
-            idx = _index(ipr, name)
-            if idx is None:
-                raise LookupError(f"no link {name}")
             ipr.link("set", index=idx, net_ns_fd=fd)
     finally:
         os.close(fd)
 
 
 def set_up(name: str, up: bool = True) -> None:
+    idx = _index(name)
     with IPRoute() as ipr:
-        idx = _index(ipr, name)
-        if idx is None:
-            raise LookupError(f"no link {name}")
         ipr.link("set", index=idx, state="up" if up else "down")
 
 
-def configure(name: str, ips: list[dict[str, Any]], routes: list[dict[str, Any]]) -> None:
-    """Addresses and routes of an IPAM result, on ``name``, as ipam.ConfigureIface does."""
-    with IPRoute() as ipr:
-        idx = _index(ipr, name)
-        if idx is None:
-            raise LookupError(f"no link {name}")
-        gateways: dict[int, str] = {}
-        for ip in ips:
-            iface = ipaddress.ip_interface(ip["address"])
-            ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-            if ip.get("gateway"):
-                gateways.setdefault(iface.version, ip["gateway"])
-        for route in routes:
-            dst = ipaddress.ip_network(route["dst"], strict=False)
-            gw = route.get("gw") or gateways.get(dst.version)
-            spec: dict[str, Any] = {"dst": str(dst), "oif": idx}
-            if gw:
-                spec["gateway"] = gw
-            try:
-                ipr.route("add", **spec)
-            except NetlinkError as exc:
-                if exc.code != 17:  # EEXIST: the kernel made it already (connected route)
-                    raise
+def _configure(
+    ipr: IPRoute, idx: int, ips: list[dict[str, Any]], routes: list[dict[str, Any]]
+) -> None:
+    """Addresses and routes of an IPAM result, as ipam.ConfigureIface does."""
+    gateways: dict[int, str] = {}
+    for ip in ips:
+        iface = ipaddress.ip_interface(ip["address"])
+        ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        if ip.get("gateway"):
+            gateways.setdefault(iface.version, ip["gateway"])
+    for route in routes:
+        dst = ipaddress.ip_network(route["dst"], strict=False)
+        gw = route.get("gw") or gateways.get(dst.version)
+        spec: dict[str, Any] = {"dst": str(dst), "oif": idx}
+        if gw:
+            spec["gateway"] = gw
+        try:
+            ipr.route("add", **spec)
+        except NetlinkError as exc:
+            if exc.code != 17:  # EEXIST: the kernel made it already (connected route)
+                raise
 
 
 def exists(netns: str) -> bool:
