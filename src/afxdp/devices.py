@@ -103,6 +103,9 @@ class Devices:
         # Pools a reload removed that still have allocations: not advertised,
         # not allocatable, forgotten when the last allocation ends.
         self.draining: set[str] = set()
+        # Devices, by pool, that a reload dropped while they were allocated: kept
+        # until their allocation ends, then they leave the pool.
+        self.leaving: dict[str, set[str]] = {}
         self.ready = False  # serving (set by the service once every part is up)
 
     # -- lookups --------------------------------------------------------------
@@ -189,6 +192,11 @@ class Devices:
             self._holders.forget(device)
         await self.handouts.release(device, keep_xdp)
         pool.release([device])
+        if device in self.leaving.get(pool.name, ()):  # the config no longer takes it
+            self.leaving[pool.name].discard(device)
+            del pool.devices[device]
+            self.changes[pool.name].bump()
+            return
         dev = pool.devices[device]
         await self._read_health(pool, dev.parent or dev.id)
         self.changes[pool.name].bump()
@@ -271,10 +279,13 @@ class Devices:
         new_by_name = {p.name: p for p in new}
         for pool in new:
             old = self.pools.get(pool.name)
+            self.leaving.pop(pool.name, None)
             if old is None:
                 continue
             for dev_id, dev in old.devices.items():
                 if dev.allocated:
+                    if dev_id not in pool.devices:
+                        self.leaving.setdefault(pool.name, set()).add(dev_id)
                     pool.devices[dev_id] = dev
                 elif dev_id in pool.devices:  # keep the health we know
                     pool.devices[dev_id].healthy = dev.healthy
@@ -298,6 +309,7 @@ class Devices:
                 if not any(d.allocated for d in self.pools[n].devices.values())]  # fmt: skip
         for name in gone:
             self.draining.discard(name)
+            self.leaving.pop(name, None)
             del self.pools[name]
         return gone
 

@@ -1,0 +1,733 @@
+"""Device state as ``Devices`` keeps it, on a FAKE datapath (no privileges needed):
+the durable record taken over at a restart, config reloads (pools added, changed,
+removed and left to drain), health from links, listeners woken on change, and
+the messages that say why.
+
+Background work (preparing programs) is waited for with ``Node.settle``, never
+with a sleep: the handouts count what they spawned that is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from afxdp import config as cfg
+from afxdp.bpf import pinning
+from afxdp.devices import AllocateFailed, Devices
+from afxdp.errors import DeviceError
+from afxdp.handouts import Handouts
+from afxdp.inventory import NetDev
+from afxdp.netwatch import Change, LinkEvent
+from afxdp.pools import Pool, PoolDevice, assemble
+from afxdp.state import Allocation, Record, StateStore
+from tests.fakes import FakeDatapath, FakeProgram, FakeSubfunctions
+from tests.test_devices import Kubelet, _check, _pool, node
+
+pytestmark = pytest.mark.anyio
+
+LOGGER = "afxdp.devices"
+
+
+def _named(name: str, *ids: str, **extra: object) -> Pool:
+    """A primary pool called ``name`` with devices ``ids`` (``_pool`` makes "p")."""
+    doc = {"pools": [{"name": name, "mode": "primary", "devices": [{"name": i} for i in ids],
+                      **extra}]}  # fmt: skip
+    config = cfg.load_config(json.dumps(doc)).config.pools[0]
+    return Pool(config, {i: PoolDevice(i) for i in ids})
+
+
+def _netdev(name: str, *, up: bool = True, driver: str = "veth") -> NetDev:
+    return NetDev(name=name, ifindex=1, driver=driver, oper_state="up" if up else "down",
+                  admin_up=up)  # fmt: skip
+
+
+class Links:
+    """FAKE host links, by name: up, down (present, not usable) or absent (gone,
+    or in a pod's netns). What ``read_link`` and ``scan`` see."""
+
+    def __init__(self, *up: str) -> None:
+        self.up: dict[str, bool] = dict.fromkeys(up, True)
+
+    def get(self, name: str) -> NetDev | None:
+        state = self.up.get(name)
+        return None if state is None else _netdev(name, up=state)
+
+    async def read(self, name: str) -> NetDev | None:
+        return self.get(name)
+
+    async def scan(self) -> list[NetDev]:
+        return [_netdev(n, up=u) for n, u in self.up.items()]
+
+
+class AskedKubelet(Kubelet):
+    """FAKE kubelet that also records what it was asked (resource, devices), and
+    fails on demand (``broken``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.questions: list[tuple[str, list[str]]] = []
+        self.broken = False
+
+    async def stale(self, resource: str, devices: Sequence[str]) -> list[str]:
+        if self.broken:
+            raise RuntimeError("kubelet answered garbage (fake)")
+        self.questions.append((resource, list(devices)))
+        return await super().stale(resource, devices)
+
+
+class FakeHolders:
+    """FAKE Holders (the PodResources cache): records prefetches and forgets."""
+
+    def __init__(self) -> None:
+        self.prefetched: list[tuple[str, str]] = []
+        self.forgotten: list[str] = []
+
+    async def prefetch(self, resource: str, device: str) -> None:
+        self.prefetched.append((resource, device))
+
+    def forget(self, device: str) -> None:
+        self.forgotten.append(device)
+
+
+class CountingHandouts(Handouts):
+    """Handouts that count the background work started with ``spawn`` (all of
+    ``Devices``' own: preparing, unpreparing, prefetching holders), so a test can
+    wait until it is done. Everything still runs as it does in the service."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.running = 0
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        self.running += 1
+
+        async def counted() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self.running -= 1
+
+        super().spawn(counted)
+
+
+@dataclass
+class Node:
+    devices: Devices
+    datapath: FakeDatapath
+    kubelet: AskedKubelet
+    links: Links
+    holders: FakeHolders
+    secondary: FakeSubfunctions
+    handouts: CountingHandouts
+
+    async def settle(self) -> None:
+        """Wait, with a deadline, until the background work caused so far is done."""
+        with anyio.fail_after(5):
+            while self.handouts.running:
+                await anyio.sleep(0.001)
+
+    def version(self, pool: str) -> int:
+        return self.devices.changes[pool].version
+
+
+@asynccontextmanager
+async def running(
+    *pools: Pool,
+    tmp_path: Path,
+    links: Links | None = None,
+    inventory: Sequence[NetDev] = (),
+    netdevs: dict[str, NetDev] | None = None,
+) -> AsyncIterator[Node]:
+    """A node's devices on the FAKE datapath, with every FAKE collaborator at hand."""
+    datapath, kubelet, holders = FakeDatapath(), AskedKubelet(), FakeHolders()
+    links = links or Links(*(d.parent or d.id for p in pools for d in p.devices.values()))
+    secondary = FakeSubfunctions()
+    known = {nd.name: nd for nd in inventory}
+    async with anyio.create_task_group() as tg:
+        handouts = CountingHandouts(task_group=tg, datapath=datapath, uds_dir=tmp_path / "uds",
+                                    pin_dir=tmp_path / "pins", check_host=_check,
+                                    secondary=secondary, netdev_of=known.get,
+                                    store=StateStore(tmp_path / "state"))  # fmt: skip
+        devices = Devices(pools, handouts, find_stale=kubelet.stale, read_link=links.read,
+                          scan=links.scan, netdevs=netdevs, holders=holders)  # fmt: skip
+        yield Node(devices, datapath, kubelet, links, holders, secondary, handouts)
+        await handouts.shutdown()
+        tg.cancel_scope.cancel()
+
+
+def _said(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
+    """What devices.py told the operator at ``level`` or above."""
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= level]
+
+
+def _states(pool: Pool) -> dict[str, str]:
+    return {d.id: d.state.value for d in pool.devices.values()}
+
+
+# -- lookups and change notification -------------------------------------------------
+
+
+async def test_a_new_node_is_not_ready_and_has_announced_no_change(tmp_path: Path) -> None:
+    async with node(_pool("a"), tmp_path) as (devices, _, _k):
+        assert devices.ready is False
+        assert devices.changes["p"].version == 0
+
+
+async def test_a_listener_waits_for_a_change_of_its_own_pool_only(tmp_path: Path) -> None:
+    async with running(_named("p", "a"), _named("q", "c"), tmp_path=tmp_path) as n:
+        changes = n.devices.changes["p"]
+        version = changes.version
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await changes.wait_after(version)  # nothing changed: it must block
+        assert scope.cancelled_caught
+        woke = anyio.Event()
+
+        async def listen() -> None:
+            await changes.wait_after(version)
+            woke.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen)
+            n.devices.on_link(LinkEvent("a", Change.DOWN))
+            with anyio.fail_after(5):
+                await woke.wait()
+        assert n.version("p") == version + 1 and n.version("q") == 0
+        await changes.wait_after(version)  # an old version returns at once
+
+
+async def test_device_allocated_is_none_for_a_device_no_pool_has(tmp_path: Path) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        assert n.devices.device_allocated("a") is True
+        assert n.devices.device_allocated("b") is False
+        assert n.devices.device_allocated("x") is None
+
+
+async def test_describe_gives_the_hosts_view_of_a_device_and_nothing_for_others(
+    tmp_path: Path,
+) -> None:
+    seen = _netdev("a")
+    async with running(_named("p", "a"), tmp_path=tmp_path, netdevs={"a": seen}) as n:
+        assert n.devices.describe("a") == msgspec.to_builtins(seen)
+        assert n.devices.describe("a")["name"] == "a"
+        assert n.devices.describe("b") == {}
+
+
+async def test_rows_give_every_devices_state_and_health_for_metrics(tmp_path: Path) -> None:
+    async with running(_named("p", "a", "b", "c"), _named("q", "d"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["b"])
+        n.devices.pools["p"].devices["c"].healthy = False
+        n.devices.pools["q"].devices["d"].fault = "cannot attach"
+        assert n.devices.rows() == [
+            ("p", "free", "Healthy"),
+            ("p", "allocated", "Healthy"),
+            ("p", "unhealthy", "Unhealthy"),
+            ("q", "unhealthy", "Unhealthy"),
+        ]
+
+
+# -- allocation ------------------------------------------------------------------------
+
+
+async def test_a_failed_allocate_has_its_devices_prepared_again(tmp_path: Path) -> None:
+    pool = _named("p", "a", "b")
+    async with running(pool, tmp_path=tmp_path) as n:
+        n.devices.on_link(LinkEvent("a", Change.UP))  # a gets a program ahead of Allocate
+        await n.settle()
+        assert list(n.devices.handouts.prepared) == ["a"]
+        n.datapath.fail_attach.add("b")
+        with pytest.raises(AllocateFailed, match=r"^b: b: attach failed \(fake\)$"):
+            await n.devices.allocate("p", ["a", "b"])
+        await n.settle()
+        # a's program went with the rollback; a gets a fresh one, b says why it has none.
+        assert list(n.devices.handouts.prepared) == ["a"]
+        assert n.datapath.log.count("attach a") == 2
+        assert pool.devices["b"].fault == "b: attach failed (fake)"
+        assert _states(pool) == {"a": "free", "b": "unhealthy"}
+
+
+async def test_an_unexpected_failure_at_allocate_is_logged_with_its_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    pool = _named("p", "a", "b")
+    async with running(pool, tmp_path=tmp_path) as n:
+        n.datapath.fail_attach.add("b")
+        with pytest.raises(AllocateFailed):
+            await n.devices.allocate("p", ["b"])  # a DeviceError: refused, no traceback
+        await n.settle()
+
+        def broken(device: str) -> FakeProgram:
+            raise RuntimeError("boom")
+
+        real, n.datapath.attach = n.datapath.attach, broken  # type: ignore[method-assign]
+        with pytest.raises(AllocateFailed, match=r"^boom$"):
+            await n.devices.allocate("p", ["a"])
+        n.datapath.attach = real  # type: ignore[method-assign]  # before a's preparation runs
+        await n.settle()
+        [record] = [r for r in caplog.records if r.name == LOGGER and r.exc_info]
+        assert record.getMessage() == "p: Allocate ['a'] failed unexpectedly"
+        assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+        assert _states(pool)["a"] == "free"
+
+
+async def test_an_allocate_on_a_removed_pool_is_refused_saying_why(tmp_path: Path) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        n.kubelet.held.add("a")
+        n.devices.replace_pools([_named("q", "c")])
+        with pytest.raises(DeviceError) as err:
+            await n.devices.allocate("p", ["b"])
+        assert str(err.value) == "pool p was removed from the config"
+
+
+async def test_allocate_has_the_pods_holder_fetched_and_its_end_forgets_it(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a", "b"])
+        await n.settle()
+        assert sorted(n.holders.prefetched) == [("afxdp/p", "a"), ("afxdp/p", "b")]
+        assert n.holders.forgotten == []
+        n.kubelet.held.add("b")
+        assert await n.devices.reconcile(grace=0.0) == ["a"]
+        assert n.holders.forgotten == ["a"]
+
+
+async def test_a_reclaim_at_allocate_asks_kubelet_about_the_pools_resource_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        assert n.kubelet.questions == []  # nothing allocated was asked for
+        await n.devices.allocate("p", ["a", "b"])
+        assert n.kubelet.questions == [("afxdp/p", ["a"])]
+        assert _said(caplog, logging.WARNING) == ["p: a was never released; reclaiming it"]
+
+
+async def test_release_ends_an_allocation_and_says_whether_there_was_one(tmp_path: Path) -> None:
+    pool = _named("p", "a")
+    async with running(pool, tmp_path=tmp_path) as n:
+        assert await n.devices.release("x") is False  # no pool has it
+        assert await n.devices.release("a") is False  # not allocated
+        await n.devices.allocate("p", ["a"])
+        n.datapath.log.clear()
+        assert await n.devices.release("a") is True
+        await n.settle()
+        assert n.datapath.log == ["close a", "detach a", "attach a"]  # a fresh one for the next
+        assert _states(pool) == {"a": "free"}
+        assert n.holders.forgotten == ["a"]
+        assert await n.devices.release("a") is False
+
+
+async def test_release_with_skip_unload_bpf_leaves_the_program_attached(tmp_path: Path) -> None:
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        n.datapath.log.clear()
+        assert await n.devices.release("a", keep_xdp=True) is True
+        await n.settle()
+        assert n.datapath.log == ["close a", "abandon a", "attach a"]
+
+
+# -- health ------------------------------------------------------------------------------
+
+
+async def test_an_ended_allocation_takes_the_health_its_link_has_now(tmp_path: Path) -> None:
+    pool = _named("p", "a", "b", "c")
+    links = Links("a", "b", "c")
+    async with running(pool, tmp_path=tmp_path, links=links) as n:
+        await n.devices.allocate("p", ["a", "b", "c"])
+        pool.devices["a"].healthy = False  # e.g. a DOWN while it moved back
+        links.up["b"] = False  # present, but down
+        del links.up["c"]  # gone with its pod
+        version = n.version("p")
+        assert await n.devices.reconcile(grace=0.0) == ["a", "b", "c"]
+        assert _states(pool) == {"a": "free", "b": "unhealthy", "c": "unhealthy"}
+        assert n.version("p") > version
+
+
+async def test_a_device_that_came_home_is_as_healthy_as_its_link(tmp_path: Path) -> None:
+    pool = _named("p", "a", "b")
+    links = Links("a", "b")
+    async with running(pool, tmp_path=tmp_path, links=links) as n:
+        await n.devices.allocate("p", ["a", "b"])
+        pool.devices["a"].healthy = False  # its link was in the pod
+        links.up["b"] = False
+        await n.devices.came_home("a", keep_xdp=False)
+        await n.devices.came_home("b", keep_xdp=False)
+        await n.devices.came_home("x", keep_xdp=False)  # no pool has it: nothing to do
+        assert _states(pool) == {"a": "allocated", "b": "unhealthy"}
+
+
+def _cdq_pool(secondary: FakeSubfunctions) -> tuple[Pool, NetDev]:
+    primary = _netdev("ens1", driver="ice")
+    doc = {"pools": [{"name": "p", "mode": "cdq", "devices": [{"name": "ens1", "secondary": 2}]}]}
+    config = cfg.load_config(json.dumps(doc)).config
+    [pool] = assemble(config, [primary], "node1", unprivileged_bpf_disabled=0,
+                      secondary=secondary).pools  # fmt: skip
+    return pool, primary
+
+
+async def test_a_cdq_secondarys_health_is_its_primarys(tmp_path: Path) -> None:
+    pool, primary = _cdq_pool(FakeSubfunctions())
+    assert list(pool.devices) == ["ens1sf1", "ens1sf2"]
+    links = Links("ens1")  # a secondary's own netdev exists only while handed out
+    async with running(pool, tmp_path=tmp_path, links=links, inventory=[primary]) as n:
+        n.devices.prepare_all()
+        await n.settle()
+        assert n.devices.handouts.prepared == {}  # nothing to attach to before Allocate
+        await n.devices.allocate("p", ["ens1sf1"])
+        assert n.secondary.created == ["ens1sf1"]
+        pool.devices["ens1sf1"].healthy = False
+        await n.devices.came_home("ens1sf1", keep_xdp=False)
+        assert _states(pool) == {"ens1sf1": "allocated", "ens1sf2": "free"}
+        # The secondary's own link comes and goes with its handout: not its health.
+        version = n.version("p")
+        n.devices.on_link(LinkEvent("ens1sf2", Change.DOWN))
+        n.devices.on_link(LinkEvent("ens1sf1", Change.REMOVED))
+        assert _states(pool) == {"ens1sf1": "allocated", "ens1sf2": "free"}
+        assert n.version("p") == version
+        assert await n.devices.reconcile(grace=0.0) == ["ens1sf1"]
+        assert n.secondary.deleted == ["ens1sf1"]
+        assert _states(pool) == {"ens1sf1": "free", "ens1sf2": "free"}
+        n.devices.on_link(LinkEvent("ens1", Change.DOWN))  # the primary's health is theirs
+        assert _states(pool) == {"ens1sf1": "unhealthy", "ens1sf2": "unhealthy"}
+        links.up["ens1"] = True
+        await n.devices.resync()
+        assert _states(pool) == {"ens1sf1": "free", "ens1sf2": "free"}
+
+
+async def test_a_link_event_reaches_the_pool_that_has_the_device_and_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    p, q = _named("p", "a"), _named("q", "c")
+    async with running(p, q, tmp_path=tmp_path) as n:
+        n.devices.on_link(LinkEvent("c", Change.DOWN))
+        assert _states(q) == {"c": "unhealthy"} and _states(p) == {"a": "free"}
+        assert (n.version("p"), n.version("q")) == (0, 1)
+        assert _said(caplog) == ["q: c -> down"]
+
+
+async def test_link_events_of_a_netdev_no_pool_has_change_nothing(tmp_path: Path) -> None:
+    pool = _named("p", "a")
+    async with running(pool, tmp_path=tmp_path) as n:
+        for change in Change:
+            n.devices.on_link(LinkEvent("eth9", change))
+        await n.settle()
+        assert _states(pool) == {"a": "free"} and n.version("p") == 0
+        assert n.datapath.log == []
+
+
+async def test_a_recreated_link_is_healthy_again_with_a_fresh_program(tmp_path: Path) -> None:
+    pool = _named("p", "a")
+    async with running(pool, tmp_path=tmp_path) as n:
+        n.devices.prepare_all()
+        await n.settle()
+        first = n.devices.handouts.prepared["a"]
+        n.devices.on_link(LinkEvent("a", Change.REMOVED))
+        assert _states(pool) == {"a": "unhealthy"} and n.devices.handouts.prepared == {}
+        n.devices.on_link(LinkEvent("a", Change.UP))
+        await n.settle()
+        assert _states(pool) == {"a": "free"}
+        assert n.devices.handouts.prepared["a"] is not first
+        assert n.datapath.log == ["attach a", "abandon a", "attach a"]
+
+
+async def test_a_free_device_whose_link_is_down_gets_no_program_until_it_is_up(
+    tmp_path: Path,
+) -> None:
+    pool = _named("p", "a", "b")
+    async with running(pool, tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        pool.devices["b"].healthy = False
+        n.datapath.log.clear()
+        n.devices.prepare_all()
+        await n.settle()
+        assert n.devices.handouts.prepared == {} and n.datapath.log == []
+        n.devices.on_link(LinkEvent("b", Change.UP))
+        await n.settle()
+        assert list(n.devices.handouts.prepared) == ["b"]
+
+
+async def test_resync_applies_the_links_as_they_are_now(tmp_path: Path) -> None:
+    pool = _named("p", "a", "b", "c", "d")
+    links = Links("a", "b", "d")
+    async with running(pool, tmp_path=tmp_path, links=links) as n:
+        await n.devices.allocate("p", ["c"])  # its link is in its pod's netns
+        pool.devices["a"].healthy = False  # a lost event said so
+        links.up["b"] = False
+        del links.up["d"]
+        version = n.version("p")
+        await n.devices.resync()
+        assert _states(pool) == {"a": "free", "b": "unhealthy", "c": "allocated",
+                                 "d": "unhealthy"}  # fmt: skip
+        assert n.version("p") > version
+        assert sorted(n.devices.netdevs) == ["a", "b"]
+        assert n.devices.describe("b")["oper_state"] == "down"
+
+
+async def test_a_device_that_cannot_be_prepared_says_why_once_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    pool = _named("p", "a")
+    async with running(pool, tmp_path=tmp_path) as n:
+        n.datapath.fail_attach.add("a")
+        n.devices.prepare_all()
+        await n.settle()
+        assert pool.devices["a"].summary() == {"id": "a", "state": "unhealthy", "numa": None,
+                                               "parent": None, "fault": "a: attach failed (fake)"}  # fmt: skip
+        assert n.version("p") == 1
+        n.devices.prepare_all()  # the same fault again: no news
+        await n.settle()
+        assert n.version("p") == 1
+        assert _said(caplog, logging.ERROR) == [
+            "p: cannot prepare a for Allocate: a: attach failed (fake)"
+        ]
+        n.datapath.fail_attach.clear()
+        n.devices.prepare_all()
+        await n.settle()
+        assert pool.devices["a"].fault is None and n.version("p") == 2
+
+
+# -- reconcile and shutdown --------------------------------------------------------------
+
+
+async def test_reconcile_asks_kubelet_about_each_pools_resource_and_logs_each_release(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    p, q = _named("p", "a"), _named("q", "c", "d")
+    async with running(p, q, tmp_path=tmp_path) as n:
+        await n.devices.allocate("q", ["c", "d"])
+        n.kubelet.held.add("d")
+        assert await n.devices.reconcile(grace=0.0) == ["c"]  # p has nothing to ask about
+        assert n.kubelet.questions == [("afxdp/q", ["c", "d"])]
+        assert "afxdp/q: no pod holds c any more (kubelet); released" in _said(caplog)
+        assert _states(q) == {"c": "free", "d": "allocated"}
+
+
+async def test_shutdown_stops_serving_even_when_the_last_reconcile_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        n.kubelet.broken = True
+        n.datapath.log.clear()
+        await n.devices.shutdown()
+        assert n.datapath.log == ["close a", "abandon a"]  # left in place for the next start
+        assert n.devices.handouts.handouts == {}
+        assert _said(caplog, logging.ERROR) == ["the last reconcile with kubelet failed"]
+    assert sorted(StateStore(tmp_path / "state").load().allocations) == ["a"]
+
+
+# -- config reload -------------------------------------------------------------------------
+
+
+async def test_a_reload_adds_changes_and_removes_pools_and_wakes_their_listeners(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a", "b"), _named("q", "c"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["b"])
+        n.kubelet.held.add("b")
+        old_b = n.devices.pools["p"].devices["b"]
+        n.devices.on_link(LinkEvent("a", Change.DOWN))
+        version = n.version("p")
+        # r is new (listed first); p no longer takes b (allocated) and now takes d;
+        # q, with nothing allocated, is gone at once.
+        added, removed = n.devices.replace_pools([_named("r", "e"), _named("p", "a", "d")])
+        assert (added, removed) == (["r"], ["q"])
+        assert list(n.devices.pools) == ["p", "r"] and n.devices.draining == set()
+        p = n.devices.pools["p"]
+        assert p.devices["b"] is old_b  # untouched while allocated
+        assert _states(p) == {"a": "unhealthy", "d": "free", "b": "allocated"}
+        assert n.version("p") > version and n.version("r") == 1
+        [handout] = await n.devices.allocate("r", ["e"])  # a new pool takes Allocates
+        assert handout.pool == "r"
+        await n.settle()
+        assert sorted(n.devices.handouts.prepared) == ["d"]  # its free healthy device
+
+
+async def test_a_reload_keeps_prepared_programs_of_devices_still_pooled(tmp_path: Path) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        n.devices.prepare_all()
+        await n.settle()
+        kept = n.devices.handouts.prepared["a"]
+        n.devices.replace_pools([_named("p", "a")])
+        await n.settle()
+        assert n.devices.handouts.prepared == {"a": kept}
+        assert sorted(n.datapath.log) == ["attach a", "attach b", "detach b"]
+
+
+async def test_a_removed_pool_drains_until_its_last_allocation_ends(tmp_path: Path) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        n.devices.prepare_all()
+        await n.settle()
+        await n.devices.allocate("p", ["a"])
+        n.kubelet.held.add("a")
+        assert n.devices.replace_pools([_named("q", "c")]) == (["q"], ["p"])
+        await n.settle()
+        assert list(n.devices.pools) == ["p", "q"] and n.devices.draining == {"p"}
+        # The draining pool's free device loses its program; the new pool's gets one.
+        assert sorted(n.devices.handouts.prepared) == ["c"]
+        assert "detach b" in n.datapath.log
+        assert n.devices.replace_pools([_named("q", "c")]) == ([], [])  # said once
+        assert await n.devices.reconcile(grace=0.0) == []
+        assert n.devices.draining == {"p"}
+        n.kubelet.held.clear()
+        assert await n.devices.reconcile(grace=0.0) == ["a"]
+        assert list(n.devices.pools) == ["q"] and n.devices.draining == set()
+        assert await n.devices.reconcile(grace=0.0) == []
+
+
+async def test_a_pool_back_in_the_config_before_it_drained_takes_allocates_again(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        n.kubelet.held.add("a")
+        n.devices.replace_pools([])
+        assert n.devices.draining == {"p"}
+        assert n.devices.replace_pools([_named("p", "a", "b")]) == ([], [])
+        assert n.devices.draining == set()
+        await n.devices.allocate("p", ["b"])
+        assert _states(n.devices.pools["p"]) == {"a": "allocated", "b": "allocated"}
+
+
+async def test_a_removed_pool_without_allocations_is_forgotten_at_once(tmp_path: Path) -> None:
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        assert n.devices.replace_pools([]) == ([], ["p"])
+        assert n.devices.pools == {} and n.devices.draining == set()
+        assert n.devices.prune() == []
+
+
+async def test_a_device_the_reloaded_config_dropped_leaves_when_its_allocation_ends(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["b"])
+        n.kubelet.held.add("b")
+        n.devices.replace_pools([_named("p", "a")])
+        n.kubelet.held.clear()
+        assert await n.devices.reconcile(grace=0.0) == ["b"]
+        await n.settle()
+        assert list(n.devices.pools["p"].devices) == ["a"]
+
+
+async def test_a_dropped_device_the_config_takes_back_before_its_allocation_ends_stays(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["b"])
+        n.devices.replace_pools([_named("p", "a")])
+        n.devices.replace_pools([_named("p", "a", "b")])
+        assert await n.devices.reconcile(grace=0.0) == ["b"]  # no pod holds it
+        await n.settle()
+        assert {d: v.state.value for d, v in n.devices.pools["p"].devices.items()} == {
+            "a": "free",
+            "b": "free",
+        }
+
+
+# -- restart: the durable record -------------------------------------------------------------
+
+
+async def _recorded(n: Node, *allocations: Allocation) -> Record:
+    store = n.devices.handouts.store
+    await store.put(list(allocations))
+    return store.record
+
+
+async def test_a_restart_cleans_up_what_no_pool_has_any_more_saying_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    pool = _named("p", "a")
+    async with running(pool, _named("q", "c"), tmp_path=tmp_path) as n:
+        record = await _recorded(
+            n,
+            Allocation(pool="old", device="a", prog_id=5),  # a is in pool p now
+            Allocation(pool="p", device="zz", prog_id=6),  # no pool has zz
+        )
+        n.datapath.stale.update({"a": 5})
+        assert await n.devices.restore(record, None) == []
+        assert _said(caplog) == [
+            "a: handed out before this start, but pool old no longer has it; cleaned up",
+            "zz: handed out before this start, but pool p no longer has it; cleaned up",
+        ]
+        assert n.datapath.log == ["detach_stale a"]
+        assert _states(pool) == {"a": "free"}
+        assert (n.version("p"), n.version("q")) == (1, 1)  # every list is sent again
+    assert StateStore(tmp_path / "state").load().allocations == {}
+
+
+async def test_a_restart_keeps_only_what_kubelet_says_a_pod_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    pool = _named("p", "a", "b")
+    async with running(pool, tmp_path=tmp_path) as n:
+        record = await _recorded(
+            n, Allocation(pool="p", device="a", prog_id=5), Allocation(pool="p", device="b")
+        )
+        pool.devices["a"].healthy = False  # its link is in its pod's netns
+        assert await n.devices.restore(record, {"afxdp/p": {"a"}, "afxdp/x": {"b"}}) == ["a"]
+        assert _said(caplog) == [
+            "a: kept from before this start (held by a pod)",
+            "b: handed out before this start, but no pod holds it (kubelet); cleaned up",
+        ]
+        assert _states(pool) == {"a": "allocated", "b": "free"}
+        assert n.datapath.log == ["adopt a", "listen a"]
+        # kubelet answering for no resource of ours: nothing is held.
+        caplog.clear()
+        record = await _recorded(n, Allocation(pool="p", device="b", prog_id=7))
+        assert await n.devices.restore(Record(allocations={"b": record.allocations["b"]}), {}) == []
+        assert _said(caplog)[-1] == (
+            "b: handed out before this start, but no pod holds it (kubelet); cleaned up"
+        )
+    assert sorted(StateStore(tmp_path / "state").load().allocations) == ["a"]
+
+
+async def test_a_restart_without_kubelet_keeps_the_records_view_saying_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    pool = _named("p", "a", "b", udsServerDisable=True, bpfMapPinningEnable=True)
+    pinned = pinning.map_path(tmp_path / "pins", "p", "a")
+    async with running(pool, tmp_path=tmp_path) as n:
+        record = await _recorded(
+            n,
+            Allocation(pool="p", device="a", prog_id=5, pinned=str(pinned)),
+            Allocation(
+                pool="p",
+                device="b",
+                prog_id=6,
+                pinned=str(pinning.map_path(tmp_path / "pins", "p", "b")),
+            ),
+        )
+        n.datapath.gone.add(6)
+        assert await n.devices.restore(record, None) == ["a"]
+        assert _said(caplog) == [
+            "a: kept from before this start (kubelet not reachable yet)",
+            "b: handed out before this start, but its program is gone "
+            "(program 6 is gone (fake)); cleaned up",
+        ]
+        assert n.devices.handouts.handouts["a"].mounts == [(str(pinned.parent), "/tmp/afxdp_dp/a")]
+        assert n.datapath.log == ["adopt a", "unpin b"]  # a pinned map: no socket to serve
+        assert _states(pool) == {"a": "allocated", "b": "free"}
+        # The periodic reconcile settles it once kubelet answers.
+        assert await n.devices.reconcile() == ["a"]
