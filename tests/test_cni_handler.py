@@ -507,6 +507,30 @@ async def test_an_unexpected_exception_is_internal_error_5_and_the_handler_keeps
 
 
 @privileged
+def _host_flags(dev: str) -> list[str]:
+    out = subprocess.run(["ip", "-j", "link", "show", dev], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    flags: list[str] = json.loads(out)[0]["flags"]
+    return flags
+
+
+async def test_a_del_brings_the_device_home_up_or_down_as_it_was_before_the_add(
+    setup: Setup,
+) -> None:
+    up, down = setup.devices[0], setup.devices[1]
+    ip("link", "set", down, "down")
+    ns = setup.lab.netns("chud")
+    netns = f"/run/netns/{ns}"
+    for dev in (up, down):
+        code, out = await setup.call("ADD", setup.netconf(dev), netns=netns, ifname=dev)
+        assert code == 0, out
+    for dev in (up, down):
+        code, out = await setup.call("DEL", setup.netconf(dev), netns=netns, ifname=dev)
+        assert (code, out) == (0, None)
+    assert "UP" in _host_flags(up)
+    assert "UP" not in _host_flags(down)
+
+
 async def test_a_del_cut_short_after_the_move_home_leaves_the_retry_to_set_the_link_up(
     setup: Setup,
 ) -> None:

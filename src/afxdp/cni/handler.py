@@ -366,10 +366,9 @@ class CniHandler:
         A device already home (a DEL cut short between the move and the link-up,
         by a crash) is still set up as it was: the retried DEL finishes the job.
         """
-        moved = link.exists(netns) and await _in(netns, link.leave, dev, link.HOST_NETNS)
-        home = moved or await _in(None, link.admin_up, dev) is not None
-        if home and up:
-            await _in(None, link.set_up, dev)
+        moved = link.exists(netns) and await _in(netns, link.leave, dev, link.HOST_NETNS, up)
+        if not moved and up and await _in(None, link.admin_up, dev) is not None:
+            await _in(None, link.set_up, dev)  # a DEL retried after a crash mid-way
         return bool(moved)
 
     async def _at_home(self, dev: str) -> bool:

@@ -79,22 +79,24 @@ def setup(name: str, ips: list[dict[str, Any]], routes: list[dict[str, Any]]) ->
         return _state(ipr, idx)
 
 
-def leave(name: str, netns: Path) -> bool:
+def leave(name: str, netns: Path, up: bool = False) -> bool:
     """Move ``name`` from the calling thread's netns to ``netns``; False if it is not here."""
     try:
-        move(name, netns)
+        move(name, netns, up)
     except LookupError:
         return False
     return True
 
 
-def move(name: str, netns: Path) -> None:
-    """Move ``name`` (in the calling thread's netns) into ``netns``, keeping its name."""
+def move(name: str, netns: Path, up: bool = False) -> None:
+    """Move ``name`` (in the calling thread's netns) into ``netns``, keeping its
+    name; with ``up``, link up there too. One message: the kernel moves the link
+    (which takes it down) and then applies the flags, in the new netns."""
     idx = _index(name)
     fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with IPRoute() as ipr:
-            ipr.link("set", index=idx, net_ns_fd=fd)
+            ipr.link("set", index=idx, net_ns_fd=fd, **({"state": "up"} if up else {}))
     finally:
         os.close(fd)
 
