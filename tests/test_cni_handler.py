@@ -411,6 +411,49 @@ async def test_after_a_crash_mid_add_the_record_is_undone_not_answered(setup: Se
 
 
 @privileged
+async def test_each_add_refusal_says_why_with_its_code_and_leaves_nothing(setup: Setup) -> None:
+    d0, d1, d2 = setup.devices
+    pod = setup.lab.netns("chrf")
+    netns = f"/run/netns/{pod}"
+    elsewhere = setup.lab.netns("chre")
+    ip("link", "set", d1, "netns", elsewhere)  # in another pod already
+    setup.side.allocated[d2] = False  # kubelet never called Allocate for it
+
+    async def refusal(dev: str, netns: str = netns, **env: str) -> dict[str, Any]:
+        code, out = await setup.call("ADD", setup.netconf(dev), netns=netns, **env)
+        assert code == 1, out
+        return dict(out)
+
+    def doc(code: int, msg: str, details: str = "") -> dict[str, Any]:
+        want: dict[str, Any] = {"cniVersion": "1.0.0", "code": code, "msg": msg}
+        return {**want, "details": details} if details else want
+
+    assert await refusal("nodev") == doc(
+        7, "deviceID: nodev is not a device of any afxdp pool here"
+    )
+    assert await refusal(d2) == doc(
+        7, f"deviceID: {d2} is not allocated to a pod (kubelet has not called Allocate for it)"
+    )
+    assert await refusal(d0, netns="/run/netns/afxdp-none") == doc(
+        3, "network namespace /run/netns/afxdp-none does not exist"
+    )
+    assert await refusal(d1) == doc(
+        7, f"deviceID: {d1} is not in the host network namespace",
+        "it may still be in another pod's namespace",
+    )  # fmt: skip
+    assert setup.leases() == set() and setup.handler.store.all() == []
+    code, out = await setup.call("ADD", setup.netconf(d0), netns=netns)
+    assert code == 0, out
+    ip("link", "set", d1, "netns", str(os.getpid()), netns=elsewhere)
+    setup.side.allocated[d2] = True
+    assert await refusal(d2) == doc(
+        7, f"deviceID: net1 of container ctr1 is {d0} already; DEL it first"
+    )
+    assert [a.device for a in setup.handler.store.all()] == [d0]  # the first ADD stands
+    assert len(setup.leases()) == 1
+
+
+@privileged
 async def test_add_into_afxdpds_own_netns_is_refused(setup: Setup) -> None:
     dev = setup.devices[0]
     own = f"/proc/{os.getpid()}/ns/net"
@@ -506,7 +549,6 @@ async def test_an_unexpected_exception_is_internal_error_5_and_the_handler_keeps
     assert await handler.handle(Request(status, stdin)) == (0, b"", b"")  # still serving
 
 
-@privileged
 def _host_flags(dev: str) -> list[str]:
     out = subprocess.run(["ip", "-j", "link", "show", dev], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
@@ -514,6 +556,7 @@ def _host_flags(dev: str) -> list[str]:
     return flags
 
 
+@privileged
 async def test_a_del_brings_the_device_home_up_or_down_as_it_was_before_the_add(
     setup: Setup,
 ) -> None:
@@ -531,6 +574,7 @@ async def test_a_del_brings_the_device_home_up_or_down_as_it_was_before_the_add(
     assert "UP" not in _host_flags(down)
 
 
+@privileged
 async def test_a_del_cut_short_after_the_move_home_leaves_the_retry_to_set_the_link_up(
     setup: Setup,
 ) -> None:

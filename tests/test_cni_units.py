@@ -131,3 +131,22 @@ def test_results_per_version() -> None:
     assert new["routes"] == [{"dst": "0.0.0.0/0"}] and new["dns"] == {"nameservers": ["10.0.0.53"]}
     bare = build("1.0.0", None, "ens1", "m", "/n")
     assert bare["ips"] == [] and "routes" not in bare
+
+
+@pytest.mark.parametrize(
+    ("ips", "want"),
+    [
+        ([{"address": "10.1.0.5/24"}], "10.1.0.5"),
+        ([{"address": "fd00::5/64"}, {"address": "10.1.0.6/24"}], "10.1.0.6"),  # IPv6 skipped
+        ([{"address": "10.1.0.7/24"}, {"address": "10.1.0.8/24"}], "10.1.0.7"),  # the first
+        ([{"address": "fd00::5/64"}], None),
+        ([], None),
+    ],
+)
+def test_ethtool_ip_is_the_first_ipv4_address_ipam_gave(
+    ips: list[dict[str, str]], want: str | None
+) -> None:
+    from afxdp.cni.handler import _first_ipv4  # noqa: PLC0415 - a helper of the handler
+
+    assert _first_ipv4({"ips": ips, "routes": []}) == want
+    assert _first_ipv4(None) is None  # no IPAM at all
