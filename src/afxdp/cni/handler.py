@@ -269,7 +269,7 @@ class CniHandler:
             await self._settled(previous.device)
             if problems:
                 raise CniError(IO_FAILURE, "undoing an earlier unfinished ADD failed",
-                               str(_summary(problems)))  # fmt: skip
+                               _summary(problems).details)  # fmt: skip
         host_up = await _in(None, link.admin_up, dev)
         if host_up is None:
             raise CniError(INVALID_CONFIG, f"deviceID: {dev} is not in the host network namespace",
@@ -292,7 +292,7 @@ class CniHandler:
             if isinstance(exc, (*_STEP_ERRORS, CniError)):
                 undone = "everything was undone"
                 if problems:
-                    undone = f"undoing it failed too (a DEL retries): {_summary(problems)}"
+                    undone = f"undoing it failed too (a DEL retries): {_summary(problems).details}"
                 if isinstance(exc, CniError):
                     details = "; ".join(filter(None, (exc.details, undone)))
                     raise CniError(exc.code, exc.msg, details) from exc
