@@ -339,6 +339,51 @@ async def test_del_runs_every_step_and_its_error_lists_each_failure(
 
 
 @privileged
+async def test_a_del_that_cannot_bring_the_device_home_keeps_that_step_and_its_ethtool_restore(
+    setup: Setup,
+) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chmh")
+    netns = f"/run/netns/{ns}"
+    conf = setup.netconf(dev, ethtoolCmds=["-K -device- tx off"])
+    code, out = await setup.call("ADD", conf, netns=netns)
+    assert code == 0, out
+    # While the device is in the pod, the host gets a link of the same name:
+    # the move home is refused (EEXIST), for real.
+    ip("link", "add", dev, "type", "veth", "peer", "name", f"{dev}x")
+    try:
+        code, out = await setup.call("DEL", conf, netns=netns)
+        assert code == 1 and out["msg"] == f"moving {dev} out of {netns} failed", out
+        assert out["code"] == 5 and "File exists" in out["details"], out
+        # The lease went back all the same; the move and the ethtool restore wait.
+        assert setup.leases() == set() and in_pod(ns, dev)
+        (record,) = setup.handler.store.all()
+        assert (record.moved, record.ipam, record.home, record.complete) == (True, False, False,
+                                                                             False)  # fmt: skip
+        assert [c["kind"] for c in record.ethtool] == ["features"]
+        assert setup.side.came_home_calls == []  # it did not come home
+    finally:
+        ip("link", "del", dev)
+    code, out = await setup.call("DEL", conf, netns=netns)  # the runtime's retry
+    assert (code, out) == (0, None)
+    assert in_host(dev) and "tx-checksumming: on" in features(dev)
+    assert setup.handler.store.all() == [] and setup.side.came_home_calls == [(dev, False)]
+    assert setup.ipam.calls() == ["ADD ctr1", "DEL ctr1"]  # the retry released nothing twice
+
+
+@privileged
+async def test_skip_unload_bpf_reaches_the_device_side_when_the_device_comes_home(
+    setup: Setup,
+) -> None:
+    dev = setup.devices[0]
+    netns = f"/run/netns/{setup.lab.netns('chsk')}"
+    conf = setup.netconf(dev, skipUnloadBpf=True)
+    assert (await setup.call("ADD", conf, netns=netns))[0] == 0
+    assert await setup.call("DEL", conf, netns=netns) == (0, None)
+    assert setup.side.came_home_calls == [(dev, True)]
+
+
+@privileged
 async def test_del_for_a_container_holding_no_attachment_of_the_device_touches_nothing(
     setup: Setup,
 ) -> None:
