@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import anyio
 import pytest
 
 from afxdp.cni import ethtool
-from afxdp.cni.attachments import AttachmentStore
+from afxdp.cni.attachments import Attachment, AttachmentStore
 from afxdp.cni.errors import CniError
 from afxdp.cni.frame import Request
 from afxdp.cni.handler import CniHandler
@@ -46,6 +47,8 @@ class FakeDeviceSide:
 
     async def came_home(self, device: str, keep_xdp: bool) -> None:
         self.came_home_calls.append((device, keep_xdp))
+        if self.broken:
+            raise RuntimeError("device side bug")
 
     def describe(self, device: str) -> dict[str, Any]:
         return {}
@@ -646,3 +649,47 @@ async def test_a_del_cut_short_after_the_move_home_leaves_the_retry_to_set_the_l
                            check=True).stdout  # fmt: skip
     assert "UP" in json.loads(state)[0]["flags"]  # as it was before the ADD
     assert setup.leases() == set()
+
+
+async def _told_after_a_crash(
+    tmp_path: Path, side: FakeDeviceSide, *records: Attachment
+) -> AttachmentStore:
+    """A handler made (with a task group for after-reply work) over ``records``,
+    as afxdpd makes it at start; the store once that work is done."""
+    path = tmp_path / "a.json"
+    written = AttachmentStore(path)
+    for record in records:
+        await written.put(record)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            handler = CniHandler(side, AttachmentStore(path), after=tg)
+    return handler.store
+
+
+async def test_a_device_a_crash_left_untold_is_told_at_start_with_its_skip_unload_bpf(
+    tmp_path: Path,
+) -> None:
+    side = FakeDeviceSide(["d0", "d1"])
+    home = Attachment("c0", "net1", "d0", "/run/netns/gone", "n", home=True, complete=False,
+                      netconf={"cniVersion": "1.0.0", "name": "n", "type": "afxdp",
+                               "deviceID": "d0", "skipUnloadBpf": True})  # fmt: skip
+    in_pod = Attachment("c1", "net1", "d1", "/run/netns/p", "n")  # a complete ADD: untouched
+    store = await _told_after_a_crash(tmp_path, side, home, in_pod)
+    assert side.came_home_calls == [("d0", True)]
+    assert store.all() == [in_pod]
+
+
+async def test_a_told_device_keeps_its_record_while_steps_remain_and_a_failed_telling_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    side = FakeDeviceSide(["d0"])
+    side.broken = True
+    left = Attachment("c0", "net1", "d0", "/run/netns/gone", "n", home=True, complete=False,
+                      ipam=True, netconf={"garbage": True})  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        store = await _told_after_a_crash(tmp_path, side, left)
+    assert side.came_home_calls == [("d0", False)]  # unreadable netconf: the default
+    assert store.all() == [replace(left, home=False)]  # the IPAM release is still owed
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("d0: the recorded netconf is unreadable: ") for m in messages)
+    assert "d0: telling the device side it came home failed" in messages
