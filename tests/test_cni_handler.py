@@ -51,7 +51,7 @@ class FakeDeviceSide:
             raise RuntimeError("device side bug")
 
     def describe(self, device: str) -> dict[str, Any]:
-        return {}
+        return {"name": device, "driver": "veth"}
 
 
 class FakeIpam:
@@ -435,6 +435,19 @@ async def test_repeated_add_returns_the_earlier_answer_without_a_second_lease(
     code, again = await setup.call("ADD", setup.netconf(dev), netns=f"/run/netns/{ns}")
     assert (code, again) == (0, first)
     assert len(setup.leases()) == 1
+    # What a DEL, a GC or a restarted afxdpd needs of it, recorded.
+    (record,) = setup.handler.store.all()
+    assert (record.container_id, record.ifname, record.device, record.netns, record.network) == (
+        "ctr1",
+        "net1",
+        dev,
+        f"/run/netns/{ns}",
+        "afxdp-net",
+    )
+    assert (record.complete, record.ipam, record.moved, record.home) == (True, True, True, False)
+    assert record.result == first and record.host_up is True
+    assert record.netdev == {"name": dev, "driver": "veth"}  # the device side's description
+    assert record.netconf == setup.netconf(dev) and record.env["CNI_CONTAINERID"] == "ctr1"
 
 
 @privileged
