@@ -706,3 +706,24 @@ async def test_a_told_device_keeps_its_record_while_steps_remain_and_a_failed_te
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("d0: the recorded netconf is unreadable: ") for m in messages)
     assert "d0: telling the device side it came home failed" in messages
+
+
+@privileged
+async def test_gc_undoes_only_its_own_networks_attachments_the_runtime_no_longer_lists(
+    setup: Setup,
+) -> None:
+    d0, d1, d2 = setup.devices
+    pods = {d: setup.lab.netns(f"chg{i}") for i, d in enumerate(setup.devices)}
+    for dev, ctr, net in ((d0, "keep", "afxdp-net"), (d1, "stale", "afxdp-net"),
+                          (d2, "theirs", "other-net")):  # fmt: skip
+        code, out = await setup.call("ADD", setup.netconf(dev, name=net),
+                                     netns=f"/run/netns/{pods[dev]}", container=ctr)  # fmt: skip
+        assert code == 0, out
+    gc = setup.netconf("", "1.1.0")
+    del gc["deviceID"]
+    gc["cni.dev/valid-attachments"] = [{"containerID": "keep", "ifname": "net1"}]
+    assert await setup.call("GC", gc) == (0, None)
+    assert in_pod(pods[d0], d0) and in_host(d1) and in_pod(pods[d2], d2)
+    assert sorted(a.container_id for a in setup.handler.store.all()) == ["keep", "theirs"]
+    assert setup.side.came_home_calls == [(d1, False)]
+    assert setup.ipam.calls()[-1] == "DEL stale"
