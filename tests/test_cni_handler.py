@@ -587,16 +587,26 @@ async def test_check_reports_each_difference_with_its_code(setup: Setup) -> None
     await fails(100, f"{dev} is not in")
 
 
-async def test_status_answers_50_until_the_device_side_is_ready(tmp_path: Path) -> None:
+async def test_status_answers_50_until_the_device_side_is_ready_and_version_lists_ours(
+    tmp_path: Path,
+) -> None:
     side = FakeDeviceSide([])
     handler = CniHandler(side, AttachmentStore(tmp_path / "a.json"))
     env = {"CNI_COMMAND": "STATUS", "CNI_PATH": HOST_LOCAL_DIR}
     stdin = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "afxdp"}).encode()
     side.ready = False
-    code, out, _ = await handler.handle(Request(env, stdin))
-    assert code == 1 and json.loads(out)["code"] == 50
+    assert await handler.handle(Request(env, stdin)) == (
+        1,
+        b'{"cniVersion": "1.1.0", "code": 50, "msg": "afxdpd is not ready"}\n',
+        b"afxdp: [50] afxdpd is not ready\n",
+    )
     side.ready = True
     assert await handler.handle(Request(env, stdin)) == (0, b"", b"")
+    version = {"CNI_COMMAND": "VERSION", "CNI_PATH": HOST_LOCAL_DIR}
+    code, out, err = await handler.handle(Request(version, b'{"cniVersion": "0.4.0"}'))
+    assert (code, json.loads(out), err) == (
+        0, {"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0",
+                                                        "1.1.0"]}, b"")  # fmt: skip
 
 
 async def test_an_unexpected_exception_is_internal_error_5_and_the_handler_keeps_serving(
@@ -612,6 +622,7 @@ async def test_an_unexpected_exception_is_internal_error_5_and_the_handler_keeps
     code, out, err = await handler.handle(Request(env, stdin))
     doc = json.loads(out)
     assert code == 1 and doc["code"] == 5 and doc["msg"] == "internal error in afxdpd"
+    assert doc["cniVersion"] == "1.0.0"  # the request's version, as every error
     assert "device side bug" in doc["details"] and b"internal error" in err
     side.broken = False
     status = {"CNI_COMMAND": "STATUS", "CNI_PATH": HOST_LOCAL_DIR}
