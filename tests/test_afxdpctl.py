@@ -159,6 +159,12 @@ async def test_status_every_output_describes_the_running_service(
     async with running(node):
         await registered(node)
         await node.allocate(d0)
+        # Reads are compared below: d1's program is prepared in the background first.
+        assert node.service is not None
+        with anyio.fail_after(10):
+            while not all(d.prepared for p in node.service.status().pools for d in p.devices
+                          if d.state == "free"):  # fmt: skip
+                await anyio.sleep(0.01)
         outputs = {}
         for flags in (["-o", "json"], ["--json"], ["-o", "yaml"], [], ["-o", "wide"]):
             code, out, err = await ctl(capsys, "status", "--run-dir", run_dir, *flags)
