@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from afxdp import control
 from afxdp.bpf import libbpf
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet, PluginClient
@@ -109,6 +110,11 @@ def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab
         assert ["demo", "afxdp/demo", "primary", "yes", "1", "0"] in cells
         assert next(c for c in cells if c[:3] == ["demo", dev, "allocated"])[7] == "native"
         assert libbpf.xdp_query_id(socket.if_nametoindex(dev)) != 0
+        # Once ready, the start-up heap is out of the collector's sight (service.py).
+        deadline = time.monotonic() + 10
+        while not control.read_status(run_dir)["gc_frozen"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert control.read_status(run_dir)["gc_frozen"] > 10_000
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:

@@ -123,6 +123,8 @@ class Status(msgspec.Struct):
     # CNI DELs the shim queued while afxdpd was down, not (yet) replayed; None:
     # an afxdpd that does not say.
     queued_dels: int | None = None
+    # Objects set aside from the garbage collector once ready (gc.freeze); 0: none.
+    gc_frozen: int = 0
 
     def unready_reasons(self) -> list[str]:
         """Why this node cannot take pods yet; empty when it can.

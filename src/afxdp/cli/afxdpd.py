@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         DevlinkSubfunctions(),
         metrics_address=args.metrics_address,
         config_path=args.config,
+        freeze_heap=True,
     )
     service.fd_limit = raise_fd_limit()
     log.info("fd limit: %d (hard %d)", *service.fd_limit)
