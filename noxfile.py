@@ -56,9 +56,9 @@ def bench(session: nox.Session) -> None:
     )  # fmt: skip
 
 
-# What ``mutants`` mutates, and the fast (unprivileged, no-I/O) tests that must
-# kill each module's mutants. One mutmut run per module, so a mutant is only
-# ever tried against the tests that speak for its module.
+# What ``mutants`` mutates, and the tests that must kill each module's mutants
+# (unprivileged ones, but for the handler's). One mutmut run per module, so a
+# mutant is only ever tried against the tests that speak for its module.
 MUTATION_TARGETS: dict[str, tuple[str, list[str]]] = {
     "pools": ("src/afxdp/pools.py", ["tests/test_pools.py"]),
     "config": ("src/afxdp/config.py", ["tests/test_config.py", "tests/test_config_fuzz.py"]),
@@ -72,11 +72,32 @@ MUTATION_TARGETS: dict[str, tuple[str, list[str]]] = {
             "tests/test_netconf.py",
         ],
     ),
-    "handler": ("src/afxdp/cni/handler.py", ["tests/test_cni_units.py"]),
-    "devices": ("src/afxdp/devices.py", ["tests/test_devices.py"]),
-    "handouts": ("src/afxdp/handouts.py", ["tests/test_devices.py"]),
+    # The handler moves real links between netns: its tests need root, and its
+    # mutants run against them (see PRIVILEGED_MUTATION_TARGETS).
+    "handler": (
+        "src/afxdp/cni/handler.py",
+        [
+            "tests/test_cni_handler.py",
+            "tests/test_cni_units.py",
+            "tests/test_cni.py",
+            "tests/test_cni_parallel.py",
+            "tests/test_cni_input.py",
+        ],
+    ),
+    "devices": (
+        "src/afxdp/devices.py",
+        ["tests/test_devices.py", "tests/test_device_state.py", "tests/test_handout_rules.py"],
+    ),
+    "handouts": (
+        "src/afxdp/handouts.py",
+        ["tests/test_devices.py", "tests/test_device_state.py", "tests/test_handout_rules.py"],
+    ),
 }
-MUTATION_DEFAULT = ["pools", "config", "handshake", "netconf", "devices", "handouts"]
+MUTATION_DEFAULT = ["pools", "config", "handshake", "netconf", "handler", "devices", "handouts"]
+# Targets whose tests need root and real kernel objects. Each of their tests makes
+# its own uniquely named netns and links (tests/kernel.py's Lab), so two mutants
+# run side by side without meeting.
+PRIVILEGED_MUTATION_TARGETS = {"handler"}
 
 
 @nox.session(python="3.11", default=False)
@@ -103,19 +124,22 @@ def mutants(session: nox.Session) -> None:
             shutil.copytree(root / tree, work / tree, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(root / "pyproject.toml", work / "pyproject.toml")
         selection = "\n    ".join(tests)
+        markers = "" if name in PRIVILEGED_MUTATION_TARGETS else "    -m\n    not privileged\n"
         (work / "setup.cfg").write_text(
             "[mutmut]\n"
             "source_paths = src\n"
             f"only_mutate = {source}\n"
             "also_copy =\n    deploy\n"
             f"pytest_add_cli_args_test_selection =\n    {selection}\n"
-            # Only the unprivileged tests: they are the fast ones, and no mutant
-            # runs with root's kernel objects.
-            "pytest_add_cli_args =\n    -m\n    not privileged\n    -p\n    no:cacheprovider\n"
+            # Only the unprivileged tests, except for the privileged targets: they
+            # are the fast ones, and no other mutant runs with root's kernel objects.
+            f"pytest_add_cli_args =\n{markers}    -p\n    no:cacheprovider\n"
         )
         with session.chdir(work):
             # mutmut stops before trying any mutant when the clean run fails.
-            session.run("mutmut", "run", "--max-children", "2")
+            # TMPDIR: create_tmp points it into .nox, where the tests' unix socket
+            # paths would pass the 108-byte limit.
+            session.run("mutmut", "run", "--max-children", "2", env={"TMPDIR": "/tmp"})
             session.run("mutmut", "export-cicd-stats")
             stats = json.loads(Path("mutants/mutmut-cicd-stats.json").read_text())
             session.run("mutmut", "results")  # the survivors, one per line
