@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from afxdp.cni.errors import CniError
-from afxdp.cni.netconf import decode_json, parse_env, parse_netconf, peek_version
+from afxdp.cni.netconf import LATEST, decode_json, parse_env, parse_netconf, peek_version
 
 # CNI spec error codes (spec 1.1, "Error codes").
 INCOMPATIBLE_VERSION, INVALID_ENV, DECODE_FAILURE, INVALID_CONFIG = 1, 4, 6, 7
@@ -328,3 +328,11 @@ def test_an_empty_valid_attachments_list_is_no_attachment() -> None:
 def test_valid_attachments_of_the_wrong_shape_are_code_7_naming_the_key(value: Any) -> None:
     err = conf_error(conf(deviceID=None, **{"cni.dev/valid-attachments": value}), "GC")
     assert err.msg == "cni.dev/valid-attachments: must be a list of {containerID, ifname}"
+
+
+@pytest.mark.parametrize("asked", ["0", "", "9.9.9"])
+def test_a_version_request_in_a_version_we_do_not_speak_is_read_in_our_latest(asked: str) -> None:
+    # Found by hypothesis: the netconf of a VERSION request kept any cniVersion.
+    conf = parse_netconf(json.dumps({"cniVersion": asked}).encode(), "VERSION")
+    assert conf.cni_version == LATEST == "1.1.0"
+    assert parse_netconf(b'{"cniVersion": "0.4.0"}', "VERSION").cni_version == "0.4.0"

@@ -211,6 +211,8 @@ def parse_netconf(stdin: bytes, command: str) -> NetConf:
             supported = list(SUPPORTED_VERSIONS)
             detail = f"config is {version!r}, afxdp supports {supported}"
             raise CniError(INCOMPATIBLE_VERSION, "incompatible CNI versions", detail)
+    elif version not in SUPPORTED_VERSIONS:  # VERSION answers in one we speak (peek_version)
+        version = LATEST
     mode = get("mode", str, "")
     if mode not in ("", "primary", "cdq"):
         raise _invalid("mode", f"must be primary or cdq, got {mode!r}")
