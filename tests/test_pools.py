@@ -279,3 +279,40 @@ def test_a_driver_with_no_netdevs_on_the_node_gives_no_pool() -> None:
     assembly = build({"pools": [pool(drivers=[{"name": "mlx5_core"}])]})
     assert assembly.pools == []
     assert any("no devices on node node1" in w for w in assembly.warnings)
+
+
+def test_a_kind_cluster_pools_only_the_kind_networks_ends_and_says_what_is_missing() -> None:
+    loaded = load_config(json.dumps({"kindCluster": True, "pools": [
+        {"name": "kind", "mode": "primary", "drivers": [{"name": "veth"}]}]}).encode())  # fmt: skip
+    netdevs = [*NODE, veth("afkind0"), veth("afkind1")]
+
+    def kind(*devices: str) -> Assembly:
+        return assemble(loaded.config, netdevs, "node1", unprivileged_bpf_disabled=0,
+                        secondary=FakeSubfunctions(), kind_devices=devices)  # fmt: skip
+
+    got = kind("afkind1", "afkind0", "afkind9")
+    # Only the kind network's ends, whatever the pool's drivers rule would take.
+    assert list(got.pools[0].devices) == ["afkind1", "afkind0"]
+    assert got.warnings == [
+        "pools[0] (kind): kind network device afkind9 is not on this node; skipped"
+    ]
+    empty = kind()
+    assert empty.pools == []
+    assert empty.warnings == ["pools[0] (kind): kindCluster is set but no kind network was built",
+                              "pools[0] (kind): no devices on node node1; not advertised"]  # fmt: skip
+
+
+def test_a_devices_status_summary_says_its_state_numa_parent_and_fault() -> None:
+    got = build({"pools": [{"name": "p", "mode": "primary", "devices": [{"name": "ens801f0"}]}]})
+    dev = got.pools[0].devices["ens801f0"]
+    assert dev.summary() == {"id": "ens801f0", "state": "free", "numa": 0, "parent": None,
+                             "fault": None}  # fmt: skip
+    got.pools[0].allocate(["ens801f0"])
+    assert dev.summary()["state"] == "allocated"
+    dev.fault = "another XDP program (id 9) is attached"
+    assert dev.summary() == {"id": "ens801f0", "state": "unhealthy", "numa": 0, "parent": None,
+                             "fault": "another XDP program (id 9) is attached"}  # fmt: skip
+    cdq = build({"pools": [{"name": "c", "mode": "cdq", "drivers": [{"name": "ice"}]}]},
+                fake=FakeSubfunctions(capacity=1))  # fmt: skip
+    secondary = next(iter(cdq.pools[0].devices.values()))
+    assert secondary.summary()["parent"] == secondary.parent is not None
