@@ -569,22 +569,34 @@ async def test_check_reports_each_difference_with_its_code(setup: Setup) -> None
     check = setup.netconf(dev, prevResult=result)
     assert await setup.call("CHECK", check, netns=netns) == (0, None)
 
-    async def fails(want_code: int, text: str, conf: dict[str, Any] = check,
-                    where: str = netns) -> None:  # fmt: skip
+    async def fails(want_code: int, msg: str, conf: dict[str, Any] = check,
+                    where: str = netns) -> dict[str, Any]:  # fmt: skip
         code, out = await setup.call("CHECK", conf, netns=where)
-        assert code == 1 and out["code"] == want_code and text in out["msg"], out
+        assert code == 1 and (out["code"], out["msg"]) == (want_code, msg), out
+        return dict(out)
 
-    await fails(1, "CHECK needs cniVersion 0.4.0", setup.netconf(dev, "0.3.1", prevResult=result))
-    await fails(7, "prevResult: is required", setup.netconf(dev))
-    await fails(3, "does not exist", where="/run/netns/none-such-chck")
+    # 0.4.0 is the first version with CHECK (its prevResult in the 0.4.0 shape).
+    old = {**result, "cniVersion": "0.4.0"}
+    old["ips"] = [{**a, "version": "4"} for a in result["ips"]]
+    assert await setup.call("CHECK", setup.netconf(dev, "0.4.0", prevResult=old),
+                            netns=netns) == (0, None)  # fmt: skip
+    # What the result does not name is not checked.
+    assert await setup.call("CHECK", setup.netconf(dev, prevResult={"cniVersion": "1.0.0"}),
+                            netns=netns) == (0, None)  # fmt: skip
+    await fails(1, "CHECK needs cniVersion 0.4.0 or later",
+                setup.netconf(dev, "0.3.1", prevResult=result))  # fmt: skip
+    await fails(7, "prevResult: is required for CHECK", setup.netconf(dev))
+    await fails(3, "network namespace /run/netns/none-such-chck does not exist",
+                where="/run/netns/none-such-chck")  # fmt: skip
     ip("route", "del", "default", netns=ns)
-    await fails(100, "route to 0.0.0.0/0 is missing")
+    await fails(100, f"route to 0.0.0.0/0 is missing in {netns}")
     ip("addr", "flush", "dev", dev, netns=ns)
-    await fails(100, f"lacks address {result['ips'][0]['address']}")
+    lacks = await fails(100, f"{dev} lacks address {result['ips'][0]['address']}")
+    assert lacks["details"] == "has []"
     ip("link", "set", dev, "down", netns=ns)
-    await fails(100, "is down")
+    await fails(100, f"{dev} is down in {netns}")
     ip("link", "set", dev, "netns", str(os.getpid()), netns=ns)
-    await fails(100, f"{dev} is not in")
+    await fails(100, f"{dev} is not in {netns}")
 
 
 async def test_status_answers_50_until_the_device_side_is_ready_and_version_lists_ours(
