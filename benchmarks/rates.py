@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from tests.soak import soak
+from tests.soak import Bounds, soak
 
 from afxdp.bpf import pinning
 from afxdp.bpf.xdp import XdpAttachment
@@ -41,7 +41,9 @@ HERE = Path(__file__).parent
 async def lifecycles_per_s(pods: int, concurrency: int) -> float:
     work = Path(tempfile.mkdtemp(prefix="afxdp-bench-soak-"))
     try:
-        summary = await soak(pods, concurrency, work)
+        # A rate, not the soak: RSS is still warming up after a few hundred
+        # lifecycles (the 5 % bound is for 1,000, nox -s soak); leaks still fail it.
+        summary = await soak(pods, concurrency, work, Bounds(rss_percent=15.0))
     finally:
         await run_program(["rm", "-rf", str(work)], timeout=60, work=Work.DISK)
     return float(pods / summary.seconds)

@@ -51,7 +51,9 @@ def markdown(doc: dict[str, Any]) -> str:
     for key, fig in doc["figures"].items():
         r = ratio(fig)
         met = "yes" if fig.get("met") else "**no**"
-        ours = _ours(fig) if "error" not in fig else f"failed: {fig['error'][:60]}"
+        ours = (
+            _ours(fig) if "error" not in fig else f"failed: {' '.join(fig['error'].split())[:80]}"
+        )
         rows.append(f"| `{key}` | {ours} | {_baseline(fig)} | "
                     f"{'-' if r is None else f'{r:.2f}x'} | {fig['goal']} | {met} |")  # fmt: skip
     m = doc["machine"]
