@@ -86,11 +86,11 @@ MUTATION_TARGETS: dict[str, tuple[str, list[str]]] = {
     ),
     "devices": (
         "src/afxdp/devices.py",
-        ["tests/test_devices.py", "tests/test_device_state.py", "tests/test_handout_rules.py"],
+        ["tests/test_devices.py", "tests/test_device_state.py", "tests/test_handouts.py"],
     ),
     "handouts": (
         "src/afxdp/handouts.py",
-        ["tests/test_devices.py", "tests/test_device_state.py", "tests/test_handout_rules.py"],
+        ["tests/test_devices.py", "tests/test_device_state.py", "tests/test_handouts.py"],
     ),
 }
 MUTATION_DEFAULT = ["pools", "config", "handshake", "netconf", "handler", "devices", "handouts"]
