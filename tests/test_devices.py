@@ -302,3 +302,39 @@ async def test_a_removed_link_takes_its_prepared_program_with_it(tmp_path: Path)
         devices.on_link(LinkEvent("a", Change.REMOVED))
         assert "a" not in devices.handouts.prepared
         assert "abandon a" in datapath.log
+
+
+class StuckDisk(StateStore):
+    """FAKE StateStore whose first write never finishes (a hung disk), until the
+    test lets writes through."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.entered = anyio.Event()
+
+    async def save(self) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            await anyio.sleep_forever()
+
+
+async def test_an_allocate_cancelled_while_it_is_recorded_leaves_nothing_handed_out(
+    tmp_path: Path,
+) -> None:
+    pool = _pool("a", "b")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        disk = devices.handouts.store = StuckDisk()
+
+        async def kubelet_gives_up() -> None:
+            await disk.entered.wait()
+            scope.cancel()
+
+        with anyio.fail_after(5), anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(kubelet_gives_up)
+                await devices.allocate("p", ["a", "b"])
+        assert scope.cancelled_caught
+        assert datapath.log == ["attach a", "listen a", "attach b", "listen b",
+                                "close b", "detach b", "close a", "detach a"]  # fmt: skip
+        assert devices.handouts.handouts == {} and disk.record.allocations == {}
+        assert [d.state.value for d in pool.devices.values()] == ["free", "free"]

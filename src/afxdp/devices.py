@@ -151,11 +151,13 @@ class Devices:
             pool.allocate(ids)
             try:
                 handouts = await self.handouts.start(pool, ids)
-            except Exception as exc:  # a bug too: the devices must not stay marked
+            except BaseException as exc:  # a bug or a cancel too: not left marked
                 pool.release(ids)
                 for dev_id in ids:  # a prepared program it used was taken back with it
                     if dev_id in pool.devices:
                         self.handouts.spawn(self._prepare, pool, pool.devices[dev_id])
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: undone all the same
                 if not isinstance(exc, DeviceError):
                     log.exception("%s: Allocate %s failed unexpectedly", pool_name, list(ids))
                 raise AllocateFailed(str(exc)) from exc

@@ -132,16 +132,21 @@ class Handouts:
                 handout = Handout(pool.name, dev_id)
                 done.append(handout)
                 await self._set_up(pool, pool.devices[dev_id], handout)
+            # Recorded before they count: a cancel (kubelet gave up) or a disk
+            # failure while recording undoes them like any failed step.
+            await self.store.put([self._record(h) for h in done])
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 for handout in reversed(done):
                     await self._tear_down(handout)
+                for handout in done:
+                    with suppress(OSError):
+                        await self.store.remove(handout.device)
             if isinstance(exc, AfxdpError | OSError):
                 raise DeviceError(f"{done[-1].device}: {exc}") from exc
             raise
         for handout in done:
             self.handouts[handout.device] = handout
-        await self.store.put([self._record(h) for h in done])
         return done
 
     def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
