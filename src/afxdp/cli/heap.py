@@ -8,6 +8,11 @@ that peak stay: measured with 1,000 pooled devices, 53 MB of arenas held
 ``malloc_trim`` on every reconcile tick), and RSS at ready fell from 86 to
 76 MB. The allocator is chosen at interpreter start, hence the re-exec, done
 before the heavy imports so that it costs one interpreter start-up.
+
+With glibc's malloc, objects made in worker threads land in per-thread
+arenas; two arenas (``MALLOC_ARENA_MAX``, unless set) keep that from
+fragmenting: over 1,000 pod lifecycles (nox -s soak) RSS went from 58.5 to
+61.4 MB (+5.0 %) with the default, from 55.4 to 56.5 MB (+2.1 %) with two.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import sys
 
 ALLOCATOR = "PYTHONMALLOC"
+ARENAS = "MALLOC_ARENA_MAX"
 
 
 def use_system_malloc() -> None:
@@ -24,6 +30,7 @@ def use_system_malloc() -> None:
     if os.environ.get(ALLOCATOR) is not None:
         return
     os.environ[ALLOCATOR] = "malloc"
+    os.environ.setdefault(ARENAS, "2")
     try:
         # orig_argv: the interpreter, its options and the script or -m module,
         # as invoked, so the console script and ``python -m`` both come back.
