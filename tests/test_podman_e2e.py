@@ -64,7 +64,8 @@ async def test_podman_container_gets_the_device(tmp_path: Path, lab: Lab) -> Non
     dev, peer = lab.veth(lab.name("pm"), lab.name("pn"))
     ip("link", "set", dev, "up")
     ip("link", "set", peer, "up")
-    node = Node(tmp_path / "node", lab, [dev])
+    # Short: the kubelet socket path must stay under 108 bytes (pytest-NNNN grows).
+    node = Node(tmp_path / "n", lab, [dev])
     podman, env = podman_env(tmp_path)
     shim.install(tmp_path / "cnibin", [node.paths.run_dir])
     (tmp_path / "net.d").mkdir()
