@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import socket
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from afxdp.bpf.libbpf import (
     xdp_query_id,
 )
 from afxdp.errors import DeviceError
+from afxdp.inventory import index_of
 from afxdp.netns import run_in
 
 PROGRAM = "xdp_afxdp_redirect"
@@ -55,10 +55,10 @@ _NO_NATIVE = frozenset({errno.EOPNOTSUPP, errno.EINVAL})
 
 def ifindex_of(netdev: str) -> int:
     """The ifindex of ``netdev`` in the calling thread's netns."""
-    try:
-        return socket.if_nametoindex(netdev)
-    except OSError:
-        raise DeviceError(f"{netdev}: no such netdev in this network namespace") from None
+    index = index_of(netdev)
+    if index is None:
+        raise DeviceError(f"{netdev}: no such netdev in this network namespace")
+    return index
 
 
 def _attach_here(netdev: str, prog_fd: int, modes: list[AttachMode]) -> tuple[int, AttachMode, int]:

@@ -242,7 +242,7 @@ def parse_netconf(stdin: bytes, command: str) -> NetConf:
     valid = _valid_attachments(fold.get("cni.dev/valid-attachments"))
     return NetConf(
         raw=doc,
-        cni_version=version or LATEST,
+        cni_version=version,
         name=get("name", str, ""),
         mode=mode,
         device_id=device_id,
