@@ -585,18 +585,24 @@ async def test_preparing_goes_on_while_every_allocate_thread_is_busy(tmp_path: P
             devices_threads.release_on_behalf_of(holder)
 
 
-async def test_an_allocate_waits_for_the_devices_preparation_and_hands_out_its_program(
-    tmp_path: Path,
-) -> None:
+def _held_attach(n: Node, device: str) -> tuple[anyio.Event, anyio.Event]:
+    """``device``'s next attach, held in its worker thread: (entered, go_on)."""
     entered, go_on = anyio.Event(), anyio.Event()
 
     def slow() -> None:
         anyio.from_thread.run_sync(entered.set)
         anyio.from_thread.run(go_on.wait)
 
+    n.datapath.on_attach[device] = slow
+    return entered, go_on
+
+
+async def test_an_allocate_waits_for_the_devices_preparation_and_hands_out_its_program(
+    tmp_path: Path,
+) -> None:
     async with node(tmp_path) as n:
         pool = _pool("a")
-        n.datapath.on_attach["a"] = slow
+        entered, go_on = _held_attach(n, "a")
         got: list[object] = []
 
         async def allocate() -> None:
@@ -617,15 +623,9 @@ async def test_an_allocate_waits_for_the_devices_preparation_and_hands_out_its_p
 async def test_shutdown_waits_for_a_preparation_under_way_and_detaches_its_program(
     tmp_path: Path,
 ) -> None:
-    entered, go_on = anyio.Event(), anyio.Event()
-
-    def slow() -> None:
-        anyio.from_thread.run_sync(entered.set)
-        anyio.from_thread.run(go_on.wait)
-
     async with node(tmp_path) as n:
         pool = _pool("a")
-        n.datapath.on_attach["a"] = slow
+        entered, go_on = _held_attach(n, "a")
         with anyio.fail_after(DEADLINE):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(n.handouts.prepare, pool, pool.devices["a"])
