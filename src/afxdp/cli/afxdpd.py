@@ -72,9 +72,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def _main(service: Service) -> None:
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    # Signals are ours before the service starts: a SIGTERM while it starts
+    # (the control socket already answers) is handled once it has started, instead
+    # of killing afxdpd with the kind network or handouts half made.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: reloading %s", service.config_path)
