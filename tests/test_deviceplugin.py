@@ -45,10 +45,14 @@ def health(resp: dp.ListAndWatchResponse) -> dict[str, str]:
 
 
 async def until(node: Node, stream: Any, want: dict[str, str]) -> dict[str, str]:
-    """Read lists from the stream until one shows ``want``; that list."""
+    """Read lists from the stream until one shows ``want``; that list. A read
+    that times out is a quiet stream (lists come only on changes), not the end."""
     with anyio.fail_after(10):
         while True:
-            got = health(await node.call(next, stream))
+            try:
+                got = health(await node.call(next, stream))
+            except TimeoutError:
+                continue
             if all(got.get(k) == v for k, v in want.items()):
                 return got
 
