@@ -222,7 +222,10 @@ def test_afxdpd_survives_interrupted_status_and_refuses_a_second_instance(
         _wait_for(run_dir / "cni.sock")
         for i in range(10):
             _hang_up(run_dir / "control.sock", reset=bool(i % 2))
-        status = control.read_status(run_dir)
+        deadline = time.monotonic() + 20  # ready a moment after cni.sock appears
+        while not (status := control.read_status(run_dir))["ready"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
         assert status["ready"] is True
         assert first.poll() is None
         assert status["fd_limit"] == {"soft": hard, "hard": hard}
