@@ -7,11 +7,13 @@ process, at the given concurrency with one veth NIC per worker. Baseline: the
 same pods' network with Debian's host-device + host-local (netns add, ADD,
 DEL, netns del), same count and concurrency: what the Go plugins cost a pod.
 
-xsk_rx: udp_blast floods 64-byte UDP frames from a peer netns into a veth in
+xsk_rx: xdp_blast floods 64-byte UDP frames from a peer netns into a veth in
 the "pod" netns that carries our program; xsk_rx.py receives them with the
-Python AF_XDP client (afxdp.xsk), then with a kernel UDP socket. A receive rate
-is reported only where the sender outran the receiver: otherwise it would
-measure the sender.
+Python AF_XDP client (afxdp.xsk), then with a kernel UDP socket. The sender is
+pinned to one CPU and the receiver to the other. A receive rate is reported
+only where the sender outran the receiver: the receiver's own queue dropped
+frames in the window (else the figure would measure the sender), and the rate
+is below the offered rate (else the measurement is wrong).
 """
 
 from __future__ import annotations
@@ -86,11 +88,12 @@ def _ip(*args: str) -> str:
 
 
 def rx_rates(tmp: Path, seconds: float) -> dict[str, Any]:
-    """pps received by ``xsk`` and ``kernel`` (each with the sender's pps); blocking."""
+    """pps received by ``xsk`` and ``kernel``, each with the sender's pps and the
+    receiver's drops; blocking."""
     tag = secrets.token_hex(3)
     pod, peer, dev, src = f"afxdp-bench-{tag}-rx", f"afxdp-bench-{tag}-tx", f"brx{tag}", f"btx{tag}"
-    blast = tmp / "udp_blast"
-    subprocess.run(["gcc", "-O2", "-o", str(blast), str(HERE / "udp_blast.c")], check=True)
+    blast = tmp / "xdp_blast"
+    subprocess.run(["gcc", "-O2", "-o", str(blast), str(HERE / "xdp_blast.c"), "-lbpf"], check=True)
     pin_dir = tmp / "pins"
     pinning.ensure_bpffs(pin_dir)
     results: dict[str, Any] = {}
@@ -112,8 +115,8 @@ def rx_rates(tmp: Path, seconds: float) -> dict[str, Any]:
         for mode in ("xsk", "kernel"):
             # nsenter, not ip netns exec: that remounts /sys and hides the pin.
             rx = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{pod}", sys.executable, str(HERE / "xsk_rx.py"), mode,
-                 str(pin_dir / "xsks_map"), dev, "9999", str(seconds)],
+                ["nsenter", f"--net=/run/netns/{pod}", "taskset", "-c", "1", sys.executable,
+                 str(HERE / "xsk_rx.py"), mode, str(pin_dir / "xsks_map"), dev, "9999", str(seconds)],
                 stdout=subprocess.PIPE, text=True, env=env,
             )  # fmt: skip
             try:
@@ -122,16 +125,17 @@ def rx_rates(tmp: Path, seconds: float) -> dict[str, Any]:
                     raise BenchError(f"xsk_rx.py {mode} did not start")
                 send_s = seconds + 1.5
                 sent = subprocess.run(
-                    ["nsenter", f"--net=/run/netns/{peer}", str(blast), src, mac, "10.252.0.1",
-                     "10.252.0.2", "9999", str(send_s)],
+                    ["nsenter", f"--net=/run/netns/{peer}", "taskset", "-c", "0", str(blast), src, mac,
+                     "10.252.0.1", "10.252.0.2", "9999", str(send_s)],
                     capture_output=True, text=True, check=True, timeout=send_s + 30,
                 )  # fmt: skip
                 got = json.loads(rx.stdout.readline())
             finally:
                 rx.kill()
                 rx.wait()
-            results[mode] = {"pps": got["frames"] / got["seconds"],
-                             "sender_pps": int(sent.stdout) / send_s}  # fmt: skip
+            offered, sending_s = sent.stdout.split()
+            results[mode] = {"pps": got["frames"] / got["seconds"], "dropped": got["dropped"],
+                             "sender_pps": int(offered) / float(sending_s)}  # fmt: skip
     finally:
         for ns in (pod, peer):
             subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -1,7 +1,11 @@
 """Receiver side of the RX benchmark, run inside the pod netns.
 
 usage: xsk_rx.py xsk|kernel MAP_PATH NETDEV PORT SECONDS
-Prints {"frames": N, "seconds": T} counted from the first frame on.
+Prints {"frames": N, "seconds": T, "dropped": D} counted from the first frame
+on, where D is what reached this receiver's queue and found it full during the
+same window: the proof that the sender outran the receiver. For the AF_XDP
+socket that is its own XDP_STATISTICS (rx ring full, no fill buffer); for the
+UDP socket, the netns's Udp RcvbufErrors.
 """
 
 from __future__ import annotations
@@ -10,9 +14,16 @@ import json
 import socket
 import sys
 import time
+from pathlib import Path
 
 from afxdp.bpf import libbpf
 from afxdp.xsk import XskSocket
+
+
+def udp_rcvbuf_errors() -> int:
+    names, values = (ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
+                     if ln.startswith("Udp:"))  # fmt: skip
+    return int(values[names.index("RcvbufErrors")])
 
 
 def main() -> None:
@@ -23,9 +34,14 @@ def main() -> None:
         map_fd = libbpf.obj_get(map_path)  # type: ignore[arg-type]
         xsk = XskSocket(netdev, 0, frames=8192, ring_size=4096)
         libbpf.map_update_u32(map_fd, 0, xsk.fileno())
+
+        def dropped() -> int:
+            s = xsk.stats()
+            return s.rx_dropped + s.rx_ring_full
+
         print("ready", flush=True)
         xsk.wait(30)
-        start = time.monotonic()
+        start, before = time.monotonic(), dropped()
         while time.monotonic() - start < window:
             frames += len(xsk.recv(256))
             if not xsk.rx.ready():
@@ -34,19 +50,20 @@ def main() -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         sock.bind(("0.0.0.0", int(port)))
-        sock.settimeout(0.05)
+        dropped = udp_rcvbuf_errors
         print("ready", flush=True)
         sock.settimeout(30)
         sock.recv(2048)
         sock.settimeout(0.05)
-        start = time.monotonic()
+        start, before = time.monotonic(), dropped()
         while time.monotonic() - start < window:
             try:
                 sock.recv(2048)
                 frames += 1
             except TimeoutError:
                 pass
-    print(json.dumps({"frames": frames, "seconds": time.monotonic() - start}), flush=True)
+    seconds_taken, drops = time.monotonic() - start, dropped() - before
+    print(json.dumps({"frames": frames, "seconds": seconds_taken, "dropped": drops}), flush=True)
 
 
 if __name__ == "__main__":
