@@ -49,6 +49,7 @@ from anyio.abc import Process
 
 from afxdp.bpf import libbpf, pinning
 from afxdp.cni import shim
+from afxdp.cni.attachments import AttachmentStore
 from afxdp.demo.lab import LabError, ip, wait_for
 from afxdp.demo.story import cleanup_stack
 from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
@@ -447,9 +448,8 @@ class Soak:
         leases = self.path("ipam") / NETWORK
         if leases.exists():
             found += [f"host-local lease {p.name}" for p in leases.iterdir() if _is_ip(p.name)]
-        record = self.run_dir / "cni-attachments.json"
-        if record.exists() and json.loads(record.read_text()):
-            found.append(f"attachments in {record}: {record.read_text()[:200]}")
+        record = AttachmentStore(self.run_dir / "cni-attachments.json").all()
+        found += [f"attachment {a.key} of {a.device}" for a in record]
         return found
 
     async def _kill_afxdpd(self) -> None:

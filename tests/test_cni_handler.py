@@ -461,16 +461,12 @@ async def test_after_a_crash_mid_add_the_record_is_undone_not_answered(setup: Se
     assert code == 0, out
     # What a crash just before the ADD's last step leaves: every step taken, the
     # record not complete. A restarted afxdpd reads it back.
-    doc = json.loads(setup.store_path.read_text())
-    doc[0]["complete"] = False
-    setup.store_path.write_text(json.dumps(doc))
+    await _left_incomplete(setup.store_path)
     setup.handler = CniHandler(setup.side, AttachmentStore(setup.store_path))
     code, _ = await setup.call("ADD", conf, netns=netns)  # not the earlier answer: redone
     assert code == 0 and len(setup.leases()) == 1 and in_pod(ns, dev)
     assert setup.side.came_home_calls == [(dev, False)]  # the unfinished one was undone first
-    doc = json.loads(setup.store_path.read_text())
-    doc[0]["complete"] = False
-    setup.store_path.write_text(json.dumps(doc))
+    await _left_incomplete(setup.store_path)
     setup.handler = CniHandler(setup.side, AttachmentStore(setup.store_path))
     for _ in range(2):  # and a DEL (repeated) undoes it all, idempotently
         code, out = await setup.call("DEL", conf, netns=netns)
@@ -683,6 +679,13 @@ async def test_a_del_cut_short_after_the_move_home_leaves_the_retry_to_set_the_l
     assert (code, out) == (0, None)
     assert "UP" in _host_flags(dev)  # as it was before the ADD
     assert setup.leases() == set()
+
+
+async def _left_incomplete(path: Path) -> None:
+    """The record on disk as a crash just before ADD's last step leaves it."""
+    store = AttachmentStore(path)
+    (record,) = store.all()
+    await store.put(replace(record, complete=False))
 
 
 async def _told_after_a_crash(

@@ -13,9 +13,9 @@ device to be seen where the other side of the work puts it).
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def par(tmp_path: Path, lab: Lab) -> Iterator[Setup]:
 
 def records(s: Setup) -> list[dict[str, Any]]:
     """The attachment records as they are on disk."""
-    return json.loads(s.store_path.read_text()) if s.store_path.exists() else []
+    return [asdict(a) for a in AttachmentStore(s.store_path).all()]
 
 
 async def test_add_runs_ipam_while_the_device_moves_and_del_releases_while_it_comes_home(

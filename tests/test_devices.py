@@ -18,7 +18,7 @@ from afxdp.handouts import Handouts
 from afxdp.inventory import NetDev
 from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import Pool, PoolDevice
-from afxdp.state import StateStore
+from afxdp.state import Allocation, StateStore
 from afxdp.uds.handshake import HostCheck
 from tests.fakes import FakeDatapath, FakeProgram, FakeSubfunctions
 
@@ -312,10 +312,11 @@ class StuckDisk(StateStore):
         super().__init__(None)
         self.entered = anyio.Event()
 
-    async def save(self) -> None:
+    async def put(self, allocations: list[Allocation]) -> None:
         if not self.entered.is_set():
             self.entered.set()
             await anyio.sleep_forever()
+        await super().put(allocations)
 
 
 async def test_an_allocate_cancelled_while_it_is_recorded_leaves_nothing_handed_out(

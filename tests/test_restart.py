@@ -22,6 +22,8 @@ import pytest
 from afxdp import control
 from afxdp.bpf import libbpf
 from afxdp.cni import shim
+from afxdp.cni.attachments import AttachmentStore
+from afxdp.state import StateStore
 from afxdp.uds.client import UdsClient
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet, PluginClient
@@ -184,7 +186,7 @@ async def test_kill9_after_allocate_keeps_the_allocation_and_the_pod_can_shake_h
     node.stop()
     assert prog_on(d0) == 0
     assert not (node.uds_dir / d0).exists()
-    assert json.loads((node.tmp / "state" / "state.json").read_text())["allocations"] == {}
+    assert StateStore(node.tmp / "state").load().allocations == {}
 
 
 async def test_kill9_after_allocate_with_the_pod_gone_meanwhile_cleans_up_at_start(
@@ -258,8 +260,7 @@ async def test_kill9_during_del_then_the_retried_del_finishes(node: Node) -> Non
     node.kubelet.pods.clear()
     node.stop()
     assert prog_on(d0) == 0
-    attachments = node.run_dir / "cni-attachments.json"
-    assert not attachments.exists() or json.loads(attachments.read_text()) == []
+    assert AttachmentStore(node.run_dir / "cni-attachments.json").all() == []
 
 
 async def test_sigterm_restart_keeps_the_pods_directory_and_serves_a_new_socket_in_it(

@@ -7,21 +7,22 @@ starts); only its end marks it complete. So whatever a crash interrupted, a
 later DEL finds what may have been done and undoes it. An undo that brought
 the device home notes ``home`` until the device side has been told.
 
-One JSON file, replaced atomically (write, rename): a crash of afxdpd leaves the
-old file or the new one, never half of either.
+One file, a journal (journal.py): every attachment on its first line, then one
+line per change; a crash of afxdpd leaves whole lines, never half of one. No
+fsync: the record must outlive afxdpd, not the node (a rebooted node has no pod
+netns left to undo), and it is on every ADD's path.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
+import msgspec
 
-from afxdp.workers import Work, run_sync
+from afxdp.journal import Journal, Unreadable
 
 log = logging.getLogger(__name__)
 
@@ -60,44 +61,29 @@ class Attachment:
 class AttachmentStore:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._items: dict[tuple[str, str], Attachment] = {}
-        self._writing = anyio.Lock()
+        # The snapshot line is the list of attachments: the whole file as
+        # versions before the journal wrote it.
+        self._journal: Journal[tuple[str, str], Attachment] = Journal(
+            path,
+            key=lambda a: a.key,
+            key_type=tuple[str, str],
+            value_type=Attachment,
+            snapshot=lambda items: items,
+            from_snapshot=lambda line: msgspec.json.decode(line, type=list[Attachment]),
+        )
         try:
-            known = {f.name for f in fields(Attachment)}
-            for item in json.loads(path.read_text()):
-                # Fields a newer version added are dropped, not fatal.
-                a = Attachment(**{k: v for k, v in item.items() if k in known})
-                self._items[a.key] = a
-        except FileNotFoundError:
-            pass
-        except (ValueError, TypeError, AttributeError) as exc:
-            log.error("%s is unreadable (%s); starting with no attachments", path, exc)
+            self._journal.load()
+        except Unreadable as exc:
+            log.error("%s; starting with no attachments", exc)
 
     def get(self, key: tuple[str, str]) -> Attachment | None:
-        return self._items.get(key)
+        return self._journal.entries.get(key)
 
     def all(self) -> list[Attachment]:
-        return list(self._items.values())
+        return list(self._journal.entries.values())
 
     async def put(self, attachment: Attachment) -> None:
-        self._items[attachment.key] = attachment
-        await self._save()
+        await self._journal.put([attachment])
 
     async def remove(self, key: tuple[str, str]) -> None:
-        if self._items.pop(key, None) is not None:
-            await self._save()
-
-    async def _save(self) -> None:
-        # fsync blocks: write in a worker thread, one write at a time, from a
-        # snapshot taken on the event loop.
-        doc = [asdict(a) for a in self._items.values()]
-        async with self._writing:
-            await run_sync(Work.DISK, self._write, doc)
-
-    def _write(self, doc: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        # No fsync: the record must outlive afxdpd, not the node (a rebooted node
-        # has no pod netns left to undo), and it is on every ADD's path.
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(self.path)
+        await self._journal.remove(key)
