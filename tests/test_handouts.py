@@ -41,15 +41,26 @@ class StuckProgram(FakeProgram):
 
 
 class Handshake(FakeHandshake):
-    """FAKE UDS server that also keeps whether its close kept the directory."""
+    """FAKE UDS server that also keeps whether its close kept the directory,
+    and whether its serving task was still running when it was closed."""
 
     def __init__(self, netdev: str, path: Path, idle_timeout: float | None,
                  log: list[str], kept: dict[str, bool]) -> None:  # fmt: skip
         super().__init__(netdev, path, idle_timeout, log)
         self.kept = kept
+        self.serving = False
+        self.closed_while_serving = False
+
+    async def serve(self) -> None:
+        self.serving = True
+        try:
+            await super().serve()
+        finally:
+            self.serving = False
 
     def close(self, *, keep_dir: bool = False) -> None:
         self.kept[self.netdev] = keep_dir
+        self.closed_while_serving |= self.serving
         super().close(keep_dir=keep_dir)
 
 
@@ -67,11 +78,14 @@ class Recorder(FakeDatapath):
         self.fail_stale: set[str] = set()
         self.fail_detach: set[str] = set()
         self.kept_dir: dict[str, bool] = {}  # device -> keep_dir of its server's close
+        self.handshakes: dict[str, Handshake] = {}  # device -> its latest server
 
     def uds_server(self, **kwargs: Any) -> FakeHandshake:
         self.servers[kwargs["netdev"]] = kwargs
-        return Handshake(kwargs["netdev"], kwargs["path"], kwargs["idle_timeout"], self.log,
-                         self.kept_dir)  # fmt: skip
+        server = Handshake(kwargs["netdev"], kwargs["path"], kwargs["idle_timeout"], self.log,
+                           self.kept_dir)  # fmt: skip
+        self.handshakes[server.netdev] = server
+        return server
 
     def pin(self, program: Any, path: Path, uid: int) -> None:
         self.pinned.append((program, path, uid))
@@ -497,6 +511,50 @@ async def test_a_detach_that_fails_is_logged_and_the_release_goes_on(
             assert await n.handouts.release("enssf1")
         assert _messages(caplog) == ["enssf1: detaching XDP failed: enssf1: detach refused (fake)"]
         assert subfunctions.deleted == ["enssf1"] and n.record() == {}
+
+
+async def test_a_uds_server_is_closed_only_after_its_serving_task_ended(tmp_path: Path) -> None:
+    # Closed under the task's wait, the listener's fd number goes to the next
+    # socket while that wait still holds it. Released, rolled back, shut down:
+    async with node(tmp_path) as n:
+        servers = []
+        for dev in ("a", "b"):
+            (handout,) = await n.handouts.start(_pool(dev), [dev])
+            assert isinstance(handout.uds, Handshake)
+            servers.append(handout.uds)
+        await anyio.sleep(0.01)  # both serving
+        assert [s.serving for s in servers] == [True, True]
+        assert await n.handouts.release("a")
+
+        def no_memory() -> None:
+            raise OSError(12, "Cannot allocate memory")
+
+        n.datapath.on_attach["d"] = no_memory
+        with pytest.raises(DeviceError):
+            await n.handouts.start(_pool("c", "d"), ["c", "d"])
+        servers.append(n.datapath.handshakes["c"])
+        await n.handouts.shutdown()
+        assert [s.netdev for s in servers if s.closed_while_serving] == []
+        assert [s.serving for s in servers] == [False, False, False]
+
+
+async def test_background_work_that_fails_is_logged_and_the_service_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with node(tmp_path) as n:
+
+        async def broken(device: str) -> None:
+            raise RuntimeError(f"a bug about {device}")
+
+        with caplog.at_level(logging.ERROR, logger=LOGGER):
+            n.handouts.spawn(broken, "a")
+            await anyio.sleep(0.01)
+        (record,) = [r for r in caplog.records if r.name == LOGGER]
+        assert record.getMessage().endswith(".broken('a',) failed; the service goes on")
+        assert record.exc_info is not None and str(record.exc_info[1]) == "a bug about a"
+        (handout,) = await n.handouts.start(_pool("a"), ["a"])  # its task group lives on
+        await anyio.sleep(0.01)
+        assert isinstance(handout.uds, Handshake) and handout.uds.serving
 
 
 async def test_a_pinned_handout_is_unpinned_when_it_ends(tmp_path: Path) -> None:

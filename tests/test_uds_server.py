@@ -64,6 +64,20 @@ async def serving(
         tg.cancel_scope.cancel()
 
 
+async def test_a_server_closed_before_its_task_ran_never_listens_again(
+    tmp_path: Path, map_fd: int
+) -> None:
+    # Its path may belong to the device's next pod's server by then.
+    server = UdsServer(netdev="devA", map_fd=map_fd, path=socket_path(tmp_path / "uds", "devA"),
+                       check_host=lambda h: anyio.sleep(0))  # type: ignore[arg-type,return-value]  # fmt: skip
+    server.listen()
+    server.close(keep_dir=True)
+    server.path.touch()  # stands in for the next server's socket
+    with anyio.fail_after(5):
+        await server.serve()  # returns at once
+    assert server.path.exists() and not stat.S_ISSOCK(server.path.stat().st_mode)
+
+
 @pytest.mark.privileged  # chown to the pool's uid
 async def test_socket_exists_with_private_modes_before_serving(
     tmp_path: Path, kubelet: FakeKubelet, map_fd: int

@@ -53,6 +53,7 @@ class Handout:
     xdp: Program | None = None
     uds: Handshake | None = None
     uds_scope: anyio.CancelScope | None = None
+    uds_done: anyio.Event | None = None  # set when the serving task has ended
     pinned: Path | None = None
     mounts: list[tuple[str, str]] = field(default_factory=list)  # (host, container)
     since: float = field(default_factory=anyio.current_time)
@@ -150,8 +151,10 @@ class Handouts:
         return done
 
     def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        """Run background work of an allocation (it ends with the service)."""
-        self._tg.start_soon(fn, *args)
+        """Run background work of an allocation (it ends with the service). It
+        runs in the service's task group: a failure is logged, and the service
+        (every other device, every pod's socket) goes on."""
+        self._tg.start_soon(_confined, fn, args)
 
     def _record(self, h: Handout) -> Allocation:
         netdev = self._netdev_of(h.device)
@@ -296,16 +299,13 @@ class Handouts:
         handout.uds = server
         # Not tg.start: waiting for the task to run costs Allocate a loop turn, and
         # the socket already accepts (a connection waits in the backlog).
-        handout.uds_scope = anyio.CancelScope()
-        self._tg.start_soon(_serve, server, handout.uds_scope)
+        handout.uds_scope, handout.uds_done = anyio.CancelScope(), anyio.Event()
+        self._tg.start_soon(_serve, server, handout.uds_scope, handout.uds_done)
         handout.mounts.append((str(server.path.parent), str(contracts.pod_device_dir(device))))
 
     async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
         """Undo a handout; every step runs even when an earlier one fails."""
-        if handout.uds_scope is not None:
-            handout.uds_scope.cancel()
-        if handout.uds is not None:
-            handout.uds.close()
+        await _stop_serving(handout)
         if handout.pinned is not None:
             self.datapath.unpin(handout.pinned)
         if handout.xdp is not None and keep_xdp:
@@ -345,10 +345,7 @@ class Handouts:
         for device in list(self._locks):
             await self.unprepare(device)
         for handout in self.handouts.values():
-            if handout.uds_scope is not None:
-                handout.uds_scope.cancel()
-            if handout.uds is not None:
-                handout.uds.close(keep_dir=True)
+            await _stop_serving(handout, keep_dir=True)
             if handout.xdp is not None:
                 handout.xdp.abandon()
         if self.handouts:
@@ -357,6 +354,33 @@ class Handouts:
         self.handouts.clear()
 
 
-async def _serve(server: Handshake, scope: anyio.CancelScope) -> None:
-    with scope:  # cancelled before it got here: it ends at once
-        await server.serve()
+async def _confined(fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]) -> None:
+    try:
+        await fn(*args)
+    except Exception:
+        log.exception("background work %s%r failed; the service goes on",
+                      getattr(fn, "__qualname__", fn), args)  # fmt: skip
+
+
+async def _serve(server: Handshake, scope: anyio.CancelScope, done: anyio.Event) -> None:
+    try:
+        with scope:  # cancelled before it got here: it ends at once
+            await server.serve()
+    except Exception:  # serve() never raises; if it did, this device alone stops
+        log.exception("%s: the UDS server failed; the service goes on", server.path)
+    finally:
+        done.set()
+
+
+async def _stop_serving(handout: Handout, *, keep_dir: bool = False) -> None:
+    """Stop a handout's UDS server: its task first, then its socket. The task
+    waits on the listener, a wait that the event loop (and anyio, which refuses
+    a second wait on a busy fd) keys by fd number: closed under that wait, the
+    number is free for the next socket (often the device's next pod's
+    listener) while the old wait still holds it."""
+    if handout.uds_scope is not None and handout.uds_done is not None:
+        handout.uds_scope.cancel()
+        with anyio.CancelScope(shield=True):  # not closed under a waiting task
+            await handout.uds_done.wait()
+    if handout.uds is not None:
+        handout.uds.close(keep_dir=keep_dir)

@@ -226,6 +226,7 @@ class UdsServer:
         self.failed = 0
         self.accept_errors = 0
         self._listener: socket.socket | None = None
+        self._closed = False  # closed for good: serve() must not listen again
 
     def listen(self) -> None:
         """Bind and listen now (blocking, fast): the socket exists when this returns."""
@@ -251,7 +252,10 @@ class UdsServer:
     async def serve(self) -> None:
         """Accept connections until cancelled; then remove the socket. Never
         raises for anything a peer or the system does (a UDS server ending
-        would end the service's task group)."""
+        would end the service's task group). Once closed, it never listens again:
+        a later listener at the same path belongs to the device's next pod."""
+        if self._closed:
+            return
         if self._listener is None:
             self.listen()
         listener = self._listener
@@ -309,6 +313,7 @@ class UdsServer:
         """Stop listening and remove the socket file (and the device's directory,
         unless ``keep_dir``: a pod has that directory bind-mounted, and a restarted
         afxdpd's new socket must appear in the very same directory). Idempotent."""
+        self._closed = True
         if self._listener is not None:
             self._listener.close()
             self._listener = None
