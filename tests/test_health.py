@@ -8,11 +8,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from afxdp import control, inventory
 from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
-from afxdp.netwatch import NetWatch
+from afxdp.netwatch import Change, LinkEvent, NetWatch
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest as Node
 from tests.node import running
@@ -80,6 +81,41 @@ async def test_lost_netlink_events_are_recovered_by_rereading_link_health(
             await until(node, stream, {d0: "Healthy"})
         finally:
             stream.cancel()
+
+
+async def test_a_link_event_whose_handling_fails_is_logged_and_the_watch_goes_on(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    dev, _ = lab.veth(lab.name("hw"), lab.name("hx"))
+    seen: list[LinkEvent] = []
+    resyncs = []
+
+    def deliver(event: LinkEvent) -> None:
+        if event.name != dev:
+            return
+        seen.append(event)
+        if len(seen) == 1:
+            raise KeyError("a bug in the health bookkeeping")
+
+    async def resync() -> None:
+        resyncs.append(len(seen))
+
+    watch = NetWatch()
+    watch.open()
+    caplog.set_level(logging.ERROR, logger="afxdp.netwatch")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run, deliver, resync)
+        with anyio.fail_after(10):
+            ip("link", "set", dev, "up")
+            while not resyncs:
+                await anyio.sleep(0.01)
+            ip("link", "set", dev, "down")  # delivered: the watch went on
+            while not any(e.change is Change.DOWN for e in seen):
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert resyncs == [1]
+    assert "handling link events failed; re-reading links" in caplog.text
+    assert "a bug in the health bookkeeping" in caplog.text
 
 
 def fake_numa(sysfs: Path, numa: dict[str, int]) -> None:

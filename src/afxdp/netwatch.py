@@ -98,10 +98,14 @@ class NetWatch:
                     log.warning("netlink events were lost (socket overflow); re-reading links")
                     await resync()
                     continue
-                for msg in self._marshal.parse(data):
-                    event = classify(msg)
-                    if event is not None:
-                        deliver(event)
+                try:
+                    for msg in self._marshal.parse(data):
+                        event = classify(msg)
+                        if event is not None:
+                            deliver(event)
+                except Exception:  # one bad batch (a bug) must not end the service
+                    log.exception("handling link events failed; re-reading links")
+                    await resync()
         finally:
             sock.close()
             self._sock = None
