@@ -116,6 +116,7 @@ def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab
         while not control.read_status(run_dir)["gc_frozen"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert control.read_status(run_dir)["gc_frozen"] > 10_000
+        assert control.read_status(run_dir)["gc_enabled"] is True  # off only while starting
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:

@@ -3,7 +3,9 @@ kind network built at start and removed at stop (afxdpd in a netns of its own)."
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,11 +14,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import pytest
 
 from afxdp import cdi, control
-from afxdp.config import load_config
+from afxdp import service as service_module
+from afxdp.config import Config, load_config
 from afxdp.kindnet import BRIDGE
+from afxdp.service import Paths, Service
+from tests.fakes import FakeSubfunctions
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet
 from tests.node import NodeUnderTest, running
@@ -108,3 +114,30 @@ def test_kind_mode_builds_its_network_pools_exactly_it_and_removes_it(
             proc.kill()
             proc.wait()
         kubelet.stop()
+
+
+@pytest.mark.anyio
+async def test_the_collector_off_for_start_up_is_on_again_when_kubelet_never_registers_us(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = Service(Config(), "node1", Paths(), FakeSubfunctions(), freeze_heap=True)
+    ready = False
+    monkeypatch.setattr(Service, "readiness", lambda self: (ready, "not registered"))
+    monkeypatch.setattr(service_module, "COLLECTOR_OFF_FOR", 0.05)
+    caplog.set_level(logging.INFO, logger="afxdp.service")
+    gc.disable()  # as run() does when it starts
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(service._say_when_ready, "pool1")
+            with anyio.fail_after(5):
+                while not gc.isenabled():
+                    await anyio.sleep(0.01)
+            assert gc.get_freeze_count() > 0
+            assert "ready on node" not in caplog.text  # still not ready: not said
+            ready = True
+            with anyio.fail_after(5):
+                while "ready on node node1: pool1" not in caplog.text:
+                    await anyio.sleep(0.05)
+    finally:
+        gc.enable()
+        gc.unfreeze()

@@ -125,6 +125,8 @@ class Status(msgspec.Struct):
     queued_dels: int | None = None
     # Objects set aside from the garbage collector once ready (gc.freeze); 0: none.
     gc_frozen: int = 0
+    # The collector is off while afxdpd starts, on again once ready (or a minute on).
+    gc_enabled: bool = True
 
     def unready_reasons(self) -> list[str]:
         """Why this node cannot take pods yet; empty when it can.
