@@ -176,6 +176,11 @@ async def node(
         tg.cancel_scope.cancel()
 
 
+def _no_memory() -> None:
+    """An attach hook: the kernel has no memory for the program."""
+    raise OSError(12, "Cannot allocate memory")
+
+
 def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER]
 
@@ -432,11 +437,7 @@ async def test_an_os_error_fails_the_handout_as_a_device_error_naming_the_device
     tmp_path: Path,
 ) -> None:
     async with node(tmp_path) as n:
-
-        def no_memory() -> None:
-            raise OSError(12, "Cannot allocate memory")
-
-        n.datapath.on_attach["b"] = no_memory
+        n.datapath.on_attach["b"] = _no_memory
         with pytest.raises(DeviceError) as err:
             await n.handouts.start(_pool("a", "b"), ["a", "b"])
         assert str(err.value) == "b: [Errno 12] Cannot allocate memory"
@@ -526,10 +527,7 @@ async def test_a_uds_server_is_closed_only_after_its_serving_task_ended(tmp_path
         assert [s.serving for s in servers] == [True, True]
         assert await n.handouts.release("a")
 
-        def no_memory() -> None:
-            raise OSError(12, "Cannot allocate memory")
-
-        n.datapath.on_attach["d"] = no_memory
+        n.datapath.on_attach["d"] = _no_memory
         with pytest.raises(DeviceError):
             await n.handouts.start(_pool("c", "d"), ["c", "d"])
         servers.append(n.datapath.handshakes["c"])
@@ -618,10 +616,7 @@ async def test_a_preparation_that_fails_says_why(tmp_path: Path) -> None:
         n.datapath.fail_attach.add("a")
         assert await n.handouts.prepare(pool, pool.devices["a"]) == "a: attach failed (fake)"
 
-        def no_memory() -> None:
-            raise OSError(12, "Cannot allocate memory")
-
-        n.datapath.on_attach["b"] = no_memory
+        n.datapath.on_attach["b"] = _no_memory
         assert await n.handouts.prepare(pool, pool.devices["b"]) == (
             "[Errno 12] Cannot allocate memory")  # fmt: skip
         assert n.handouts.prepared == {}
