@@ -536,6 +536,20 @@ async def test_a_uds_server_is_closed_only_after_its_serving_task_ended(tmp_path
         assert [s.serving for s in servers] == [False, False, False]
 
 
+async def test_an_allocate_once_the_service_ended_is_undone_without_waiting_on_a_server_task(
+    tmp_path: Path,
+) -> None:
+    datapath = Recorder()
+    async with anyio.create_task_group() as ended:
+        pass
+    handouts = Handouts(task_group=ended, datapath=datapath, uds_dir=tmp_path / "uds",
+                        pin_dir=tmp_path / "pins", check_host=_check,
+                        secondary=FakeSubfunctions(), netdev_of=lambda _: None)  # fmt: skip
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="not active"):
+        await handouts.start(_pool("a"), ["a"])
+    assert datapath.log == ["attach a", "listen a", "close a", "detach a"]
+
+
 async def test_background_work_that_fails_is_logged_and_the_service_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

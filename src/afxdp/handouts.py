@@ -299,8 +299,11 @@ class Handouts:
         handout.uds = server
         # Not tg.start: waiting for the task to run costs Allocate a loop turn, and
         # the socket already accepts (a connection waits in the backlog).
-        handout.uds_scope, handout.uds_done = anyio.CancelScope(), anyio.Event()
-        self._tg.start_soon(_serve, server, handout.uds_scope, handout.uds_done)
+        scope, done = anyio.CancelScope(), anyio.Event()
+        self._tg.start_soon(_serve, server, scope, done)
+        # Only a task that exists is waited for at tear-down (start_soon raises
+        # once the service's task group has ended).
+        handout.uds_scope, handout.uds_done = scope, done
         handout.mounts.append((str(server.path.parent), str(contracts.pod_device_dir(device))))
 
     async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
