@@ -569,6 +569,50 @@ async def test_background_work_that_fails_is_logged_and_the_service_goes_on(
         assert isinstance(handout.uds, Handshake) and handout.uds.serving
 
 
+async def test_a_stray_cancellation_of_background_work_is_logged_and_the_service_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The soak saw a prefetch's own move_on_after deadline escape it under load;
+    # a CancelledError raised by hand is that FAKE stray cancellation.
+    went_on = False
+    async with node(tmp_path) as n:  # a cancelled group would skip the rest quietly
+
+        async def prefetch(device: str) -> None:
+            raise anyio.get_cancelled_exc_class()(f"a stray cancellation about {device}")
+
+        with caplog.at_level(logging.ERROR, logger=LOGGER):
+            n.handouts.spawn(prefetch, "a")
+            await anyio.sleep(0.01)
+        (record,) = [r for r in caplog.records if r.name == LOGGER]
+        assert record.getMessage().endswith(
+            ".prefetch('a',) was cancelled by no scope of the service; the service goes on"
+        )
+        (handout,) = await n.handouts.start(_pool("a"), ["a"])  # its task group lives on
+        await anyio.sleep(0.01)
+        assert isinstance(handout.uds, Handshake) and handout.uds.serving
+        went_on = True
+    assert went_on
+
+
+async def test_background_work_ends_quietly_when_the_service_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ended = anyio.Event()
+
+    async def forever() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            ended.set()
+
+    with caplog.at_level(logging.ERROR, logger=LOGGER), anyio.fail_after(5):
+        async with node(tmp_path) as n:
+            n.handouts.spawn(forever)
+            await anyio.sleep(0.01)
+        # node() cancelled its task group on the way out: the work went with it
+    assert ended.is_set() and [r for r in caplog.records if r.name == LOGGER] == []
+
+
 async def test_a_pinned_handout_is_unpinned_when_it_ends(tmp_path: Path) -> None:
     pool = _pool("a", udsServerDisable=True, bpfMapPinningEnable=True)
     async with node(tmp_path) as n:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
 
@@ -154,7 +155,8 @@ class Handouts:
         """Run background work of an allocation (it ends with the service). It
         runs in the service's task group: a failure is logged, and the service
         (every other device, every pod's socket) goes on."""
-        self._tg.start_soon(_confined, fn, args)
+        what = f"background work {getattr(fn, '__qualname__', fn)}{args!r}"
+        self._tg.start_soon(_confined, what, fn, *args)
 
     def _record(self, h: Handout) -> Allocation:
         netdev = self._netdev_of(h.device)
@@ -357,20 +359,27 @@ class Handouts:
         self.handouts.clear()
 
 
-async def _confined(fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]) -> None:
+async def _confined(what: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+    """``fn(*args)`` as a task of the service's group, where anything that ends
+    it with an exception ends the whole service: a failure is logged, and so is
+    a cancellation that no scope around it made. Seen under load (nox -s soak):
+    a prefetch's own ``move_on_after`` deadline escaped it as a CancelledError,
+    and the service stopped with every pod's socket."""
     try:
         await fn(*args)
     except Exception:
-        log.exception("background work %s%r failed; the service goes on",
-                      getattr(fn, "__qualname__", fn), args)  # fmt: skip
+        log.exception("%s failed; the service goes on", what)
+    except anyio.get_cancelled_exc_class():
+        await anyio.lowlevel.checkpoint_if_cancelled()  # a real stop: raised again
+        log.error("%s was cancelled by no scope of the service; the service goes on", what,
+                  exc_info=True)  # fmt: skip
 
 
 async def _serve(server: Handshake, scope: anyio.CancelScope, done: anyio.Event) -> None:
     try:
         with scope:  # cancelled before it got here: it ends at once
-            await server.serve()
-    except Exception:  # serve() never raises; if it did, this device alone stops
-        log.exception("%s: the UDS server failed; the service goes on", server.path)
+            # serve() never raises; if it did, this device alone stops
+            await _confined(f"{server.path}: the UDS server", server.serve)
     finally:
         done.set()
 
