@@ -75,18 +75,30 @@ def _ip(*args: str) -> None:
 
 
 class FakeProgram:
-    """FAKE Program: an 'attached' program that records its detach."""
+    """FAKE Program: an 'attached' program that records its detach; one
+    abandoned stays on its device in ``left`` (device -> program id), where
+    the next attach finds it, as the kernel keeps it attached."""
 
-    def __init__(self, device: str, prog_id: int, log: list[str]) -> None:
+    def __init__(
+        self,
+        device: str,
+        prog_id: int,
+        log: list[str],
+        left: dict[str, int] | None = None,
+        replaced: int | None = None,
+    ) -> None:
         self.device, self.prog_id, self._log = device, prog_id, log
+        self._left = left if left is not None else {}
         self.map_fd = 1000 + prog_id
         self.mode_name = "native"
+        self.replaced = replaced
 
     def detach(self) -> None:
         self._log.append(f"detach {self.device}")
 
     def abandon(self) -> None:
         self._log.append(f"abandon {self.device}")
+        self._left[self.device] = self.prog_id
 
 
 class FakeHandshake:
@@ -126,17 +138,19 @@ class FakeDatapath:
         return prog
 
     def attach(self, device: str) -> FakeProgram:
+        """Attaches in place of a program of ours left on ``device`` ("replace")."""
         if device in self.fail_attach:
             raise DeviceError(f"{device}: attach failed (fake)")
         self._ids += 1
-        self.log.append(f"attach {device}")
-        return FakeProgram(device, self._ids, self.log)
+        replaced = self.stale.pop(device, None)
+        self.log.append(f"{'attach' if replaced is None else 'replace'} {device}")
+        return FakeProgram(device, self._ids, self.log, self.stale, replaced)
 
     def adopt(self, device: str, prog_id: int) -> FakeProgram:
         if prog_id in self.gone:
             raise DeviceError(f"program {prog_id} is gone (fake)")
         self.log.append(f"adopt {device}")
-        return FakeProgram(device, prog_id, self.log)
+        return FakeProgram(device, prog_id, self.log, self.stale)
 
     def pin(self, program: Any, path: Path, uid: int) -> None:
         self.log.append(f"pin {path.parent.name}")

@@ -326,7 +326,8 @@ async def test_release_ends_an_allocation_and_says_whether_there_was_one(tmp_pat
         n.datapath.log.clear()
         assert await n.devices.release("a") is True
         await n.settle()
-        assert n.datapath.log == ["close a", "detach a", "attach a"]  # a fresh one for the next
+        # A fresh one for the next pod, in place of the pod's: one change, no detach.
+        assert n.datapath.log == ["close a", "abandon a", "replace a"]
         assert _states(pool) == {"a": "free"}
         assert n.holders.forgotten == ["a"]
         assert await n.devices.release("a") is False
@@ -338,7 +339,7 @@ async def test_release_with_skip_unload_bpf_leaves_the_program_attached(tmp_path
         n.datapath.log.clear()
         assert await n.devices.release("a", keep_xdp=True) is True
         await n.settle()
-        assert n.datapath.log == ["close a", "abandon a", "attach a"]
+        assert n.datapath.log == ["close a", "abandon a", "replace a"]
 
 
 # -- health ------------------------------------------------------------------------------
@@ -439,6 +440,7 @@ async def test_a_recreated_link_is_healthy_again_with_a_fresh_program(tmp_path: 
         first = n.devices.handouts.prepared["a"]
         n.devices.on_link(LinkEvent("a", Change.REMOVED))
         assert _states(pool) == {"a": "unhealthy"} and n.devices.handouts.prepared == {}
+        del n.datapath.stale["a"]  # the FAKE's view: the program went with its link
         n.devices.on_link(LinkEvent("a", Change.UP))
         await n.settle()
         assert _states(pool) == {"a": "free"}
@@ -589,8 +591,13 @@ async def test_a_removed_pool_drains_until_its_last_allocation_ends(tmp_path: Pa
         assert await n.devices.reconcile(grace=0.0) == []
         assert n.devices.draining == {"p"}
         n.kubelet.held.clear()
+        n.datapath.log.clear()
         assert await n.devices.reconcile(grace=0.0) == ["a"]
+        await n.settle()
         assert list(n.devices.pools) == ["q"] and n.devices.draining == set()
+        # The last of a removed pool: its program is detached, nothing prepared.
+        assert n.datapath.log == ["close a", "detach a"]
+        assert sorted(n.devices.handouts.prepared) == ["c"]
         assert await n.devices.reconcile(grace=0.0) == []
 
 
@@ -623,9 +630,29 @@ async def test_a_device_the_reloaded_config_dropped_leaves_when_its_allocation_e
         n.kubelet.held.add("b")
         n.devices.replace_pools([_named("p", "a")])
         n.kubelet.held.clear()
+        await n.settle()  # a's program, prepared after the reload
+        n.datapath.log.clear()
         assert await n.devices.reconcile(grace=0.0) == ["b"]
         await n.settle()
         assert list(n.devices.pools["p"].devices) == ["a"]
+        # No fresh program will take its place: the pod's is detached, none prepared.
+        assert n.datapath.log == ["close b", "detach b"]
+        assert "b" not in n.devices.handouts.prepared and "b" not in n.datapath.stale
+
+
+async def test_an_allocation_ending_in_a_pool_reloaded_as_raw_detaches_its_program(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])  # hands out raw now
+        await n.settle()
+        n.datapath.log.clear()
+        assert await n.devices.reconcile(grace=0.0) == ["a"]
+        await n.settle()
+        # No program of ours will take its place: none is left on the free device.
+        assert n.datapath.log == ["close a", "detach a"] and n.datapath.stale == {}
+        assert n.devices.handouts.prepared == {}
 
 
 async def test_a_dropped_device_the_config_takes_back_before_its_allocation_ends_stays(

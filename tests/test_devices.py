@@ -99,8 +99,12 @@ async def test_a_device_kubelet_no_longer_lists_is_reclaimed_at_allocate(tmp_pat
         first = await devices.allocate("p", ["a"])
         second = await devices.allocate("p", ["a"])  # kubelet holds nothing: a was left over
         assert first[0] is not second[0]
-        assert datapath.log == ["attach a", "listen a", "close a", "detach a", "attach a",
+        # The old pod's program is left for the fresh one to take its place: one
+        # kernel change (one RCU grace period), not a detach and an attach.
+        assert datapath.log == ["attach a", "listen a", "close a", "abandon a", "replace a",
                                 "listen a"]  # fmt: skip
+        assert first[0].xdp is not None and second[0].xdp is not None
+        assert second[0].xdp.replaced == first[0].xdp.prog_id
         kubelet.held.add("a")
         with pytest.raises(DeviceError, match="a: allocated"):
             await devices.allocate("p", ["a"])
@@ -131,7 +135,9 @@ async def test_skip_unload_bpf_from_a_del_keeps_the_program_when_the_allocation_
         await devices.came_home("b", keep_xdp=False)
         assert await devices.reconcile(grace=0.0) == ["a", "b"]
         assert "abandon a" in datapath.log and "detach a" not in datapath.log
-        assert "detach b" in datapath.log
+        # b's goes too, but only as a fresh program takes its place (prepare).
+        await until(lambda: {"a", "b"} <= set(devices.handouts.prepared))
+        assert "detach b" not in datapath.log and "replace b" in datapath.log
 
 
 async def test_a_del_brings_the_device_home_but_not_the_allocation_to_an_end(
@@ -213,8 +219,9 @@ async def test_a_stale_program_of_ours_is_replaced_at_allocate(tmp_path: Path) -
     pool = _pool("a")
     async with node(pool, tmp_path) as (devices, datapath, _):
         datapath.stale["a"] = 7
-        await devices.allocate("p", ["a"])
-        assert datapath.log[:2] == ["detach_stale a", "attach a"]
+        [handout] = await devices.allocate("p", ["a"])
+        assert datapath.log[:2] == ["replace a", "listen a"]
+        assert handout.xdp is not None and handout.xdp.replaced == 7
 
 
 async def test_pinned_pools_mount_the_device_directory_and_serve_no_socket(tmp_path: Path) -> None:
@@ -273,7 +280,7 @@ async def test_free_devices_carry_a_prepared_program_that_allocate_hands_out(
         await until(lambda: "a" in devices.handouts.prepared)
         fresh = devices.handouts.prepared["a"]
         assert fresh is not prepared and fresh.prog_id != prepared.prog_id
-        assert "detach a" in datapath.log
+        assert fresh.replaced == prepared.prog_id  # swapped in for the pod's
 
 
 async def test_a_device_whose_program_cannot_be_prepared_is_unhealthy_until_it_can(

@@ -286,13 +286,13 @@ async def test_a_raw_pool_hands_out_the_netdev_with_nothing_loaded(tmp_path: Pat
             None, None, None, None)  # fmt: skip
 
 
-async def test_a_stale_program_of_ours_is_detached_before_the_fresh_one_is_attached(
+async def test_a_stale_program_of_ours_is_replaced_by_the_fresh_one_in_one_change(
     tmp_path: Path,
 ) -> None:
     async with node(tmp_path) as n:
         n.datapath.stale["a"] = 5
         (handout,) = await n.handouts.start(_pool("a"), ["a"])
-        assert n.datapath.log == ["detach_stale a", "attach a", "listen a"]
+        assert n.datapath.log == ["replace a", "listen a"]  # no detach first
         assert handout.xdp is not None and handout.xdp.prog_id != 5
 
 
@@ -303,7 +303,7 @@ async def test_a_stale_program_replaced_is_logged_with_its_id(
     async with node(tmp_path) as n:
         n.datapath.stale["a"] = 77
         await n.handouts.start(_pool("a"), ["a"])
-        assert _messages(caplog) == ["a: detached program 77 left over"]
+        assert _messages(caplog) == ["a: replaced program 77 with a fresh one"]
 
 
 async def test_the_status_row_of_a_served_handout_shows_its_program_and_server(

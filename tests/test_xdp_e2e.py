@@ -19,10 +19,11 @@ import pytest
 from afxdp.bpf import libbpf, pinning
 from afxdp.bpf.libbpf import BpfError
 from afxdp.bpf.xdp import AttachMode, XdpAttachment
+from afxdp.errors import DeviceError
 from afxdp.podresources import PodResourcesChecker
 from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import UdsServer, socket_path
-from tests.kernel import Lab, ip, without_capability
+from tests.kernel import Lab, foreign_xdp, ip, without_capability
 from tests.kubelet import FakeKubelet
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
@@ -233,6 +234,35 @@ def test_detach_leaves_foreign_programs_alone(lab: Lab) -> None:
     finally:
         theirs.detach()
     assert libbpf.xdp_query_id(theirs.ifindex) == 0
+
+
+def test_replace_ours_swaps_a_left_over_program_in_one_change_in_its_mode(lab: Lab) -> None:
+    bridge = lab.bridge()  # generic only: the replacement must keep that mode
+    old = XdpAttachment.attach(bridge)
+    old_map = libbpf.map_info(old.map_fd).id
+    old.abandon()  # left attached, as for the next pod's swap
+    new = XdpAttachment.attach(bridge, replace_ours=True)
+    try:
+        assert new.replaced == old.prog_id and new.prog_id != old.prog_id
+        assert new.mode is AttachMode.GENERIC
+        assert libbpf.xdp_query_id(new.ifindex) == new.prog_id
+        assert libbpf.map_info(new.map_fd).id != old_map  # a fresh XSKMAP too
+        with pytest.raises(BpfError):  # the old program is gone (nothing held it)
+            libbpf.prog_name(old.prog_id)
+    finally:
+        new.detach()
+    assert libbpf.xdp_query_id(new.ifindex) == 0
+
+
+def test_replace_ours_attaches_where_nothing_is_and_never_replaces_another(lab: Lab) -> None:
+    dev, _ = lab.veth(lab.name("xr"), lab.name("xs"))
+    ours = XdpAttachment.attach(dev, replace_ours=True)
+    assert ours.replaced is None and ours.mode is AttachMode.NATIVE
+    ours.detach()
+    theirs = foreign_xdp(dev)
+    with pytest.raises(DeviceError, match=f"another XDP program \\(id {theirs}\\)"):
+        XdpAttachment.attach(dev, replace_ours=True)
+    assert libbpf.xdp_query_id(ours.ifindex) == theirs
 
 
 def test_attach_falls_back_to_generic_when_the_driver_has_no_native_xdp(lab: Lab) -> None:

@@ -36,6 +36,11 @@ class Program(Protocol):
     @property
     def mode_name(self) -> str: ...
 
+    @property
+    def replaced(self) -> int | None:
+        """The left-over program of ours this one took the place of, if any."""
+        ...
+
     def detach(self) -> None: ...
 
     def abandon(self) -> None:
@@ -66,7 +71,10 @@ class Datapath(Protocol):
         """Detach a program of ours left on a free device; its id, or None."""
         ...
 
-    def attach(self, device: str) -> Program: ...
+    def attach(self, device: str) -> Program:
+        """A fresh program and XSKMAP on ``device``, in place of a program of
+        ours found on it (one kernel change); another's is refused."""
+        ...
 
     def adopt(self, device: str, prog_id: int) -> Program:
         """Our program ``prog_id``, left attached to ``device`` by a previous run
@@ -113,6 +121,10 @@ class _Attached:
     def mode_name(self) -> str:
         return self.xdp.mode.value
 
+    @property
+    def replaced(self) -> int | None:
+        return self.xdp.replaced
+
     def detach(self) -> None:
         self.xdp.detach()
 
@@ -128,6 +140,7 @@ class _Adopted:
         self.prog_id = prog_id
         self.map_fd = libbpf.prog_map_fd(prog_id)
         self.mode_name = "adopted"
+        self.replaced: int | None = None
 
     def detach(self) -> None:
         try:
@@ -153,7 +166,7 @@ class KernelDatapath:
         return detach_stale(device)
 
     def attach(self, device: str) -> Program:
-        return _Attached(XdpAttachment.attach(device))
+        return _Attached(XdpAttachment.attach(device, replace_ours=True))
 
     def adopt(self, device: str, prog_id: int) -> Program:
         return _Adopted(device, prog_id)

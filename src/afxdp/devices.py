@@ -31,7 +31,7 @@ import anyio
 import msgspec
 
 from afxdp.errors import AfxdpError, DeviceError
-from afxdp.handouts import Handout, Handouts
+from afxdp.handouts import Handout, Handouts, loads_program
 from afxdp.inventory import NetDev
 from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import DeviceState, Pool, PoolDevice
@@ -192,9 +192,14 @@ class Devices:
     async def _end(self, pool: Pool, device: str, keep_xdp: bool = False) -> None:
         if self._holders is not None:
             self._holders.forget(device)
-        await self.handouts.release(device, keep_xdp)
+        leaving = device in self.leaving.get(pool.name, ())  # the config no longer takes it
+        stays = not leaving and pool.name not in self.draining
+        # Whether a fresh program will take the place of the pod's (a cdq
+        # secondary's goes with its netdev).
+        swap = stays and loads_program(pool.config) and pool.devices[device].parent is None
+        await self.handouts.release(device, keep_xdp, swap=swap)
         pool.release([device])
-        if device in self.leaving.get(pool.name, ()):  # the config no longer takes it
+        if leaving:
             self.leaving[pool.name].discard(device)
             del pool.devices[device]
             self.changes[pool.name].bump()
@@ -202,8 +207,11 @@ class Devices:
         dev = pool.devices[device]
         await self._read_health(pool, dev.parent or dev.id)
         self.changes[pool.name].bump()
-        # A fresh program and map for the next pod: never the map this pod had.
-        self.handouts.spawn(self._prepare, pool, dev)
+        if stays:
+            # A fresh program and map for the next pod, swapped in for the pod's:
+            # never the map this pod had (an Allocate that comes first swaps
+            # inline, under the device's lock).
+            self.handouts.spawn(self._prepare, pool, dev)
 
     async def _prepare(self, pool: Pool, dev: PoolDevice) -> None:
         """Attach a program to a free device ahead of Allocate; one that cannot
@@ -356,6 +364,7 @@ class Devices:
     async def shutdown(self) -> None:
         """Stop: end the allocations kubelet says no pod holds (so nothing is left
         behind for nobody), leave the others in place for the next start."""
+        self.handouts.closing = True  # what this ends is detached, not prepared again
         try:
             await self.reconcile(grace=0.0)
         except Exception:

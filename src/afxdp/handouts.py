@@ -234,16 +234,20 @@ class Handouts:
     async def _fresh(
         self, cfg: config.Pool, device: str, work: Work = Work.DEVICES
     ) -> Program | None:
-        """Replace whatever of ours is on a free ``device`` with a fresh program
-        and map (none for a raw pool). A program of ours found on it is left
-        over: by skipUnloadBpf, a crash, or a device that came home while we were
-        down; it is never one a pod has a map fd for (those are handed out)."""
-        stale = await run_sync(work, self.datapath.detach_stale, device)
-        if stale is not None:
-            log.info("%s: detached program %d left over", device, stale)
+        """A fresh program and map on a free ``device`` (none for a raw pool), in
+        place of a program of ours found on it, in one kernel change: the
+        previous pod's (``release`` leaves it for this swap), or one left over by
+        skipUnloadBpf, a crash, or a device that came home while we were down.
+        Never one a pod of an allocation has a map fd for (those are handed out)."""
         if not loads_program(cfg):
+            stale = await run_sync(work, self.datapath.detach_stale, device)
+            if stale is not None:
+                log.info("%s: detached program %d left over", device, stale)
             return None
-        return await run_sync(work, self.datapath.attach, device)
+        program = await run_sync(work, self.datapath.attach, device)
+        if program.replaced is not None:
+            log.info("%s: replaced program %d with a fresh one", device, program.replaced)
+        return program
 
     async def prepare(self, pool: Pool, dev: PoolDevice) -> str | None:
         """Attach a fresh program to a free device ahead of Allocate; the reason
@@ -309,7 +313,8 @@ class Handouts:
         handout.mounts.append((str(server.path.parent), str(contracts.pod_device_dir(device))))
 
     async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
-        """Undo a handout; every step runs even when an earlier one fails."""
+        """Undo a handout; every step runs even when an earlier one fails.
+        ``keep_xdp`` leaves the program attached (its handles closed)."""
         await _stop_serving(handout)
         if handout.pinned is not None:
             self.datapath.unpin(handout.pinned)
@@ -326,8 +331,14 @@ class Handouts:
             except AfxdpError as exc:
                 log.error("%s: deleting the secondary device failed: %s", handout.device, exc)
 
-    async def release(self, device: str, keep_xdp: bool = False) -> bool:
-        """Take ``device``'s handout back; False when it had none."""
+    async def release(self, device: str, keep_xdp: bool = False, *, swap: bool = False) -> bool:
+        """Take ``device``'s handout back; False when it had none.
+
+        ``swap``: the device stays pooled and gets a fresh program next
+        (``prepare``, or an Allocate), which takes the place of the pod's in
+        one kernel change; so the pod's stays attached until then, unless we
+        are stopping (nothing is prepared then). Without it the pod's program
+        is detached now."""
         if device in self.keep_xdp:
             self.keep_xdp.discard(device)
             keep_xdp = True
@@ -335,7 +346,7 @@ class Handouts:
         if handout is None:
             return False
         with anyio.CancelScope(shield=True):
-            await self._tear_down(handout, keep_xdp)
+            await self._tear_down(handout, keep_xdp or (swap and not self.closing))
             await self.store.remove(device)
         log.info("%s: released", device)
         return True

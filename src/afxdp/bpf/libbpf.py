@@ -14,6 +14,7 @@ import errno as errno_mod
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 from afxdp.errors import AfxdpError
 
@@ -179,17 +180,28 @@ class BpfObject:
             self._ptr = None
 
 
-def xdp_attach(ifindex: int, prog_fd: int, flags: XdpFlags) -> None:
-    _check("bpf_xdp_attach", _lib().bpf_xdp_attach(ifindex, prog_fd, int(flags), None))
+def _expecting(flags: XdpFlags, prog_fd: int | None) -> tuple[XdpFlags, Any]:
+    """``flags`` and opts that make the kernel act only if ``prog_fd`` is the
+    program attached now (XDP_FLAGS_REPLACE; EEXIST otherwise)."""
+    if prog_fd is None:
+        return flags, None
+    opts = _XdpAttachOpts(ctypes.sizeof(_XdpAttachOpts), prog_fd)
+    return flags | XdpFlags.REPLACE, ctypes.byref(opts)
+
+
+def xdp_attach(
+    ifindex: int, prog_fd: int, flags: XdpFlags, replacing_fd: int | None = None
+) -> None:
+    """Attach ``prog_fd``; with ``replacing_fd``, in place of that program, in one
+    change (one RCU grace period in the kernel's XDP dispatcher, not two)."""
+    flags, opts = _expecting(flags, replacing_fd)
+    _check("bpf_xdp_attach", _lib().bpf_xdp_attach(ifindex, prog_fd, int(flags), opts))
 
 
 def xdp_detach(ifindex: int, flags: XdpFlags, expected_prog_fd: int | None = None) -> None:
     """Detach the XDP program in ``flags``' mode; with ``expected_prog_fd``, only
     if that program is the one attached (never remove someone else's)."""
-    opts = None
-    if expected_prog_fd is not None:
-        flags |= XdpFlags.REPLACE
-        opts = ctypes.byref(_XdpAttachOpts(ctypes.sizeof(_XdpAttachOpts), expected_prog_fd))
+    flags, opts = _expecting(flags, expected_prog_fd)
     _check("bpf_xdp_detach", _lib().bpf_xdp_detach(ifindex, int(flags), opts))
 
 
@@ -232,9 +244,14 @@ def map_info(fd: int) -> MapInfo:
     return info
 
 
+def prog_fd(prog_id: int) -> int:
+    """An fd of the loaded program ``prog_id``; the caller closes it."""
+    return _check("bpf_prog_get_fd_by_id", _lib().bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
+
+
 def prog_name(prog_id: int) -> str:
     """The name of the loaded program ``prog_id`` (cut at 15 characters by the kernel)."""
-    fd = _check("bpf_prog_get_fd_by_id", _lib().bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
+    fd = prog_fd(prog_id)
     try:
         info = ProgInfo()
         _info(fd, info)
@@ -248,7 +265,7 @@ def prog_map_fd(prog_id: int) -> int:
     """An fd of the (first) map that loaded program ``prog_id`` uses: how a
     restarted afxdpd gets the XSKMAP of a program it left attached. The caller
     closes it."""
-    fd = _check("bpf_prog_get_fd_by_id", _lib().bpf_prog_get_fd_by_id(prog_id), f"id {prog_id}")
+    fd = prog_fd(prog_id)
     try:
         ids = (c_uint32 * 1)()
         info = ProgInfo()

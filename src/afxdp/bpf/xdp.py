@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -61,9 +62,34 @@ def ifindex_of(netdev: str) -> int:
     return index
 
 
-def _attach_here(netdev: str, prog_fd: int, modes: list[AttachMode]) -> tuple[int, AttachMode, int]:
-    """Attach in the calling thread's netns; (ifindex, mode used, program id)."""
+def _ours(ifindex: int) -> tuple[AttachMode, int] | None:
+    """Our program on ``ifindex`` (by name: the kernel keeps 15 characters of
+    it) and the mode it is attached in; None when there is none."""
+    for mode in AttachMode:
+        prog_id = xdp_query_id(ifindex, mode.flag)
+        if prog_id and libbpf.prog_name(prog_id) == PROGRAM[: libbpf.BPF_OBJ_NAME_LEN - 1]:
+            return mode, prog_id
+    return None
+
+
+def _attach_here(
+    netdev: str, prog_fd: int, modes: list[AttachMode], replace_ours: bool
+) -> tuple[int, AttachMode, int, int | None]:
+    """Attach in the calling thread's netns; (ifindex, mode used, program id,
+    id of the program of ours it replaced)."""
     ifindex = ifindex_of(netdev)
+    found = _ours(ifindex) if replace_ours else None
+    if found is not None:
+        # One change, in its mode: the kernel's XDP dispatcher waits one RCU
+        # grace period per change (about 15 ms here), so a detach and an
+        # attach cost twice that.
+        mode, old_id = found
+        old_fd = libbpf.prog_fd(old_id)
+        try:
+            xdp_attach(ifindex, prog_fd, mode.flag, replacing_fd=old_fd)
+        finally:
+            os.close(old_fd)
+        return ifindex, mode, xdp_query_id(ifindex, mode.flag), old_id
     for m in modes:
         try:
             xdp_attach(ifindex, prog_fd, XdpFlags.UPDATE_IF_NOEXIST | m.flag)
@@ -76,7 +102,7 @@ def _attach_here(netdev: str, prog_fd: int, modes: list[AttachMode]) -> tuple[in
             if m is modes[-1] or exc.errno not in _NO_NATIVE:
                 raise
             continue
-        return ifindex, m, xdp_query_id(ifindex, m.flag)
+        return ifindex, m, xdp_query_id(ifindex, m.flag), None
     raise AssertionError("unreachable: the last mode either returns or raises")
 
 
@@ -86,13 +112,12 @@ def _detach_here(netdev: str, mode: AttachMode, prog_fd: int) -> None:
 
 def _detach_stale_here(netdev: str) -> int | None:
     ifindex = ifindex_of(netdev)
-    for mode in AttachMode:
-        prog_id = xdp_query_id(ifindex, mode.flag)
-        # The kernel keeps 15 characters of a program's name.
-        if prog_id and libbpf.prog_name(prog_id) == PROGRAM[: libbpf.BPF_OBJ_NAME_LEN - 1]:
-            xdp_detach(ifindex, mode.flag)
-            return prog_id
-    return None
+    found = _ours(ifindex)
+    if found is None:
+        return None
+    mode, prog_id = found
+    xdp_detach(ifindex, mode.flag)
+    return prog_id
 
 
 def detach_stale(netdev: str, netns: Path | None = None) -> int | None:
@@ -113,26 +138,34 @@ class XdpAttachment:
         self.ifindex = 0
         self.mode = AttachMode.NATIVE
         self.prog_id = 0
+        self.replaced: int | None = None  # the left-over program of ours it replaced
         self.pinned: Path | None = None
         self.attached = False
 
     @classmethod
     def attach(
-        cls, netdev: str, mode: AttachMode | None = None, netns: Path | None = None
+        cls,
+        netdev: str,
+        mode: AttachMode | None = None,
+        netns: Path | None = None,
+        *,
+        replace_ours: bool = False,
     ) -> XdpAttachment:
         """Load a fresh copy of the program (its own XSKMAP) and attach it to
         ``netdev`` in ``netns`` (a netns file; the caller's netns when None).
 
         Without ``mode``, native is tried first and generic used when the driver
         has no native XDP. A netdev that already has an XDP program is refused:
-        replacing it would silently break whoever put it there.
+        replacing it would silently break whoever put it there. With
+        ``replace_ours``, a program of ours found there (left over: nobody owns
+        it) is replaced in place, in its mode (``replaced`` says which).
         """
         obj = BpfObject(object_path())
         try:
             self = cls(netdev, obj, netns)
             modes = [mode] if mode else [AttachMode.NATIVE, AttachMode.GENERIC]
-            self.ifindex, self.mode, self.prog_id = run_in(
-                netns, _attach_here, netdev, self.prog_fd, modes
+            self.ifindex, self.mode, self.prog_id, self.replaced = run_in(
+                netns, _attach_here, netdev, self.prog_fd, modes, replace_ours
             )
         except BaseException:
             obj.close()
