@@ -555,15 +555,17 @@ async def test_background_work_that_fails_is_logged_and_the_service_goes_on(
 ) -> None:
     async with node(tmp_path) as n:
 
-        async def broken(device: str) -> None:
-            raise RuntimeError(f"a bug about {device}")
+        async def broken(pool: Pool, dev: PoolDevice, n: int) -> None:
+            raise RuntimeError(f"a bug about {dev.id}")
 
+        pool = _pool(*(f"d{i}" for i in range(1000)))
         with caplog.at_level(logging.ERROR, logger=LOGGER):
-            n.handouts.spawn(broken, "a")
+            n.handouts.spawn(broken, pool, pool.devices["d7"], 3)
             await anyio.sleep(0.01)
         (record,) = [r for r in caplog.records if r.name == LOGGER]
-        assert record.getMessage().endswith(".broken('a',) failed; the service goes on")
-        assert record.exc_info is not None and str(record.exc_info[1]) == "a bug about a"
+        # Named by the pool's and device's names, not their reprs (a thousand devices).
+        assert record.getMessage().endswith(".broken('p', 'd7', 3) failed; the service goes on")
+        assert record.exc_info is not None and str(record.exc_info[1]) == "a bug about d7"
         (handout,) = await n.handouts.start(_pool("a"), ["a"])  # its task group lives on
         await anyio.sleep(0.01)
         assert isinstance(handout.uds, Handshake) and handout.uds.serving
@@ -585,13 +587,34 @@ async def test_a_stray_cancellation_of_background_work_is_logged_and_the_service
             await anyio.sleep(0.01)
         (record,) = [r for r in caplog.records if r.name == LOGGER]
         assert record.getMessage().endswith(
-            ".prefetch('a',) was cancelled by no scope of the service; the service goes on"
+            ".prefetch('a') was cancelled by no scope of the service; the service goes on"
         )
         (handout,) = await n.handouts.start(_pool("a"), ["a"])  # its task group lives on
         await anyio.sleep(0.01)
         assert isinstance(handout.uds, Handshake) and handout.uds.serving
         went_on = True
     assert went_on
+
+
+async def test_spawning_background_work_describes_it_only_when_there_is_something_to_log(
+    tmp_path: Path,
+) -> None:
+    # At start a spawn per device (a thousand), each with the pool: describing
+    # every one up front (a Pool's repr lists its devices) took seconds and
+    # hundreds of MB.
+    class Unshowable:
+        def __repr__(self) -> str:
+            raise AssertionError("described although nothing was logged")
+
+    done = anyio.Event()
+
+    async def fine(_arg: object) -> None:
+        done.set()
+
+    async with node(tmp_path) as n:
+        n.handouts.spawn(fine, Unshowable())
+        with anyio.fail_after(DEADLINE):
+            await done.wait()
 
 
 async def test_background_work_ends_quietly_when_the_service_stops(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import reprlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -155,8 +156,7 @@ class Handouts:
         """Run background work of an allocation (it ends with the service). It
         runs in the service's task group: a failure is logged, and the service
         (every other device, every pod's socket) goes on."""
-        what = f"background work {getattr(fn, '__qualname__', fn)}{args!r}"
-        self._tg.start_soon(_confined, what, fn, *args)
+        self._tg.start_soon(_confined, partial(_background, fn, args), fn, *args)
 
     def _record(self, h: Handout) -> Allocation:
         netdev = self._netdev_of(h.device)
@@ -370,19 +370,34 @@ class Handouts:
         self.handouts.clear()
 
 
-async def _confined(what: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+def _background(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
+    """How a log names background work: its function and arguments, each a
+    pool or device by its name (a Pool's repr lists every device: a thousand)."""
+    shown = []
+    for arg in args:
+        name = getattr(arg, "name", None) if isinstance(arg, Pool) else None
+        name = name or (getattr(arg, "id", None) if isinstance(arg, PoolDevice) else None)
+        shown.append(repr(name) if name else reprlib.repr(arg))
+    return f"background work {getattr(fn, '__qualname__', fn)}({', '.join(shown)})"
+
+
+async def _confined(
+    what: Callable[[], str], fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any
+) -> None:
     """``fn(*args)`` as a task of the service's group, where anything that ends
     it with an exception ends the whole service: a failure is logged, and so is
     a cancellation that no scope around it made. Seen under load (nox -s soak):
     a prefetch's own ``move_on_after`` deadline escaped it as a CancelledError,
-    and the service stopped with every pod's socket."""
+    and the service stopped with every pod's socket. ``what()`` names it in
+    the log: only then, since a spawn is on Allocate's path and at start a
+    thousand of them are made."""
     try:
         await fn(*args)
     except Exception:
-        log.exception("%s failed; the service goes on", what)
+        log.exception("%s failed; the service goes on", what())
     except anyio.get_cancelled_exc_class():
         await anyio.lowlevel.checkpoint_if_cancelled()  # a real stop: raised again
-        log.error("%s was cancelled by no scope of the service; the service goes on", what,
+        log.error("%s was cancelled by no scope of the service; the service goes on", what(),
                   exc_info=True)  # fmt: skip
 
 
@@ -390,7 +405,7 @@ async def _serve(server: Handshake, scope: anyio.CancelScope, done: anyio.Event)
     try:
         with scope:  # cancelled before it got here: it ends at once
             # serve() never raises; if it did, this device alone stops
-            await _confined(f"{server.path}: the UDS server", server.serve)
+            await _confined(lambda: f"{server.path}: the UDS server", server.serve)
     finally:
         done.set()
 
