@@ -15,7 +15,8 @@ import pytest
 
 from afxdp.bpf import libbpf
 from afxdp.bpf.xdp import XdpAttachment
-from afxdp.cni import shim
+from afxdp.cni import link, shim
+from afxdp.netns import run_in
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest, running
 from tests.test_cni_handler import FakeIpam
@@ -438,3 +439,38 @@ async def test_pods_keep_their_device_and_program_across_an_afxdpd_restart(node:
         code, _, err = await node.cni("DEL", node.netconf(d0), netns=f"/run/netns/{ns}")
         assert code == 0, err
         assert host_has(d0) and (await node.states())[d0] == "allocated"
+
+
+def test_link_flags_and_mac_are_read_by_ioctl_in_the_callers_netns(lab: Lab) -> None:
+    dev, peer = lab.veth(lab.name("lkf"), lab.name("lkg"), mac="02:00:00:ab:cd:ef")
+    ip("link", "set", dev, "down")
+    assert link.admin_up(dev) is False
+    ip("link", "set", dev, "up")
+    assert link.admin_up(dev) is True
+    assert link.mac(dev) == "02:00:00:ab:cd:ef"
+    assert link.mac(dev) == json.loads(ip("-j", "link", "show", dev))[0]["address"]
+    # A cut name would be another link's: none; and no link is no link.
+    assert link.admin_up(dev + "x" * 16) is None and link.admin_up("nosuchlinkq") is None
+    with pytest.raises(LookupError):
+        link.mac("nosuchlinkq")
+    ns = lab.netns("lkn")
+    ip("link", "set", peer, "netns", ns)
+    assert link.admin_up(peer) is None  # not in this netns
+    where = Path("/run/netns") / ns
+    assert run_in(where, link.admin_up, peer) is False
+
+
+def test_link_setup_applies_ipam_addresses_and_routes_and_answers_the_mac(lab: Lab) -> None:
+    ns = lab.netns("lks")
+    dev, _ = lab.veth(lab.name("lks"), lab.name("lkt"), netns=ns)
+    ip("link", "set", dev, "up", netns=ns)
+    ips = [{"address": "10.253.7.2/24", "gateway": "10.253.7.1"}]
+    routes = [{"dst": "10.254.0.0/16"}]
+    got = run_in(Path("/run/netns") / ns, link.setup, dev, ips, routes)
+    assert got == json.loads(ip("-j", "link", "show", dev, netns=ns))[0]["address"]
+    addrs = json.loads(ip("-j", "addr", "show", dev, netns=ns))[0]["addr_info"]
+    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == [
+        ("10.253.7.2", 24)
+    ]
+    shown = json.loads(ip("-j", "route", "show", "10.254.0.0/16", netns=ns))
+    assert [(r["dst"], r.get("gateway")) for r in shown] == [("10.254.0.0/16", "10.253.7.1")]

@@ -321,8 +321,8 @@ class CniHandler:
             if cmds:  # on the host side, before the move
                 await self._ethtool(key, dev, cmds, ip)
                 await self._note(key, moved=True)
-            try:
-                await _in(None, link.move, dev, Path(netns))
+            try:  # up in the pod in the same message: one request less
+                await _in(None, link.move, dev, Path(netns), True)
             except (NetlinkError, LookupError):
                 # Refused (a link of that name in the pod, ...): it did not move, and
                 # the undo must not move the pod's own link of that name out.
@@ -335,8 +335,8 @@ class CniHandler:
         else:
             await _together(lease, move)
         ips, routes = (ipam_result["ips"], ipam_result["routes"]) if ipam_result else ([], [])
-        inside = await _in(netns, link.setup, dev, ips, routes)
-        out = results.build(conf.cni_version, ipam_result, dev, inside.mac, netns)
+        mac = await _in(netns, link.setup, dev, ips, routes)
+        out = results.build(conf.cni_version, ipam_result, dev, mac, netns)
         await self._note(key, result=out, complete=True)
         log.info("ADD %s: %s moved into %s", env.container_id, dev, netns)
         return out
