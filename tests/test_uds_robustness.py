@@ -177,6 +177,28 @@ async def test_the_fd_is_closed_when_the_reply_cannot_be_sent(tmp_path: Path, ma
             await full_handshake(server.path)
 
 
+async def test_a_peer_that_never_reads_its_replies_is_let_go_after_the_send_timeout(
+    tmp_path: Path, map_fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("afxdp.uds.server.SEND_TIMEOUT", 0.3)
+    async with serving(tmp_path, map_fd) as server:
+        with raw(server.path) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # room for a few replies
+            s.setblocking(False)
+            sent = 0
+            with anyio.fail_after(10):
+                while server.failed == 0:  # requests until the server's reply blocks
+                    with suppress(BlockingIOError):
+                        send(s, b"/version")
+                        sent += 1
+                    await anyio.sleep(0.001)
+            assert sent > 1
+            # The stuck connection was closed, and its server goes on serving.
+            await settles(lambda: server.active == 0)
+        await full_handshake(server.path)
+        assert server.connections == 2
+
+
 async def test_the_fd_is_closed_when_the_server_is_cancelled_mid_request(
     tmp_path: Path, map_fd: int
 ) -> None:

@@ -177,13 +177,21 @@ async def _recv(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 async def _send(conn: socket.socket, text: str, fd: int | None) -> None:
     anc = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    try:
+        conn.sendmsg([text.encode()], anc)
+        return
+    except BlockingIOError:
+        pass  # the peer does not read: wait for room, up to the deadline
+    # (A deadline only here: a cancel scope costs each reply ~15 us, a fifth of
+    # the server's own time per message, and a reply almost always fits.)
     with anyio.fail_after(SEND_TIMEOUT):
         while True:
+            await anyio.wait_writable(conn)
             try:
                 conn.sendmsg([text.encode()], anc)
                 return
             except BlockingIOError:
-                await anyio.wait_writable(conn)
+                continue
 
 
 class UdsServer:
