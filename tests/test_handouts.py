@@ -587,7 +587,7 @@ async def test_a_stray_cancellation_of_background_work_is_logged_and_the_service
             await anyio.sleep(0.01)
         (record,) = [r for r in caplog.records if r.name == LOGGER]
         assert record.getMessage().endswith(
-            ".prefetch('a') was cancelled by no scope of the service; the service goes on"
+            ".prefetch('a') was cancelled by no scope around it; the service goes on"
         )
         (handout,) = await n.handouts.start(_pool("a"), ["a"])  # its task group lives on
         await anyio.sleep(0.01)

@@ -5,6 +5,7 @@ says so; bad bytes in a config get an error with their path."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import signal
@@ -64,6 +65,14 @@ async def test_status_clients_that_hang_up_never_stop_the_control_server(tmp_pat
     assert not (tmp_path / "control.sock").exists()
 
 
+def _ask(path: Path) -> bytes:
+    """Connect to the server at ``path`` and read what it answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        return s.recv(100)
+
+
 async def test_a_failing_answer_ends_only_its_own_connection(tmp_path: Path) -> None:
     calls = 0
 
@@ -77,19 +86,46 @@ async def test_a_failing_answer_ends_only_its_own_connection(tmp_path: Path) -> 
     stats = ServerStats()
     path = tmp_path / "s.sock"
 
-    def ask() -> bytes:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(path))
-            return s.recv(100)
-
     async with anyio.create_task_group() as tg:
         await tg.start(lambda task_status: serve_unix(path, answer, stats=stats,
                                                       task_status=task_status))  # fmt: skip
-        assert await anyio.to_thread.run_sync(ask) == b""  # the failed one is closed
-        assert await anyio.to_thread.run_sync(ask) == b"fine"
+        assert await anyio.to_thread.run_sync(_ask, path) == b""  # the failed one is closed
+        assert await anyio.to_thread.run_sync(_ask, path) == b"fine"
         tg.cancel_scope.cancel()
     assert (stats.failed, stats.served) == (1, 1)
+
+
+async def test_a_stray_cancellation_in_one_connection_ends_only_that_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every server bounds a connection with move_on_after/fail_after; under load
+    # such a deadline once escaped its scope as a CancelledError (see
+    # afxdp/confine.py). One raised by hand is that FAKE stray cancellation.
+    calls = 0
+
+    async def answer(stream: SocketStream) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise anyio.get_cancelled_exc_class()("a stray deadline")
+        await stream.send(b"fine")
+
+    stats = ServerStats()
+    path = tmp_path / "s.sock"
+
+    served = False
+    with caplog.at_level(logging.ERROR, logger="afxdp.unixserver"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: serve_unix(path, answer, stats=stats,
+                                                          task_status=task_status))  # fmt: skip
+            assert await anyio.to_thread.run_sync(_ask, path) == b""
+            served = await anyio.to_thread.run_sync(_ask, path) == b"fine"
+            tg.cancel_scope.cancel()
+    assert served and (stats.failed, stats.served) == (1, 1)
+    (record,) = [r for r in caplog.records if r.name == "afxdp.unixserver"]
+    assert record.getMessage() == (
+        "s.sock: a connection was cancelled by no scope around it; the server goes on"
+    )
 
 
 async def test_connections_over_the_limit_are_refused_and_counted(tmp_path: Path) -> None:

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
 
 from afxdp import config, contracts
 from afxdp.bpf import pinning
+from afxdp.confine import confined
 from afxdp.datapath import Datapath, Handshake, Program
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.inventory import NetDev
@@ -156,7 +156,7 @@ class Handouts:
         """Run background work of an allocation (it ends with the service). It
         runs in the service's task group: a failure is logged, and the service
         (every other device, every pod's socket) goes on."""
-        self._tg.start_soon(_confined, partial(_background, fn, args), fn, *args)
+        self._tg.start_soon(confined, log, partial(_background, fn, args), "the service", fn, *args)
 
     def _record(self, h: Handout) -> Allocation:
         netdev = self._netdev_of(h.device)
@@ -381,31 +381,12 @@ def _background(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
     return f"background work {getattr(fn, '__qualname__', fn)}({', '.join(shown)})"
 
 
-async def _confined(
-    what: Callable[[], str], fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any
-) -> None:
-    """``fn(*args)`` as a task of the service's group, where anything that ends
-    it with an exception ends the whole service: a failure is logged, and so is
-    a cancellation that no scope around it made. Seen under load (nox -s soak):
-    a prefetch's own ``move_on_after`` deadline escaped it as a CancelledError,
-    and the service stopped with every pod's socket. ``what()`` names it in
-    the log: only then, since a spawn is on Allocate's path and at start a
-    thousand of them are made."""
-    try:
-        await fn(*args)
-    except Exception:
-        log.exception("%s failed; the service goes on", what())
-    except anyio.get_cancelled_exc_class():
-        await anyio.lowlevel.checkpoint_if_cancelled()  # a real stop: raised again
-        log.error("%s was cancelled by no scope of the service; the service goes on", what(),
-                  exc_info=True)  # fmt: skip
-
-
 async def _serve(server: Handshake, scope: anyio.CancelScope, done: anyio.Event) -> None:
     try:
         with scope:  # cancelled before it got here: it ends at once
             # serve() never raises; if it did, this device alone stops
-            await _confined(lambda: f"{server.path}: the UDS server", server.serve)
+            await confined(log, lambda: f"{server.path}: the UDS server", "the service",
+                           server.serve)  # fmt: skip
     finally:
         done.set()
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import anyio
 from anyio.abc import SocketListener, SocketStream, TaskStatus
 
+from afxdp.confine import confined
+
 log = logging.getLogger(__name__)
 
 # Accept errors that say nothing is wrong with the listening socket itself.
@@ -67,14 +69,16 @@ async def serve_listener(
     stats = stats if stats is not None else ServerStats()
     backoff = Backoff()
 
-    async def confined(stream: SocketStream) -> None:
+    async def one(stream: SocketStream) -> None:
+        async with stream:
+            await answer(stream)
+
+    async def connection(stream: SocketStream) -> None:
         try:
-            async with stream:
-                await answer(stream)
-            stats.served += 1
-        except Exception:
-            stats.failed += 1
-            log.exception("%s: a connection failed; the server goes on", name)
+            if await confined(log, lambda: f"{name}: a connection", "the server", one, stream):
+                stats.served += 1
+            else:
+                stats.failed += 1
         finally:
             stats.active -= 1
 
@@ -99,7 +103,7 @@ async def serve_listener(
                 await stream.aclose()
                 continue
             stats.active += 1
-            tg.start_soon(confined, stream)
+            tg.start_soon(connection, stream)
 
 
 async def serve_unix(

@@ -31,6 +31,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from afxdp import contracts
+from afxdp.confine import confined
 from afxdp.uds import handshake as hs
 from afxdp.unixserver import BACKOFF_MIN, TRANSIENT_ACCEPT_ERRORS, Backoff
 
@@ -331,21 +332,28 @@ class UdsServer:
                 self.path.parent.rmdir()
 
     async def _connection(self, conn: socket.socket) -> None:
-        # One connection's failure (a peer that vanished mid-reply, a bug) must
-        # never take the listening socket, or other connections, down with it.
+        # One connection's failure (a peer that vanished mid-reply, a bug, a
+        # stray cancellation of its idle deadline) must never take the listening
+        # socket, or other connections, down with it.
         try:
-            with conn:
-                await self._converse(conn)
-        except Exception as exc:
-            self.failed += 1
-            self.count("failed")
-            if isinstance(exc, OSError | TimeoutError):
-                log.info("%s: connection ended: %s", self.netdev, exc)
-            else:
-                log.exception("%s: connection failed; the server goes on", self.netdev)
+            if not await confined(log, lambda: f"{self.netdev}: a connection", "the server",
+                                  self._talk, conn):  # fmt: skip
+                self._failed()
         finally:
             self.active -= 1
             self.budget.give_back()
+
+    async def _talk(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                await self._converse(conn)
+            except (OSError, TimeoutError) as exc:  # the peer's doing, not a bug
+                self._failed()
+                log.info("%s: connection ended: %s", self.netdev, exc)
+
+    def _failed(self) -> None:
+        self.failed += 1
+        self.count("failed")
 
     async def _converse(self, conn: socket.socket) -> None:
         uid = peer_uid(conn)
