@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -83,6 +84,19 @@ async def test_lost_netlink_events_are_recovered_by_rereading_link_health(
             stream.cancel()
 
 
+@asynccontextmanager
+async def watching(
+    deliver: Callable[[LinkEvent], None], resync: Callable[[], Awaitable[None]]
+) -> AsyncIterator[None]:
+    """A NetWatch delivering to ``deliver`` while the block runs."""
+    watch = NetWatch()
+    watch.open()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run, deliver, resync)
+        yield
+        tg.cancel_scope.cancel()
+
+
 async def test_a_link_event_whose_handling_fails_is_logged_and_the_watch_goes_on(
     lab: Lab, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -100,11 +114,8 @@ async def test_a_link_event_whose_handling_fails_is_logged_and_the_watch_goes_on
     async def resync() -> None:
         resyncs.append(len(seen))
 
-    watch = NetWatch()
-    watch.open()
     caplog.set_level(logging.ERROR, logger="afxdp.netwatch")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch.run, deliver, resync)
+    async with watching(deliver, resync):
         with anyio.fail_after(10):
             ip("link", "set", dev, "up")
             while not resyncs:
@@ -112,10 +123,40 @@ async def test_a_link_event_whose_handling_fails_is_logged_and_the_watch_goes_on
             ip("link", "set", dev, "down")  # delivered: the watch went on
             while not any(e.change is Change.DOWN for e in seen):
                 await anyio.sleep(0.01)
-        tg.cancel_scope.cancel()
     assert resyncs == [1]
     assert "handling link events failed; re-reading links" in caplog.text
     assert "a bug in the health bookkeeping" in caplog.text
+
+
+async def test_a_failed_re_read_of_the_links_is_tried_again_and_events_still_flow(
+    lab: Lab, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("afxdp.netwatch.RESYNC_RETRY", 0.05)
+    dev, _ = lab.veth(lab.name("hr"), lab.name("hs"))
+    seen: list[LinkEvent] = []
+    resyncs: list[bool] = []  # whether each attempt succeeded
+
+    def deliver(event: LinkEvent) -> None:
+        if event.name == dev:
+            seen.append(event)
+            if len(seen) == 1:
+                raise KeyError("a bug in the health bookkeeping")  # asks for a re-read
+
+    async def resync() -> None:
+        resyncs.append(len(resyncs) > 0)
+        if not resyncs[-1]:
+            raise OSError(105, "No buffer space available")  # the first one fails
+
+    caplog.set_level(logging.ERROR, logger="afxdp.netwatch")
+    async with watching(deliver, resync):
+        with anyio.fail_after(10):
+            ip("link", "set", dev, "up")
+            while resyncs != [False, True]:  # tried again on its own, no event needed
+                await anyio.sleep(0.01)
+            ip("link", "set", dev, "down")
+            while not any(e.change is Change.DOWN for e in seen):
+                await anyio.sleep(0.01)
+    assert "re-reading links failed; trying again in 0.05 s" in caplog.text
 
 
 def fake_numa(sysfs: Path, numa: dict[str, int]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 log = logging.getLogger(__name__)
 
 RTMGRP_LINK = 1
+RESYNC_RETRY = 1.0  # seconds between attempts at a re-read of every link that failed
 _USABLE = frozenset({"UP", "UNKNOWN"})
 
 
@@ -58,6 +60,15 @@ def classify(msg: Any) -> LinkEvent | None:
     return None
 
 
+async def _resynced(resync: Callable[[], Awaitable[None]]) -> bool:
+    try:
+        await resync()
+    except Exception:
+        log.exception("re-reading links failed; trying again in %g s", RESYNC_RETRY)
+        return False
+    return True
+
+
 class NetWatch:
     """Link events of the service's netns, delivered on the event loop."""
 
@@ -80,14 +91,21 @@ class NetWatch:
     async def run(
         self, deliver: Callable[[LinkEvent], None], resync: Callable[[], Awaitable[None]]
     ) -> None:
-        """Deliver events until cancelled; ``resync`` when some were lost."""
+        """Deliver events until cancelled; ``resync`` when some were lost (or a
+        batch could not be handled). A resync that fails is logged and tried
+        again every RESYNC_RETRY seconds, events still delivered meanwhile: the
+        watch never ends the service."""
         if self._sock is None:
             self.open()
         sock = self._sock
         assert sock is not None
+        owed = False  # a re-read of every link, still to be done
         try:
             while True:
-                await anyio.wait_readable(sock)
+                if owed:
+                    owed = not await _resynced(resync)
+                with anyio.move_on_after(RESYNC_RETRY if owed else math.inf):
+                    await anyio.wait_readable(sock)
                 try:
                     data = sock.recv(1 << 20)
                 except BlockingIOError:
@@ -96,7 +114,7 @@ class NetWatch:
                     if exc.errno != errno.ENOBUFS:
                         raise
                     log.warning("netlink events were lost (socket overflow); re-reading links")
-                    await resync()
+                    owed = True
                     continue
                 try:
                     for msg in self._marshal.parse(data):
@@ -105,7 +123,7 @@ class NetWatch:
                             deliver(event)
                 except Exception:  # one bad batch (a bug) must not end the service
                     log.exception("handling link events failed; re-reading links")
-                    await resync()
+                    owed = True
         finally:
             sock.close()
             self._sock = None
