@@ -137,7 +137,11 @@ class BenchNode:
                     return
                 await anyio.sleep(0.05)
 
-    async def allocate(self, device: str) -> dp.ContainerAllocateResponse:
+    async def allocate(self, device: str, pod: str) -> dp.ContainerAllocateResponse:
+        """Allocate ``device`` as kubelet does for ``pod``, which kubelet then
+        lists in PodResources (it admits the pod right after Allocate): so the
+        PodResources prefetch that follows each Allocate ends after one List,
+        as on a node, instead of asking for ten seconds."""
         assert self.plugin is not None
         # kubelet's own Allocate deadline is minutes; the double's default is 5 s.
         req = dp.AllocateRequest(
@@ -147,6 +151,7 @@ class BenchNode:
             Work.DEVICES, self.plugin.call, "Allocate", req, ALLOCATE_TIMEOUT
         )
         (answer,) = resp.container_responses
+        self.kubelet.hold(pod, self.RESOURCE, device)
         return answer
 
     def rss_mb(self) -> float:

@@ -177,7 +177,7 @@ async def measure(work: Path, allocations: int, rounds: int, sessions: int,
         # the same program attached by bare libbpf calls.
         for dev in fresh:
             t0 = time.perf_counter()
-            await node.allocate(dev)
+            await node.allocate(dev, f"bench-{tag}-{dev}")
             out.allocate_ms.append((time.perf_counter() - t0) * 1000)
             out.raw_attach_ms.append(await run_sync(Work.DEVICES, raw_attach_ms, raw_dev))
         bench = Bench(stack, node, work, tag, out)
@@ -206,8 +206,7 @@ async def cni(b: Bench, rounds: int, devs: tuple[str, str, str]) -> None:
     stack.push_async_callback(run_program, ["ip", "netns", "del", netns], timeout=10)
     bin_dir = work / "cni-bin"
     shim.install(bin_dir, [node.run_dir])
-    await node.allocate(cni_dev)
-    node.kubelet.hold(pod, node.RESOURCE, cni_dev)
+    await node.allocate(cni_dev, pod)
     ours = {"cniVersion": "1.0.0", "name": "afxdp-bench", "type": shim.NAME, "mode": "primary",
             "deviceID": cni_dev, "ipam": ipam(work, "10.91.1")}  # fmt: skip
     hd = {"cniVersion": "1.0.0", "name": "hostdev-bench", "type": "host-device",
@@ -227,8 +226,7 @@ async def cni(b: Bench, rounds: int, devs: tuple[str, str, str]) -> None:
 async def handshake(b: Bench, device: str, sessions: int) -> None:
     stack, node, work, tag, out = b.stack, b.node, b.work, b.tag, b.out
     pod = f"bench-{tag}-uds"
-    answer = await node.allocate(device)
-    node.kubelet.hold(pod, node.RESOURCE, device)
+    answer = await node.allocate(device, pod)
     sock = host_socket(answer, device)
     echo_path = work / "echo.sock"
     echo = await anyio.open_process([sys.executable, str(HERE / "seqpacket_echo.py"), str(echo_path)],

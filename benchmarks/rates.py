@@ -13,11 +13,12 @@ Python AF_XDP client (afxdp.xsk), then with a kernel UDP socket. The sender is
 pinned to one CPU and the receiver to the other. A receive rate is reported
 only where the sender outran the receiver: the receiver's own queue dropped
 frames in the window (else the figure would measure the sender), and the rate
-is below the offered rate (else the measurement is wrong).
+is below the rate offered in that same window (else the measurement is wrong).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -83,6 +84,20 @@ async def host_device_per_s(work: Path, pods: int, concurrency: int) -> float:
             await run_program(["ip", "link", "del", dev], timeout=10, work=Work.NETLINK)
 
 
+def offered_at(progress: list[tuple[float, int]], t: float) -> float:
+    """Frames the sender had offered at time ``t`` (CLOCK_MONOTONIC), from its
+    (time, frames so far) stamps, linear between two; the receiver's window is
+    compared with what was offered in that same window, not with the sender's
+    whole run (its rate varies: the whole run's average once fell below what
+    the receiver got in its window)."""
+    if not progress or not progress[0][0] <= t <= progress[-1][0]:
+        raise BenchError(f"the sender's stamps do not cover {t:.3f}: the windows do not overlap")
+    for (t0, n0), (t1, n1) in itertools.pairwise(progress):
+        if t0 <= t <= t1:
+            return n0 + (n1 - n0) * ((t - t0) / (t1 - t0) if t1 > t0 else 0.0)
+    return float(progress[-1][1])
+
+
 def _ip(*args: str) -> str:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
 
@@ -133,9 +148,12 @@ def rx_rates(tmp: Path, seconds: float) -> dict[str, Any]:
             finally:
                 rx.kill()
                 rx.wait()
-            offered, sending_s = sent.stdout.split()
+            progress = [(float(t), int(n)) for _, t, n in
+                        (ln.split() for ln in sent.stdout.splitlines() if ln.startswith("at "))]  # fmt: skip
+            start, end = got["start"], got["start"] + got["seconds"]
+            offered = offered_at(progress, end) - offered_at(progress, start)
             results[mode] = {"pps": got["frames"] / got["seconds"], "dropped": got["dropped"],
-                             "sender_pps": int(offered) / float(sending_s)}  # fmt: skip
+                             "sender_pps": offered / got["seconds"]}  # fmt: skip
     finally:
         for ns in (pod, peer):
             subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -59,6 +59,6 @@ async def measure(work: Path, devices: int, out: ScaleRun) -> None:
         out.rss_ready_mb = node.rss_mb()
         for dev in names[:UDS_SERVERS]:
             t0 = time.perf_counter()
-            await node.allocate(dev)
+            await node.allocate(dev, f"bench-{tag}-{dev}")
             out.allocate_ms.append((time.perf_counter() - t0) * 1000)
         out.rss_mb = node.rss_mb()

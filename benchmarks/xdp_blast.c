@@ -3,7 +3,10 @@
 // Ethernet/IPv4/UDP frame, so the kernel sends it out of IFNAME by the
 // driver's ndo_xdp_xmit: no socket, no skb, far faster than AF_PACKET. On a
 // veth the frame lands straight in the peer's XDP receive path.
-// usage: xdp_blast IFNAME DST_MAC SRC_IP DST_IP PORT SECONDS; prints frames offered.
+// usage: xdp_blast IFNAME DST_MAC SRC_IP DST_IP PORT SECONDS
+// Prints, after each batch, "at <CLOCK_MONOTONIC seconds> <frames offered so
+// far>" (so the offered rate can be read over the receiver's own window, on
+// the same clock), then "<frames offered> <seconds>".
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <bpf/bpf.h>
@@ -83,6 +86,7 @@ int main(int argc, char **argv)
 		    .flags = BPF_F_TEST_XDP_LIVE_FRAMES);
 	struct timespec start;
 	clock_gettime(CLOCK_MONOTONIC, &start);
+	printf("at %.6f 0\n", start.tv_sec + start.tv_nsec / 1e9);
 	double limit = atof(argv[6]);
 	long sent = 0;
 	while (since(&start) < limit) {
@@ -91,6 +95,9 @@ int main(int argc, char **argv)
 			return 1;
 		}
 		sent += REPEAT;
+		struct timespec now;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		printf("at %.6f %ld\n", now.tv_sec + now.tv_nsec / 1e9, sent);
 	}
 	printf("%ld %.6f\n", sent, since(&start));
 	return 0;

@@ -1,9 +1,11 @@
 """Receiver side of the RX benchmark, run inside the pod netns.
 
 usage: xsk_rx.py xsk|kernel MAP_PATH NETDEV PORT SECONDS
-Prints {"frames": N, "seconds": T, "dropped": D} counted from the first frame
-on, where D is what reached this receiver's queue and found it full during the
-same window: the proof that the sender outran the receiver. For the AF_XDP
+Prints {"frames": N, "seconds": T, "start": S, "dropped": D} counted from the
+first frame on (S: the window's start on CLOCK_MONOTONIC, the clock the sender
+stamps its progress with), where D is what reached this receiver's queue and
+found it full during the same window: the proof that the sender outran the
+receiver. For the AF_XDP
 socket that is its own XDP_STATISTICS (rx ring full, no fill buffer); for the
 UDP socket, the netns's Udp RcvbufErrors.
 """
@@ -63,7 +65,8 @@ def main() -> None:
             except TimeoutError:
                 pass
     seconds_taken, drops = time.monotonic() - start, dropped() - before
-    print(json.dumps({"frames": frames, "seconds": seconds_taken, "dropped": drops}), flush=True)
+    print(json.dumps({"frames": frames, "seconds": seconds_taken, "start": start,
+                      "dropped": drops}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
