@@ -941,3 +941,29 @@ async def test_forgetting_a_secondary_that_cannot_be_deleted_says_so_and_forgets
             "enssf1: deleting the secondary device failed: devlink: enssf1 is busy (fake)"
         ]
         assert n.datapath.log == ["unpin enssf1"] and n.record() == {}
+
+
+async def test_a_program_left_for_a_swap_that_never_came_is_detached_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    async with node(tmp_path) as n:
+        await n.handouts.start(_pool("a", "b"), ["a", "b"])
+        # Both allocations end; a's fresh program is swapped in, b's never is
+        # (afxdpd stops first): b must not keep the pod's program for nobody.
+        assert await n.handouts.release("a", swap=True)
+        assert await n.handouts.release("b", swap=True)
+        assert n.datapath.stale.keys() == {"a", "b"}  # left attached for their swaps
+        await n.handouts.prepare(_pool("a", "b"), PoolDevice("a"))
+        n.datapath.log.clear()
+        await n.handouts.shutdown()
+        assert n.datapath.log == ["detach a", "detach_stale b"]
+        assert n.datapath.stale == {} and n.handouts.swap_pending == set()
+
+
+async def test_a_release_while_stopping_detaches_at_once(tmp_path: Path) -> None:
+    async with node(tmp_path) as n:
+        await n.handouts.start(_pool("a"), ["a"])
+        n.handouts.closing = True  # nothing will be prepared any more
+        assert await n.handouts.release("a", swap=True)
+        assert n.datapath.log[-2:] == ["close a", "detach a"]
+        assert n.datapath.stale == {} and n.handouts.swap_pending == set()

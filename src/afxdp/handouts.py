@@ -126,6 +126,9 @@ class Handouts:
         # Devices whose pod's DEL said skipUnloadBpf: their program stays when
         # the allocation ends (it is replaced at the next Allocate).
         self.keep_xdp: set[str] = set()
+        # Free devices whose last pod's program was left attached for a fresh
+        # one to take its place (``release`` with ``swap``), not replaced yet.
+        self.swap_pending: set[str] = set()
 
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
@@ -241,10 +244,12 @@ class Handouts:
         Never one a pod of an allocation has a map fd for (those are handed out)."""
         if not loads_program(cfg):
             stale = await run_sync(work, self.datapath.detach_stale, device)
+            self.swap_pending.discard(device)
             if stale is not None:
                 log.info("%s: detached program %d left over", device, stale)
             return None
         program = await run_sync(work, self.datapath.attach, device)
+        self.swap_pending.discard(device)
         if program.replaced is not None:
             log.info("%s: replaced program %d with a fresh one", device, program.replaced)
         return program
@@ -269,17 +274,22 @@ class Handouts:
         return None
 
     async def unprepare(self, device: str) -> None:
-        """Detach a prepared program (its device left the pool, or we stop)."""
+        """Detach a prepared program (its device left the pool, or we stop), or
+        the last pod's, left for a swap that will now not come."""
         async with self._device_lock(device):
             program = self.prepared.pop(device, None)
-            if program is not None:
-                try:
+            try:
+                if program is not None:
                     await run_sync(Work.DEVICES, program.detach)
-                except AfxdpError as exc:
-                    log.error("%s: detaching the prepared program failed: %s", device, exc)
+                elif device in self.swap_pending:
+                    await run_sync(Work.DEVICES, self.datapath.detach_stale, device)
+            except AfxdpError as exc:
+                log.error("%s: detaching the prepared program failed: %s", device, exc)
+            self.swap_pending.discard(device)
 
     def forget_prepared(self, device: str) -> None:
         """The device's link is gone, and the prepared program with it."""
+        self.swap_pending.discard(device)
         program = self.prepared.pop(device, None)
         if program is not None:
             program.abandon()
@@ -345,8 +355,11 @@ class Handouts:
         handout = self.handouts.pop(device, None)
         if handout is None:
             return False
+        swap = swap and not self.closing
+        if swap:
+            self.swap_pending.add(device)
         with anyio.CancelScope(shield=True):
-            await self._tear_down(handout, keep_xdp or (swap and not self.closing))
+            await self._tear_down(handout, keep_xdp or swap)
             await self.store.remove(device)
         log.info("%s: released", device)
         return True
@@ -355,10 +368,11 @@ class Handouts:
         """Stop serving, and touch nothing else: every allocation keeps its
         program, map and pin, and the durable record says how to take it over,
         so pods keep receiving while afxdpd restarts (only new handshakes wait).
-        Free devices' prepared programs are detached: nobody uses them."""
+        Free devices' prepared programs are detached (nobody uses them), and
+        so are ended pods' programs still waiting for their swap."""
         self.closing = True
         # Each device's lock: a preparation under way finishes first, then goes.
-        for device in list(self._locks):
+        for device in [*self._locks, *sorted(self.swap_pending - self._locks.keys())]:
             await self.unprepare(device)
         for handout in self.handouts.values():
             await _stop_serving(handout, keep_dir=True)
@@ -373,11 +387,11 @@ class Handouts:
 def _background(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
     """How a log names background work: its function and arguments, each a
     pool or device by its name (a Pool's repr lists every device: a thousand)."""
-    shown = []
-    for arg in args:
-        name = getattr(arg, "name", None) if isinstance(arg, Pool) else None
-        name = name or (getattr(arg, "id", None) if isinstance(arg, PoolDevice) else None)
-        shown.append(repr(name) if name else reprlib.repr(arg))
+    shown = [
+        repr(a.name) if isinstance(a, Pool) else repr(a.id) if isinstance(a, PoolDevice)
+        else reprlib.repr(a)
+        for a in args
+    ]  # fmt: skip
     return f"background work {getattr(fn, '__qualname__', fn)}({', '.join(shown)})"
 
 
