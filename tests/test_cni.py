@@ -451,6 +451,7 @@ def test_link_flags_and_mac_are_read_by_ioctl_in_the_callers_netns(lab: Lab) -> 
     assert link.mac(dev) == json.loads(ip("-j", "link", "show", dev))[0]["address"]
     # A cut name would be another link's: none; and no link is no link.
     assert link.admin_up(dev + "x" * 16) is None and link.admin_up("nosuchlinkq") is None
+    assert link.admin_up(dev + "\0junk") is None  # the kernel would stop at the NUL
     with pytest.raises(LookupError):
         link.mac("nosuchlinkq")
     ns = lab.netns("lkn")

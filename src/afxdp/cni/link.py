@@ -72,7 +72,7 @@ def _ifreq(name: str, request: int) -> bytes | None:
     netlink: no netlink socket to open and no message to parse, on the paths
     the CNI runtime waits on (a pyroute2 request costs about a millisecond)."""
     raw = name.encode()
-    if not raw or len(raw) >= _IFNAMSIZ:
+    if not raw or len(raw) >= _IFNAMSIZ or b"\0" in raw:
         return None  # the kernel would read a cut name: another link's, maybe
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
