@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
+import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +27,7 @@ def _restore_logging() -> Iterator[None]:
     saved = root.handlers[:], root.level
     own = {n: logging.getLogger(n).level for n in logsetup.OWN_LOGGERS}
     yield
+    logsetup.stop()
     for h in root.handlers:
         if h not in saved[0]:
             h.close()
@@ -32,8 +37,7 @@ def _restore_logging() -> Iterator[None]:
 
 
 def _lines(path: Path) -> list[str]:
-    for h in logging.getLogger().handlers:
-        h.flush()
+    logsetup.flush()  # written by the writer thread
     return path.read_text().splitlines()
 
 
@@ -77,11 +81,73 @@ def test_a_rotated_log_file_is_reopened(tmp_path: Path) -> None:
     logsetup.setup("info", "dp.log", tmp_path)
     log = logging.getLogger("afxdp.test")
     log.info("before rotation")
+    logsetup.flush()  # written (by the writer thread) before the rotator moves the file
     (tmp_path / "dp.log").rename(tmp_path / "dp.log.1")
     log.info("after rotation")
     assert _lines(tmp_path / "dp.log") == [_lines(tmp_path / "dp.log")[0]]
     assert "after rotation" in _lines(tmp_path / "dp.log")[0]
     assert "after rotation" not in (tmp_path / "dp.log.1").read_text()
+
+
+def test_records_are_written_by_a_thread_and_none_is_lost_at_exit(tmp_path: Path) -> None:
+    # stderr is a pipe the container runtime may stop reading: its write must
+    # block the writer thread, not the event loop. A child that logs and exits
+    # at once (no flush of its own) still writes everything.
+    script = textwrap.dedent(f"""
+        import logging, threading
+        from pathlib import Path
+        from afxdp import logsetup
+        logsetup.setup("info", "dp.log", Path({str(tmp_path)!r}))
+        log = logging.getLogger("afxdp.test")
+        for i in range(2000):
+            log.info("line %d", i)
+        writers = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+        print(len(writers))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=ENV, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.strip() == "1"  # the writer thread
+    lines = (tmp_path / "dp.log").read_text().splitlines()
+    assert [ln.rsplit(" ", 1)[1] for ln in lines] == [str(i) for i in range(2000)]
+    assert len(done.stderr.splitlines()) == 2000
+
+
+def test_a_blocked_stderr_does_not_block_the_caller() -> None:
+    r, w = os.pipe()
+    saved = os.dup(2)
+    os.dup2(w, 2)  # stderr: a pipe nobody reads yet (64 KiB fill it)
+    os.close(w)
+    logsetup.setup("info")
+    log = logging.getLogger("afxdp.test")
+
+    def caller() -> None:  # the event loop, say: 500 KB of log lines
+        for i in range(5000):
+            log.info("a line long enough to fill the pipe quickly: %d %s", i, "x" * 60)
+
+    calling = threading.Thread(target=caller)
+    try:
+        calling.start()
+        calling.join(5.0)
+        blocked = calling.is_alive()
+    finally:
+        os.dup2(saved, 2)  # a write in progress still holds the pipe
+        os.close(saved)
+        reader = threading.Thread(target=_drained, args=(r, 30.0))
+        reader.start()  # read at last: whoever waited on the pipe finishes
+        calling.join()
+        logsetup.stop()
+        reader.join()
+        os.close(r)
+    assert not blocked  # the caller never waited for the pipe
+
+
+def _drained(fd: int, timeout: float) -> bool:
+    """Read ``fd`` until its writers are gone (True) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([fd], [], [], left)[0] and not os.read(fd, 1 << 16):
+            return True
+    return False
 
 
 def test_afxdpd_says_why_its_log_file_cannot_be_opened(tmp_path: Path) -> None:

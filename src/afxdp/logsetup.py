@@ -4,14 +4,23 @@ The config's level applies to afxdp's own loggers only: at ``debug`` the root
 logger would let pyroute2 and hpack flood the log (74 of 80 lines once), so
 third-party loggers stay at WARNING. The file is reopened when a log rotator
 moves it away (WatchedFileHandler), so rotation never loses lines.
+
+Records are written by a thread of their own (a QueueListener): a write to
+stderr blocks while the container runtime does not read its pipe, and the
+file handler stats its path before every line; neither may stall the event
+loop that serves kubelet, the CNI and every pod's socket. A record's message
+and traceback are made when it is logged; what is queued is written at exit.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
 import json
 import logging
 import logging.handlers
 import os
+import queue
 from pathlib import Path
 from typing import Literal
 
@@ -41,9 +50,31 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            doc["exc_info"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exc_info"] = record.exc_text
         return json.dumps(doc, ensure_ascii=False)
+
+
+class _Handoff(logging.handlers.QueueHandler):
+    """Queues a record for the writer thread with its message and traceback
+    already made (its arguments may change once the call returns, and the
+    traceback's frames go away), but not yet formatted: each handler formats
+    it its own way."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_TRACEBACKS = logging.Formatter()
+# The writer thread running now (setup's), with its queue: at most one.
+_writers: list[tuple[logging.handlers.QueueListener, queue.Queue[logging.LogRecord]]] = []
 
 
 def setup(
@@ -68,6 +99,27 @@ def setup(
     formatter = JsonFormatter() if fmt == "json" else logging.Formatter(_FORMAT)
     for handler in handlers:
         handler.setFormatter(formatter)
-    logging.basicConfig(level=THIRD_PARTY_LEVEL, handlers=handlers, force=True)
+    stop()
+    records: queue.Queue[logging.LogRecord] = queue.Queue()
+    writer = logging.handlers.QueueListener(records, *handlers)
+    writer.start()
+    _writers.append((writer, records))
+    logging.basicConfig(level=THIRD_PARTY_LEVEL, handlers=[_Handoff(records)], force=True)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(LEVELS.get(level, logging.INFO))
+
+
+def flush() -> None:
+    """Return once every record logged so far is written."""
+    for _writer, records in _writers:
+        records.join()
+
+
+@atexit.register
+def stop() -> None:
+    """Write what is queued, end the writer thread and close its handlers."""
+    while _writers:
+        writer, _records = _writers.pop()
+        writer.stop()
+        for handler in writer.handlers:
+            handler.close()
