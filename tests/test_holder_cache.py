@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from afxdp.podresources import PodResourcesChecker
+from afxdp.podresources import FIRST_ASK, PodResourcesChecker
 from afxdp.uds.client import HandshakeError, UdsClient
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet
@@ -68,5 +68,33 @@ async def test_prefetches_that_overlap_share_one_pod_resources_call(tmp_path: Pa
         # Each wait (50, 100, 200 ms) asked kubelet about once for all 20, not 20 times.
         assert 2 <= kubelet.list_calls <= 8, kubelet.list_calls  # 60 without sharing
         assert checker._holders == {("afxdp/p", "dev7"): frozenset({"pod-a"})}
+    finally:
+        kubelet.stop()
+
+
+async def test_a_burst_of_allocates_asks_kubelet_every_50_ms_not_once_per_pod(
+    tmp_path: Path,
+) -> None:
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_pod_resources()
+    try:
+        checker = PodResourcesChecker(tmp_path / "kubelet" / "pod-resources" / "kubelet.sock")
+        devices = [f"dev{i}" for i in range(40)]
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                began = anyio.current_time()
+                for dev in devices:  # kubelet Allocates one pod after another, 5 ms apart
+                    tg.start_soon(checker.prefetch, "afxdp/p", dev)
+                    await anyio.sleep(0.005)
+                    kubelet.hold(f"pod-{dev}", "afxdp/p", dev)  # ... and admits each
+                burst = anyio.current_time() - began
+        assert {d: checker._holders.get(("afxdp/p", d)) for d in devices} == {
+            d: frozenset({f"pod-{d}"}) for d in devices
+        }
+        # About one List per 50 ms of the burst (200 ms, more on a busy machine),
+        # not one per pod (40 before).
+        lists = kubelet.list_calls
+        assert lists <= burst / FIRST_ASK + 3 and lists < len(devices) / 2, (lists, burst)
+        assert checker._waiting == {} and not checker._asking
     finally:
         kubelet.stop()

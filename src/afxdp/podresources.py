@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 TIMEOUT = 2.5  # per attempt
 ATTEMPTS = 2
 PREFETCH_FOR = 10.0  # how long after Allocate to keep asking who holds the device
+FIRST_ASK = 0.05  # the first List after an Allocate (kubelet lists the pod right after it)
+SLOWEST_ASK = 1.0  # the longest wait between two Lists while devices wait
 
 
 class PodResourcesChecker:
@@ -36,7 +38,10 @@ class PodResourcesChecker:
         # that no longer holds the device.
         self._holders: dict[tuple[str, str], frozenset[str]] = {}
         self.lookups = 0  # live PodResources calls (status, tests)
-        self._prefetching: anyio.Event | None = None  # a prefetch's List under way
+        # Devices whose holder a prefetch waits for: (resource, device) -> (when
+        # it began, when to give up). One task asks for all of them (_asking).
+        self._waiting: dict[tuple[str, str], tuple[float, float]] = {}
+        self._asking = False
 
     async def list_pods(self) -> api_pb2.ListPodResourcesResponse:
         channel = Channel(path=str(self.socket_path))
@@ -73,33 +78,37 @@ class PodResourcesChecker:
     def forget(self, device: str) -> None:
         """The allocation of ``device`` ended: vouch for no pod of it any more."""
         self._holders = {k: v for k, v in self._holders.items() if k[1] != device}
+        self._waiting = {k: v for k, v in self._waiting.items() if k[1] != device}
 
     async def prefetch(self, resource: str, device: str, deadline: float = PREFETCH_FOR) -> None:
         """Learn who holds ``device`` before its pod connects: kubelet lists a pod
-        once it is admitted, right after Allocate. Gives up quietly at ``deadline``."""
-        delay = 0.05
-        with anyio.move_on_after(deadline):
-            while (resource, device) not in self._holders:
-                # First wait: kubelet lists the pod only once it has Allocate's
-                # answer, which must not queue behind this call on the loop.
-                await anyio.sleep(delay)
-                await self._prefetch_once()
-                delay = min(delay * 2, 1.0)
+        once it is admitted, right after Allocate. Gives up quietly at ``deadline``.
 
-    async def _prefetch_once(self) -> None:
-        """One List for all the prefetches that ask while it is under way: pods
-        starting together (a Deployment scaled up) would otherwise each ask
-        kubelet every second. Live lookups never join one: a List that began
-        before their pod was admitted could not vouch for it."""
-        if self._prefetching is not None:
-            await self._prefetching.wait()
+        One task asks for every device that waits (the first prefetch's; later
+        ones join its wait and return): a List FIRST_ASK after the latest
+        Allocate, then less often as the wait grows (doubling, up to
+        SLOWEST_ASK). A burst of Allocates (a Deployment scaled up) asks kubelet
+        at most every FIRST_ASK, not once per pod: each List parses every pod
+        of the node, on the event loop that serves the next Allocate."""
+        key = (resource, device)
+        if key in self._holders:
             return
-        self._prefetching = done = anyio.Event()
+        now = anyio.current_time()
+        self._waiting[key] = (now, now + deadline)
+        if self._asking:
+            return
+        self._asking = True
         try:
-            await self._pods()
+            while self._waiting:
+                newest = max(began for began, _ in self._waiting.values())
+                wait = anyio.current_time() - newest  # as long again as waited so far
+                await anyio.sleep(min(max(wait, FIRST_ASK), SLOWEST_ASK))
+                await self._pods()
+                now = anyio.current_time()
+                self._waiting = {k: (began, end) for k, (began, end) in self._waiting.items()
+                                 if k not in self._holders and end > now}  # fmt: skip
         finally:
-            self._prefetching = None
-            done.set()
+            self._asking = False
 
     async def held(self) -> dict[str, set[str]] | None:
         """Device IDs that pods hold, by resource; None when kubelet cannot say."""
