@@ -48,13 +48,23 @@ async def veths(stack: AsyncExitStack, devices: list[str], wire_ns: str) -> None
     """One veth per device, up, its peer in ``wire_ns``; deleting that netns
     (on exit, failure or not) takes every pair with it in one batch."""
     await ip_batch([f"netns add {wire_ns}"])
-    stack.push_async_callback(_quietly_del_netns, wire_ns)
+    stack.push_async_callback(_remove_pairs, wire_ns, devices)
     lines = []
     for i, dev in enumerate(devices):
         lines.append(f"link add {dev} type veth peer name w{i} netns {wire_ns}")
         lines.append(f"link set {dev} up")
     await ip_batch(lines)
     await ip_batch([f"link set w{i} up" for i in range(len(devices))], wire_ns)
+
+
+async def _remove_pairs(wire_ns: str, devices: list[str]) -> None:
+    """Delete ``wire_ns`` and wait until the kernel has destroyed the pairs: it
+    does so after the deletion returns, in a worker holding rtnl (seconds for
+    a thousand), and the next figure must not be measured beside that."""
+    await _quietly_del_netns(wire_ns)
+    with anyio.move_on_after(STOP_TIMEOUT * 6):
+        while set(devices) & set(os.listdir("/sys/class/net")):
+            await anyio.sleep(0.05)
 
 
 async def _quietly_del_netns(name: str) -> None:
