@@ -97,7 +97,7 @@ def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab
         assert [r.resource_name for r in regs] == ["afxdp/demo"]
         environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
         assert b"PYTHONMALLOC=malloc" in environ, "afxdpd picks glibc's malloc (cli/heap.py)"
-        assert b"MALLOC_ARENA_MAX=2" in environ
+        assert b"MALLOC_ARENA_MAX=1" in environ
         deadline = time.monotonic() + 10
         while not (run_dir / "control.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
