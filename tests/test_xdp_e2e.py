@@ -317,3 +317,27 @@ def test_attach_and_detach_on_a_link_in_another_netns(lab: Lab) -> None:
     finally:
         att.detach()
     assert xdp_prog_id("in0", ns) is None
+
+
+def test_replace_ours_on_a_kernel_without_xdp_flags_replace_detaches_then_attaches(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = libbpf.xdp_attach
+
+    def before_5_7(
+        ifindex: int, prog_fd: int, flags: libbpf.XdpFlags, replacing_fd: int | None = None
+    ) -> None:
+        if replacing_fd is not None:  # FAKE of a 5.4-5.6 kernel: the flag is unknown
+            raise BpfError("bpf_xdp_attach", errno.EINVAL)
+        real(ifindex, prog_fd, flags)
+
+    monkeypatch.setattr("afxdp.bpf.xdp.xdp_attach", before_5_7)
+    dev, _ = lab.veth(lab.name("xo"), lab.name("xp"))
+    old = XdpAttachment.attach(dev)
+    old.abandon()
+    new = XdpAttachment.attach(dev, replace_ours=True)
+    try:
+        assert new.replaced == old.prog_id and new.mode is AttachMode.NATIVE
+        assert libbpf.xdp_query_id(new.ifindex) == new.prog_id != old.prog_id
+    finally:
+        new.detach()

@@ -182,7 +182,8 @@ class BpfObject:
 
 def _expecting(flags: XdpFlags, prog_fd: int | None) -> tuple[XdpFlags, Any]:
     """``flags`` and opts that make the kernel act only if ``prog_fd`` is the
-    program attached now (XDP_FLAGS_REPLACE; EEXIST otherwise)."""
+    program attached now (XDP_FLAGS_REPLACE; EEXIST otherwise; kernels before
+    5.7 refuse the flag with EINVAL)."""
     if prog_fd is None:
         return flags, None
     opts = _XdpAttachOpts(ctypes.sizeof(_XdpAttachOpts), prog_fd)

@@ -87,6 +87,14 @@ def _attach_here(
         old_fd = libbpf.prog_fd(old_id)
         try:
             xdp_attach(ifindex, prog_fd, mode.flag, replacing_fd=old_fd)
+        except BpfError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Kernels before 5.7 know no XDP_FLAGS_REPLACE: ours goes, then
+            # the fresh one comes (two changes; someone else's in between is
+            # refused by UPDATE_IF_NOEXIST).
+            xdp_detach(ifindex, mode.flag)
+            xdp_attach(ifindex, prog_fd, XdpFlags.UPDATE_IF_NOEXIST | mode.flag)
         finally:
             os.close(old_fd)
         return ifindex, mode, xdp_query_id(ifindex, mode.flag), old_id
