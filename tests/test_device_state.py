@@ -655,6 +655,37 @@ async def test_an_allocation_ending_in_a_pool_reloaded_as_raw_detaches_its_progr
         assert n.devices.handouts.prepared == {}
 
 
+async def test_a_swap_still_pending_when_the_pool_turns_raw_detaches_the_last_pods_program(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        n.datapath.fail_attach.add("a")  # the fresh program cannot be made: no swap yet
+        assert await n.devices.reconcile(grace=0.0) == ["a"]
+        await n.settle()
+        assert n.datapath.stale.keys() == {"a"} and n.devices.handouts.swap_pending == {"a"}
+        n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])
+        await n.settle()
+        # No swap will ever come for a raw pool: the last pod's program goes.
+        assert n.datapath.stale == {} and n.devices.handouts.swap_pending == set()
+        assert "detach_stale a" in n.datapath.log
+
+
+async def test_a_program_prepared_before_the_pool_turned_raw_is_not_handed_out(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        n.devices.prepare_all()
+        await n.settle()
+        assert "a" in n.devices.handouts.prepared
+        n.datapath.log.clear()
+        n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])
+        [handout] = await n.devices.allocate("p", ["a"])  # before anything settled
+        await n.settle()
+        assert handout.xdp is None and handout.uds is None
+        assert n.devices.handouts.prepared == {} and n.datapath.log == ["detach a"]
+
+
 async def test_a_dropped_device_the_config_takes_back_before_its_allocation_ends_stays(
     tmp_path: Path,
 ) -> None:

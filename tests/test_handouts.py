@@ -967,3 +967,17 @@ async def test_a_release_while_stopping_detaches_at_once(tmp_path: Path) -> None
         assert await n.handouts.release("a", swap=True)
         assert n.datapath.log[-2:] == ["close a", "detach a"]
         assert n.datapath.stale == {} and n.handouts.swap_pending == set()
+
+
+async def test_a_stale_prepare_never_touches_a_device_a_pod_holds(tmp_path: Path) -> None:
+    # A reload gives free devices new PoolDevice objects; a prepare queued with
+    # the old one (never marked allocated) runs after an Allocate took the device.
+    async with node(tmp_path) as n:
+        pool = _pool("a")
+        (handout,) = await n.handouts.start(pool, ["a"])
+        n.datapath.log.clear()
+        assert await n.handouts.prepare(pool, PoolDevice("a")) is None
+        n.handouts.swap_pending.add("a")  # whatever the bookkeeping says
+        await n.handouts.unprepare("a")
+        assert n.datapath.log == [] and n.handouts.prepared == {}
+        assert handout.xdp is not None and n.datapath.stale == {}

@@ -224,16 +224,21 @@ class Devices:
             self.changes[pool.name].bump()
 
     def prepare_all(self) -> None:
-        """Prepare every free device (at start, after a reload), in the background."""
-        pooled = set()
+        """Prepare every free device (at start, after a reload), in the background;
+        detach what a device no longer needs: a prepared program, or the last
+        pod's left for a swap, of a device no pool takes or whose pool is
+        draining or hands out raw netdevs now."""
+        loading = set()
         for pool in self.pools.values():
             if pool.name in self.draining:
                 continue
             for dev in pool.devices.values():
-                pooled.add(dev.id)
+                if loads_program(pool.config):
+                    loading.add(dev.id)
                 if not dev.allocated and dev.healthy:
                     self.handouts.spawn(self._prepare, pool, dev)
-        for device in set(self.handouts.prepared) - pooled:  # no pool takes it any more
+        ours = set(self.handouts.prepared) | self.handouts.swap_pending
+        for device in sorted(ours - loading):
             self.handouts.spawn(self.handouts.unprepare, device)
 
     async def came_home(self, device: str, keep_xdp: bool) -> None:

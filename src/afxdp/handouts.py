@@ -129,10 +129,14 @@ class Handouts:
         # Free devices whose last pod's program was left attached for a fresh
         # one to take its place (``release`` with ``swap``), not replaced yet.
         self.swap_pending: set[str] = set()
+        # Devices an Allocate is setting up (not in ``handouts`` yet): like
+        # handed-out ones, never prepared nor unprepared under it.
+        self._starting: set[str] = set()
 
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
         done: list[Handout] = []
+        self._starting.update(ids)
         try:
             for dev_id in ids:
                 handout = Handout(pool.name, dev_id)
@@ -151,6 +155,8 @@ class Handouts:
             if isinstance(exc, AfxdpError | OSError):
                 raise DeviceError(f"{done[-1].device}: {exc}") from exc
             raise
+        finally:
+            self._starting.difference_update(ids)
         for handout in done:
             self.handouts[handout.device] = handout
         return done
@@ -222,7 +228,13 @@ class Handouts:
         async with self._device_lock(dev.id):
             # A program attached ahead of time (``prepare``) is the one to hand out:
             # Allocate then does not wait for the kernel's RCU grace periods.
-            handout.xdp = self.prepared.pop(dev.id, None) or await self._fresh(cfg, dev.id)
+            program = self.prepared.pop(dev.id, None)
+            if program is not None and not loads_program(cfg):
+                await run_sync(Work.DEVICES, program.detach)  # prepared before a reload made it raw
+                program = None
+            if program is not None:
+                self.swap_pending.discard(dev.id)  # it took the last pod's place
+            handout.xdp = program or await self._fresh(cfg, dev.id)
         if handout.xdp is None:
             return  # the pool hands out raw netdevs: nothing is loaded
         pod_dir = str(contracts.pod_device_dir(dev.id))
@@ -263,7 +275,9 @@ class Handouts:
         # devices waiting to be prepared must neither hold up Allocate's threads
         # nor sit on the locks of devices Allocate wants.
         async with self._preparing, self._device_lock(dev.id):
-            if self.closing or dev.allocated or dev.id in self.prepared:
+            # ``dev`` may be a reload's stale copy (never marked allocated): what
+            # is handed out is asked here, so a pod's program is never replaced.
+            if self.closing or dev.allocated or self._taken(dev.id) or dev.id in self.prepared:
                 return None
             try:
                 program = await self._fresh(pool.config, dev.id, Work.PREPARE)
@@ -277,6 +291,8 @@ class Handouts:
         """Detach a prepared program (its device left the pool, or we stop), or
         the last pod's, left for a swap that will now not come."""
         async with self._device_lock(device):
+            if self._taken(device):
+                return  # a pod's now: its program is not ours to detach
             program = self.prepared.pop(device, None)
             try:
                 if program is not None:
@@ -293,6 +309,10 @@ class Handouts:
         program = self.prepared.pop(device, None)
         if program is not None:
             program.abandon()
+
+    def _taken(self, device: str) -> bool:
+        """Whether ``device`` is handed out, or an Allocate is setting it up."""
+        return device in self.handouts or device in self._starting
 
     def _device_lock(self, device: str) -> anyio.Lock:
         return self._locks.setdefault(device, anyio.Lock())
