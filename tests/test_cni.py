@@ -4,6 +4,7 @@ host-local IPAM from containernetworking-plugins."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from afxdp.bpf import libbpf
 from afxdp.bpf.xdp import XdpAttachment
@@ -475,3 +477,23 @@ def test_link_setup_applies_ipam_addresses_and_routes_and_answers_the_mac(lab: L
     ]
     shown = json.loads(ip("-j", "route", "show", "10.254.0.0/16", netns=ns))
     assert [(r["dst"], r.get("gateway")) for r in shown] == [("10.254.0.0/16", "10.253.7.1")]
+
+
+async def test_a_move_whose_link_up_fails_is_undone_and_the_device_comes_home(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnup")
+    real_move = link.move
+
+    def up_fails(name: str, netns: Path, up: bool = False) -> None:
+        real_move(name, netns)  # the kernel moves first ...
+        raise NetlinkError(errno.EIO, "the driver could not open it (FAKE)")  # ... then ndo_open
+
+    async with running(node):
+        await node.allocate(dev)
+        monkeypatch.setattr(link, "move", up_fails)
+        code, out, _ = await node.cni("ADD", node.netconf(dev), netns=f"/run/netns/{ns}")
+        assert code == 1 and out["code"] == 5, out
+        assert host_has(dev) and pod_link(ns, dev) is None  # home again, not left in the pod
+        assert node.leases() == set()

@@ -325,8 +325,11 @@ class CniHandler:
                 await _in(None, link.move, dev, Path(netns), True)
             except (NetlinkError, LookupError):
                 # Refused (a link of that name in the pod, ...): it did not move, and
-                # the undo must not move the pod's own link of that name out.
-                await self._note(key, moved=False)
+                # the undo must not move the pod's own link of that name out. But
+                # the kernel moves first and sets the link up after: when only that
+                # failed, the device is in the pod and the undo brings it home.
+                if await _in(None, link.admin_up, dev) is not None:
+                    await self._note(key, moved=False)
                 raise
 
         if any("-ip-" in cmd for cmd in cmds):  # ethtool needs IPAM's address first
