@@ -4,6 +4,8 @@ service against the grpcio kubelet double, on real veth pairs."""
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -86,11 +88,14 @@ async def test_lost_netlink_events_are_recovered_by_rereading_link_health(
 
 @asynccontextmanager
 async def watching(
-    deliver: Callable[[LinkEvent], None], resync: Callable[[], Awaitable[None]]
+    deliver: Callable[[LinkEvent], None],
+    resync: Callable[[], Awaitable[None]],
+    watch: NetWatch | None = None,
 ) -> AsyncIterator[None]:
-    """A NetWatch delivering to ``deliver`` while the block runs."""
-    watch = NetWatch()
-    watch.open()
+    """A NetWatch (``watch``, or a new one) delivering to ``deliver`` while the block runs."""
+    if watch is None:
+        watch = NetWatch()
+        watch.open()
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch.run, deliver, resync)
         yield
@@ -213,3 +218,30 @@ async def test_preferred_allocation_keeps_to_the_numa_node_of_the_devices(
         assert list(resp.container_responses[0].deviceIDs) == [d1, d2]
         resp = await node.call(client.call, "GetPreferredAllocation", request([d0]))
         assert list(resp.container_responses[0].deviceIDs) == [d0, d1]
+
+
+async def test_netlink_messages_not_from_the_kernel_are_ignored(lab: Lab) -> None:
+    dev, _ = lab.veth(lab.name("hf"), lab.name("hg"))
+    seen: list[LinkEvent] = []
+
+    async def resync() -> None:
+        pass
+
+    watch = NetWatch()
+    watch.open()
+    assert watch._sock is not None
+    port = watch._sock.getsockname()[0]
+    # A local process speaking as the kernel: "dev was destroyed".
+    body = struct.pack("=BxHiII", 0, 1, 7, 0, 0)
+    name = dev.encode() + b"\0"
+    attr = struct.pack("=HH", 4 + len(name), 3) + name + b"\0" * (-len(name) % 4)
+    msg = struct.pack("=IHHII", 16 + len(body) + len(attr), 17, 0, 0, 0) + body + attr
+    async with watching(seen.append, resync, watch):
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as liar:
+            liar.sendto(msg, (port, 0))
+        with anyio.fail_after(10):
+            ip("link", "set", dev, "up")  # a real event after it
+            while not any(e.name == dev for e in seen):
+                await anyio.sleep(0.01)
+    assert Change.REMOVED not in [e.change for e in seen if e.name == dev]
+    assert watch.foreign == 1

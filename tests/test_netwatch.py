@@ -24,7 +24,7 @@ from tests.kernel import Lab, ip
 def _by_pyroute2(msg: Any) -> LinkEvent | None:
     """What a fully decoded message means: the rule the decoder must keep."""
     name = msg.get("ifname")
-    if not name:
+    if not name or msg["family"] != socket.AF_UNSPEC:
         return None
     if msg["event"] == "RTM_DELLINK":
         moved = msg.get_attr("IFLA_NEW_NETNSID") is not None
@@ -88,8 +88,8 @@ def _rta(kind: int, payload: bytes) -> bytes:
     return data + b"\0" * (-len(data) % 4)
 
 
-def _newlink(name: str, flags: int, oper: int) -> bytes:
-    body = struct.pack("=BxHiII", 0, 1, 7, flags, 0)
+def _newlink(name: str, flags: int, oper: int, family: int = socket.AF_UNSPEC) -> bytes:
+    body = struct.pack("=BxHiII", family, 1, 7, flags, 0)
     body += _rta(3, name.encode() + b"\0") + _rta(16, bytes([oper]))
     return _HEADER.pack(_HEADER.size + len(body), 16, 0, 0, 0) + body
 
@@ -109,3 +109,9 @@ def test_a_link_is_up_when_administratively_up_and_usable(
     flags: int, oper: int, change: Change
 ) -> None:
     assert link_events(_newlink("eth9", flags, oper) * 2) == [LinkEvent("eth9", change)] * 2
+
+
+def test_a_bridge_ports_message_is_not_about_the_link_itself() -> None:
+    # AF_BRIDGE messages say a port joined or left a bridge (a DELLINK for the
+    # port when it leaves); the link itself is still there.
+    assert link_events(_newlink("eth9", 1, 6, family=socket.AF_BRIDGE)) == []

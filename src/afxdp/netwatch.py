@@ -78,7 +78,9 @@ def link_events(data: bytes) -> list[LinkEvent]:
 def _link_event(kind: int, body: bytes) -> LinkEvent | None:
     if len(body) < _IFINFO.size:
         return None
-    flags = _IFINFO.unpack_from(body)[3]
+    family, _type, _index, flags, _change = _IFINFO.unpack_from(body)
+    if family != socket.AF_UNSPEC:
+        return None  # AF_BRIDGE: a port joining or leaving a bridge, not the link itself
     attrs = _attributes(body[_IFINFO.size :], {IFLA_IFNAME, IFLA_OPERSTATE, IFLA_NEW_NETNSID})
     name = attrs.get(IFLA_IFNAME, b"").split(b"\0", 1)[0].decode(errors="replace")
     if not name:
@@ -126,6 +128,16 @@ class NetWatch:
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
+        self.foreign = 0  # messages ignored because a process, not the kernel, sent them
+
+    def _ignore(self, sender: int) -> None:
+        """A message not from the kernel: any process of this netns (a
+        hostNetwork pod) can send to our socket, and must not make a device
+        unhealthy or take its prepared program."""
+        self.foreign += 1
+        if self.foreign == 1 or self.foreign % 1000 == 0:  # a flood must not flood the log
+            log.warning("ignored %d netlink message(s) not from the kernel (the last from port %d)",
+                        self.foreign, sender)  # fmt: skip
 
     def open(self) -> None:
         """Subscribe now; events queue in the socket until ``run``."""
@@ -147,14 +159,17 @@ class NetWatch:
         sock = self._sock
         assert sock is not None
         owed = False  # a re-read of every link, still to be done
+        next_try = -math.inf  # no sooner than this (a failing re-read, links churning)
         try:
             while True:
-                if owed:
+                if owed and anyio.current_time() >= next_try:
                     owed = not await _resynced(resync)
-                with anyio.move_on_after(RESYNC_RETRY if owed else math.inf):
+                    next_try = anyio.current_time() + RESYNC_RETRY
+                wait = next_try - anyio.current_time() if owed else math.inf
+                with anyio.move_on_after(max(wait, 0.0)):
                     await anyio.wait_readable(sock)
                 try:
-                    data = sock.recv(1 << 20)
+                    data, (sender, _groups) = sock.recvfrom(1 << 20)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
@@ -162,6 +177,9 @@ class NetWatch:
                         raise
                     log.warning("netlink events were lost (socket overflow); re-reading links")
                     owed = True
+                    continue
+                if sender != 0:
+                    self._ignore(sender)
                     continue
                 try:
                     for event in link_events(data):
