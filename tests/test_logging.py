@@ -165,3 +165,28 @@ def test_afxdpd_says_why_its_log_file_cannot_be_opened(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "cannot set up logging" in done.stderr
     assert str(not_a_dir) in done.stderr
+
+
+def test_records_past_the_queues_room_are_counted_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logsetup, "QUEUED", 20)
+    logsetup.setup("info", "dp.log", tmp_path)
+    log = logging.getLogger("afxdp.test")
+    gate = threading.Event()
+    # The writer stuck (on a stderr nobody reads, say): a handler that waits.
+    (writer,) = logsetup._writers
+    stuck = logging.Handler()
+    stuck.handle = lambda record: gate.wait(10) or True  # type: ignore[method-assign]
+    writer.handlers.insert(0, stuck)
+    for i in range(100):
+        log.info("line %d", i)
+    gate.set()
+    logsetup.flush()  # the writer caught up
+    log.info("after")
+    lines = _lines(tmp_path / "dp.log")
+    dropped = [ln for ln in lines if "log records were dropped" in ln]
+    assert len(dropped) == 1 and lines[-1].endswith("after")
+    kept = [ln for ln in lines if " line " in ln]
+    said = int(dropped[0].split(" log records")[0].rsplit(" ", 1)[1])
+    assert len(kept) + said == 100 and said > 0
