@@ -98,3 +98,27 @@ async def test_a_burst_of_allocates_asks_kubelet_every_50_ms_not_once_per_pod(
         assert checker._waiting == {} and not checker._asking
     finally:
         kubelet.stop()
+
+
+async def test_a_device_that_joins_a_long_wait_is_asked_about_at_once(tmp_path: Path) -> None:
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_pod_resources()
+    try:
+        checker = PodResourcesChecker(tmp_path / "kubelet" / "pod-resources" / "kubelet.sock")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(checker.prefetch, "afxdp/p", "never", 5.0)  # its pod never comes
+            await anyio.sleep(1.2)  # the task asks about every second from here on
+            asked = kubelet.list_calls
+            while kubelet.list_calls == asked:  # right after one of its asks
+                await anyio.sleep(0.005)
+            kubelet.hold("pod-b", "afxdp/p", "dev-b")
+            began = anyio.current_time()
+            await checker.prefetch("afxdp/p", "dev-b")  # joins the wait
+            with anyio.fail_after(5):
+                while ("afxdp/p", "dev-b") not in checker._holders:
+                    await anyio.sleep(0.005)
+            waited = anyio.current_time() - began
+            tg.cancel_scope.cancel()
+        assert waited < 0.5, waited  # about FIRST_ASK, not the second the wait had grown to
+    finally:
+        kubelet.stop()

@@ -42,6 +42,7 @@ class PodResourcesChecker:
         # it began, when to give up). One task asks for all of them (_asking).
         self._waiting: dict[tuple[str, str], tuple[float, float]] = {}
         self._asking = False
+        self._wake = anyio.Event()  # set when a device joins the wait
 
     async def list_pods(self) -> api_pb2.ListPodResourcesResponse:
         channel = Channel(path=str(self.socket_path))
@@ -96,19 +97,29 @@ class PodResourcesChecker:
         now = anyio.current_time()
         self._waiting[key] = (now, now + deadline)
         if self._asking:
+            self._wake.set()  # asked about FIRST_ASK from now, not at the next slow turn
             return
         self._asking = True
         try:
             while self._waiting:
                 newest = max(began for began, _ in self._waiting.values())
                 wait = anyio.current_time() - newest  # as long again as waited so far
-                await anyio.sleep(min(max(wait, FIRST_ASK), SLOWEST_ASK))
+                await self._until(anyio.current_time() + min(max(wait, FIRST_ASK), SLOWEST_ASK))
                 await self._pods()
                 now = anyio.current_time()
                 self._waiting = {k: (began, end) for k, (began, end) in self._waiting.items()
                                  if k not in self._holders and end > now}  # fmt: skip
         finally:
             self._asking = False
+
+    async def _until(self, due: float) -> None:
+        """Sleep until ``due``, or FIRST_ASK after a device joins the wait."""
+        while (left := due - anyio.current_time()) > 0:
+            self._wake = anyio.Event()
+            with anyio.move_on_after(left):
+                await self._wake.wait()
+            if self._wake.is_set():
+                due = min(due, anyio.current_time() + FIRST_ASK)
 
     async def held(self) -> dict[str, set[str]] | None:
         """Device IDs that pods hold, by resource; None when kubelet cannot say."""
