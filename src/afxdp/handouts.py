@@ -254,16 +254,16 @@ class Handouts:
         previous pod's (``release`` leaves it for this swap), or one left over by
         skipUnloadBpf, a crash, or a device that came home while we were down.
         Never one a pod of an allocation has a map fd for (those are handed out)."""
+        program = None
         if not loads_program(cfg):
             stale = await run_sync(work, self.datapath.detach_stale, device)
-            self.swap_pending.discard(device)
             if stale is not None:
                 log.info("%s: detached program %d left over", device, stale)
-            return None
-        program = await run_sync(work, self.datapath.attach, device)
-        self.swap_pending.discard(device)
-        if program.replaced is not None:
-            log.info("%s: replaced program %d with a fresh one", device, program.replaced)
+        else:
+            program = await run_sync(work, self.datapath.attach, device)
+            if program.replaced is not None:
+                log.info("%s: replaced program %d with a fresh one", device, program.replaced)
+        self.swap_pending.discard(device)  # whatever the last pod left is gone
         return program
 
     async def prepare(self, pool: Pool, dev: PoolDevice) -> str | None:
