@@ -225,7 +225,7 @@ async def test_a_peer_idling_past_the_read_timeout_gets_code_6_and_the_server_ke
             add_request(b'{"caf\xe9":1,"cniVersion":"1.0.0"}'), "not valid UTF-8", id="stdin-key"
         ),
         pytest.param(
-            add_request(b'{"cniVersion":"1.0.0"} \xff'), "not valid JSON", id="stdin-tail"
+            add_request(b'{"cniVersion":"1.0.0"} \xff'), "not valid UTF-8", id="stdin-tail"
         ),
         pytest.param(
             netstring(b"CNI_COMMAND=ADD\0CNI_CONTAINERID=caf\xe9\0") + netstring(netconf()),

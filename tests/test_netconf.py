@@ -135,7 +135,19 @@ def test_a_bad_utf8_byte_is_code_6_saying_utf8_with_an_offset() -> None:
         decode_json(b'{"name": "\xff"}')
     assert info.value.code == DECODE_FAILURE
     assert info.value.msg == "network configuration is not valid UTF-8"
-    assert info.value.details.startswith("bad byte at offset ")
+    assert info.value.details == "bad byte at offset 10"  # the document's byte offset
+
+
+def test_invalid_utf8_anywhere_is_code_6_utf8_not_json() -> None:
+    """Outside a string too: our own check runs before the decoder, whatever its version."""
+    for data, offset in ((b'{"cniVersion": "1.0.0"} \xff', 24), (b"\xc3", 0), (b'{"k\xe9": 1}', 3)):
+        with pytest.raises(CniError) as info:
+            decode_json(data)
+        assert (info.value.code, info.value.msg) == (
+            DECODE_FAILURE,
+            "network configuration is not valid UTF-8",
+        )
+        assert info.value.details == f"bad byte at offset {offset}"
 
 
 def test_malformed_json_is_code_6_with_the_decoders_reason() -> None:

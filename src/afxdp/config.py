@@ -132,10 +132,13 @@ class LoadedConfig(msgspec.Struct, frozen=True):
 
 def load_config(data: bytes | str) -> LoadedConfig:
     """Decode and validate a config document; raise ConfigError listing every problem."""
+    # Our own UTF-8 check, before the decoder sees the document: which exception
+    # msgspec raises for a bad byte is its accident (UnicodeDecodeError before
+    # 0.23, DecodeError since), and the answer must not depend on the version.
+    if not _is_utf8(data):
+        raise ConfigError(_invalid_utf8(data))
     try:
         raw = msgspec.json.decode(data)
-    except UnicodeDecodeError:
-        raise ConfigError(_invalid_utf8(data)) from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ConfigError([ConfigIssue("<document>", f"not valid JSON: {exc}")]) from None
     v = _Validator()
@@ -145,10 +148,19 @@ def load_config(data: bytes | str) -> LoadedConfig:
     return LoadedConfig(config, tuple(v.warnings))
 
 
+def _is_utf8(data: bytes | str) -> bool:
+    """Whether ``data`` is valid UTF-8 (a str: holds no lone surrogate)."""
+    try:
+        data.decode("utf-8") if isinstance(data, bytes) else data.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
+
+
 def _invalid_utf8(data: bytes | str) -> list[ConfigIssue]:
     """Where a document that is not UTF-8 has its bad bytes, by JSON path.
 
-    msgspec only says "invalid UTF-8"; the stdlib parser keeps the bad bytes as
+    A decoder only says "invalid UTF-8"; the stdlib parser keeps the bad bytes as
     surrogates (surrogateescape), so a walk can name each string that has them.
     """
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")

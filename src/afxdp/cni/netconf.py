@@ -156,14 +156,18 @@ def _too_deep(doc: Any) -> bool:
 def decode_json(data: bytes) -> Any:
     """``data`` as JSON, or CniError code 6: not JSON, not UTF-8, or too deep.
 
-    msgspec raises UnicodeDecodeError (not DecodeError) for a bad byte inside a
-    string, and RecursionError where nesting meets the interpreter's limit.
+    UTF-8 is checked here, before the decoder, and the offset is the document's
+    byte offset: which exception msgspec raises for a bad byte is its accident
+    (UnicodeDecodeError before 0.23, DecodeError since). Nesting deep enough to
+    meet the interpreter's limit raises RecursionError in some versions.
     """
     try:
-        doc = msgspec.json.decode(data)
+        data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CniError(DECODE_FAILURE, "network configuration is not valid UTF-8",
                        f"bad byte at offset {exc.start}") from None  # fmt: skip
+    try:
+        doc = msgspec.json.decode(data)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise CniError(
             DECODE_FAILURE, "network configuration is not valid JSON", str(exc)
