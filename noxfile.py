@@ -1,4 +1,9 @@
-"""Sessions: tests, lint, typecheck. ``make test`` runs all three."""
+"""Sessions: tests, lint, typecheck. ``make test`` runs all three.
+
+Every session but ``deps-latest`` installs from the lock (requirements/, exported
+from uv.lock by scripts/lock, with hashes), so a fresh machine gets the versions
+the suite passed with, not whatever was released last night.
+"""
 
 import json
 import shutil
@@ -11,15 +16,34 @@ nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
 
+def install_locked(session: nox.Session, export: str, *, editable: bool = True) -> None:
+    """requirements/<export>.txt (hash-checked), then afxdp itself without its
+    dependencies, built by the locked hatchling (no isolated build, which would
+    fetch an unpinned one)."""
+    session.install("-r", f"requirements/{export}.txt")
+    project = ["-e", "."] if editable else ["."]
+    session.install("--no-deps", "--no-build-isolation", *project)
+
+
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
-    session.install("-e", ".[test]")
+    install_locked(session, "tests")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(name="deps-latest", python="3.11", default=False, reuse_venv=False)
+def deps_latest(session: nox.Session) -> None:
+    """The whole suite on the newest versions pyproject's ranges allow, not the
+    lock's: drift seen before it lands. A refresh of the lock (scripts/lock
+    --upgrade) passes this session first."""
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
+    session.run("pip", "list", "--format", "freeze", silent=False)
     session.run("pytest", *session.posargs)
 
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    session.install(".[lint]")
+    install_locked(session, "lint", editable=False)
     paths = [
         "src",
         "tests",
@@ -27,6 +51,7 @@ def lint(session: nox.Session) -> None:
         "noxfile.py",
         "hatch_build.py",
         "scripts/build-image",
+        "scripts/lock",
         "deploy/image/daemonset-demo",
     ]
     session.run("ruff", "check", *paths)
@@ -37,7 +62,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[typecheck]")
+    install_locked(session, "typecheck")
     session.run("mypy")
 
 
@@ -46,7 +71,7 @@ def bench(session: nox.Session) -> None:
     """The benchmark document (root): every figure beside its baseline, measured in
     the same run, in benchmarks/results.json; then the README table and
     benchmarks/latency.png. ``nox -s bench -- --quick`` uses smaller counts."""
-    session.install("-e", ".[test,bench]")
+    install_locked(session, "bench")
     env = {"PYTHONPATH": "."}  # the benchmarks reuse tests/kubelet.py and tests/soak.py
     # Exit 1 says a figure could not be measured: the document is still written.
     session.run("python", "-m", "benchmarks.run", *session.posargs, env=env, success_codes=[0, 1])
@@ -54,6 +79,14 @@ def bench(session: nox.Session) -> None:
         "python", "-m", "benchmarks.table", "benchmarks/results.json",
         "--plot", "benchmarks/latency.png", "--readme", "README.md", env=env,
     )  # fmt: skip
+
+
+@nox.session(python="3.11", default=False)
+def lock(session: nox.Session) -> None:
+    """Refresh uv.lock and requirements/ (scripts/lock; ``-- --upgrade`` for the
+    newest versions the ranges allow, after ``nox -s deps-latest`` passed)."""
+    session.install("-r", "requirements/uv.txt")
+    session.run("python", "scripts/lock", *session.posargs)
 
 
 # What ``mutants`` mutates, and the tests that must kill each module's mutants
@@ -109,7 +142,7 @@ def mutants(session: nox.Session) -> None:
     tree gets no ``mutants/`` directory. Not part of the default run: it takes
     minutes per module (``nice -n 19 nox -s mutants`` on a shared machine).
     """
-    session.install("-e", ".[test]", "mutmut>=3.3")
+    install_locked(session, "mutants")
     names = session.posargs or MUTATION_DEFAULT
     unknown = sorted(set(names) - MUTATION_TARGETS.keys())
     if unknown:
@@ -166,7 +199,7 @@ def soak(session: nox.Session) -> None:
     """1,000 pod lifecycles at concurrency 8 through afxdpd (root): zero leaks, flat
     fds, threads and RSS. Not part of the default run; tests/test_soak.py is its
     short version in the suite."""
-    session.install("-e", ".[test]")
+    install_locked(session, "tests")
     session.run(
         "python", "-m", "tests.soak", "--lifecycles", "1000", "--concurrency", "8",
         *session.posargs,
