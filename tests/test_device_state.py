@@ -286,7 +286,7 @@ async def test_an_allocate_on_a_removed_pool_is_refused_saying_why(tmp_path: Pat
     async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
         await n.devices.allocate("p", ["a"])
         n.kubelet.held.add("a")
-        n.devices.replace_pools([_named("q", "c")])
+        await n.devices.replace_pools([_named("q", "c")])
         with pytest.raises(DeviceError) as err:
             await n.devices.allocate("p", ["b"])
         assert str(err.value) == "pool p was removed from the config"
@@ -551,7 +551,7 @@ async def test_a_reload_adds_changes_and_removes_pools_and_wakes_their_listeners
         version = n.version("p")
         # r is new (listed first); p no longer takes b (allocated) and now takes d;
         # q, with nothing allocated, is gone at once.
-        added, removed = n.devices.replace_pools([_named("r", "e"), _named("p", "a", "d")])
+        added, removed = await n.devices.replace_pools([_named("r", "e"), _named("p", "a", "d")])
         assert (added, removed) == (["r"], ["q"])
         assert list(n.devices.pools) == ["p", "r"] and n.devices.draining == set()
         p = n.devices.pools["p"]
@@ -569,7 +569,7 @@ async def test_a_reload_keeps_prepared_programs_of_devices_still_pooled(tmp_path
         n.devices.prepare_all()
         await n.settle()
         kept = n.devices.handouts.prepared["a"]
-        n.devices.replace_pools([_named("p", "a")])
+        await n.devices.replace_pools([_named("p", "a")])
         await n.settle()
         assert n.devices.handouts.prepared == {"a": kept}
         assert sorted(n.datapath.log) == ["attach a", "attach b", "detach b"]
@@ -581,13 +581,13 @@ async def test_a_removed_pool_drains_until_its_last_allocation_ends(tmp_path: Pa
         await n.settle()
         await n.devices.allocate("p", ["a"])
         n.kubelet.held.add("a")
-        assert n.devices.replace_pools([_named("q", "c")]) == (["q"], ["p"])
+        assert await n.devices.replace_pools([_named("q", "c")]) == (["q"], ["p"])
         await n.settle()
         assert list(n.devices.pools) == ["p", "q"] and n.devices.draining == {"p"}
         # The draining pool's free device loses its program; the new pool's gets one.
         assert sorted(n.devices.handouts.prepared) == ["c"]
         assert "detach b" in n.datapath.log
-        assert n.devices.replace_pools([_named("q", "c")]) == ([], [])  # said once
+        assert await n.devices.replace_pools([_named("q", "c")]) == ([], [])  # said once
         assert await n.devices.reconcile(grace=0.0) == []
         assert n.devices.draining == {"p"}
         n.kubelet.held.clear()
@@ -607,9 +607,9 @@ async def test_a_pool_back_in_the_config_before_it_drained_takes_allocates_again
     async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
         await n.devices.allocate("p", ["a"])
         n.kubelet.held.add("a")
-        n.devices.replace_pools([])
+        await n.devices.replace_pools([])
         assert n.devices.draining == {"p"}
-        assert n.devices.replace_pools([_named("p", "a", "b")]) == ([], [])
+        assert await n.devices.replace_pools([_named("p", "a", "b")]) == ([], [])
         assert n.devices.draining == set()
         await n.devices.allocate("p", ["b"])
         assert _states(n.devices.pools["p"]) == {"a": "allocated", "b": "allocated"}
@@ -617,7 +617,7 @@ async def test_a_pool_back_in_the_config_before_it_drained_takes_allocates_again
 
 async def test_a_removed_pool_without_allocations_is_forgotten_at_once(tmp_path: Path) -> None:
     async with running(_named("p", "a"), tmp_path=tmp_path) as n:
-        assert n.devices.replace_pools([]) == ([], ["p"])
+        assert await n.devices.replace_pools([]) == ([], ["p"])
         assert n.devices.pools == {} and n.devices.draining == set()
         assert n.devices.prune() == []
 
@@ -628,7 +628,7 @@ async def test_a_device_the_reloaded_config_dropped_leaves_when_its_allocation_e
     async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
         await n.devices.allocate("p", ["b"])
         n.kubelet.held.add("b")
-        n.devices.replace_pools([_named("p", "a")])
+        await n.devices.replace_pools([_named("p", "a")])
         n.kubelet.held.clear()
         await n.settle()  # a's program, prepared after the reload
         n.datapath.log.clear()
@@ -645,7 +645,8 @@ async def test_an_allocation_ending_in_a_pool_reloaded_as_raw_detaches_its_progr
 ) -> None:
     async with running(_named("p", "a"), tmp_path=tmp_path) as n:
         await n.devices.allocate("p", ["a"])
-        n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])  # hands out raw now
+        # hands out raw now
+        await n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])
         await n.settle()
         n.datapath.log.clear()
         assert await n.devices.reconcile(grace=0.0) == ["a"]
@@ -664,7 +665,7 @@ async def test_a_swap_still_pending_when_the_pool_turns_raw_detaches_the_last_po
         assert await n.devices.reconcile(grace=0.0) == ["a"]
         await n.settle()
         assert n.datapath.stale.keys() == {"a"} and n.devices.handouts.swap_pending == {"a"}
-        n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])
+        await n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])
         await n.settle()
         # No swap will ever come for a raw pool: the last pod's program goes.
         assert n.datapath.stale == {} and n.devices.handouts.swap_pending == set()
@@ -679,7 +680,7 @@ async def test_a_program_prepared_before_the_pool_turned_raw_is_not_handed_out(
         await n.settle()
         assert "a" in n.devices.handouts.prepared
         n.datapath.log.clear()
-        n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])
+        await n.devices.replace_pools([_named("p", "a", udsServerDisable=True)])
         [handout] = await n.devices.allocate("p", ["a"])  # before anything settled
         await n.settle()
         assert handout.xdp is None and handout.uds is None
@@ -691,8 +692,8 @@ async def test_a_dropped_device_the_config_takes_back_before_its_allocation_ends
 ) -> None:
     async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
         await n.devices.allocate("p", ["b"])
-        n.devices.replace_pools([_named("p", "a")])
-        n.devices.replace_pools([_named("p", "a", "b")])
+        await n.devices.replace_pools([_named("p", "a")])
+        await n.devices.replace_pools([_named("p", "a", "b")])
         assert await n.devices.reconcile(grace=0.0) == ["b"]  # no pod holds it
         await n.settle()
         assert {d: v.state.value for d, v in n.devices.pools["p"].devices.items()} == {
@@ -789,3 +790,77 @@ async def test_a_restart_without_kubelet_keeps_the_records_view_saying_so(
         assert _states(pool) == {"a": "allocated", "b": "free"}
         # The periodic reconcile settles it once kubelet answers.
         assert await n.devices.reconcile() == ["a"]
+
+
+# -- a reload never changes who holds a device (issue 19, attack 1) ------------------------
+
+
+class SlowKubelet(AskedKubelet):
+    """FAKE kubelet whose answer waits until ``answer`` is set: an Allocate that
+    reclaims a device sits in that wait, as it does behind a slow PodResources."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asking, self.answer = anyio.Event(), anyio.Event()
+
+    async def stale(self, resource: str, devices: Sequence[str]) -> list[str]:
+        self.asking.set()
+        await self.answer.wait()
+        return await super().stale(resource, devices)
+
+
+async def test_a_reload_during_an_allocate_never_frees_what_it_hands_out(tmp_path: Path) -> None:
+    """SIGHUPs flipping a pool's udsTimeout while kubelet's pods come and go: an
+    Allocate that reclaims a device (its last pod ended) waits for kubelet; a
+    reload applied in that wait used to swap the pool under it, so the device
+    was marked in the old pool and free in the new one: a second pod got it."""
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        slow = SlowKubelet()
+        n.devices._find_stale = slow.stale
+        await n.devices.allocate("p", ["a"])  # the first pod, since ended (kubelet holds nothing)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(n.devices.allocate, "p", ["a"])  # the next pod: reclaims a
+            await slow.asking.wait()
+            reload = anyio.Event()
+
+            async def reload_now() -> None:
+                await n.devices.replace_pools([_named("p", "a", udsTimeout=60)])
+                reload.set()
+
+            tg.start_soon(reload_now)
+            await anyio.wait_all_tasks_blocked()
+            waited = not reload.is_set()
+            slow.answer.set()
+        slow.held.add("a")  # kubelet lists the second pod
+        assert _states(n.devices.pools["p"]) == {"a": "allocated"}
+        assert n.devices.pools["p"].config.uds_timeout == 60  # the reload did apply
+        with pytest.raises(DeviceError, match="a: allocated"):
+            await n.devices.allocate("p", ["a"])
+        assert sorted(n.devices.handouts.handouts) == ["a"]
+        assert waited  # the reload applied after the Allocate under way, not in its wait
+
+
+async def test_an_allocate_queued_behind_another_marks_the_pool_a_reload_left(
+    tmp_path: Path,
+) -> None:
+    """An Allocate waiting for its pool's lock (another one is asking kubelet) used
+    to hold the pool object it read before the wait; a reload applied meanwhile
+    replaced it, and the device was marked in the old pool, free in the new."""
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        slow = SlowKubelet()
+        n.devices._find_stale = slow.stale
+        await n.devices.allocate("p", ["a"])  # its pod ended: the next Allocate reclaims it
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(n.devices.allocate, "p", ["a"])  # holds p's lock, asking kubelet
+            await slow.asking.wait()
+            tg.start_soon(n.devices.allocate, "p", ["b"])  # queued behind it
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(n.devices.replace_pools, [_named("p", "a", "b", udsTimeout=-1)])
+            await anyio.wait_all_tasks_blocked()
+            slow.answer.set()
+        slow.held.update({"a", "b"})
+        pool = n.devices.pools["p"]
+        assert pool.config.uds_timeout is None  # the reload applied
+        assert _states(pool) == {"a": "allocated", "b": "allocated"}
+        with pytest.raises(DeviceError, match="a: allocated; b: allocated"):
+            await n.devices.allocate("p", ["a", "b"])

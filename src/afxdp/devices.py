@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from typing import Any, Protocol
 
 import anyio
@@ -143,10 +144,13 @@ class Devices:
         DeviceError: refused (unknown, unhealthy, already allocated: each named).
         AllocateFailed: setting up failed and was rolled back.
         """
-        pool = self.pools[pool_name]
-        if pool_name in self.draining:
-            raise DeviceError(f"pool {pool_name} was removed from the config")
         async with self._allocating[pool_name]:
+            # Looked up under the lock a reload applies under (``replace_pools``):
+            # the pool object read before it could be one a reload has since
+            # replaced, and a device marked there would be free in the new one.
+            pool = self.pools.get(pool_name)
+            if pool is None or pool_name in self.draining:
+                raise DeviceError(f"pool {pool_name} was removed from the config")
             await self._reclaim_stale(pool, ids)
             pool.allocate(ids)
             try:
@@ -259,11 +263,14 @@ class Devices:
         margin covers a slow one).
         """
         released = []
-        for pool in list(self.pools.values()):
+        for name in list(self.pools):
             # Under the pool's Allocate lock: an Allocate that is reclaiming a
             # device has it marked allocated before kubelet can list its new pod,
             # and must not have that fresh allocation ended under it.
-            async with self._allocating[pool.name]:
+            async with self._allocating[name]:
+                pool = self.pools.get(name)  # as it is now: a reload may have replaced it
+                if pool is None:
+                    continue
                 now = anyio.current_time()
                 candidates = []
                 for dev in pool.devices.values():
@@ -282,7 +289,7 @@ class Devices:
 
     # -- config reload -------------------------------------------------------
 
-    def replace_pools(self, new: Sequence[Pool]) -> tuple[list[str], list[str]]:
+    async def replace_pools(self, new: Sequence[Pool]) -> tuple[list[str], list[str]]:
         """Take a reloaded config's pools; returns (added, removed) pool names.
 
         Allocated devices are never disturbed: a changed pool keeps each
@@ -290,7 +297,19 @@ class Devices:
         until its allocation ends), and a removed pool stays (draining, no
         longer advertised) until its last allocation ends. New allocations use
         the new pool config; existing handouts keep what they were set up with.
+
+        Applied under every pool's Allocate lock, so between Allocates (and
+        reconciles), never during one: an Allocate that read its pool, then
+        waited (for kubelet, for the kernel), must mark its devices in the pool
+        that counts, or the reload would free a device a pod holds. A reload
+        waits for at most the Allocate under way (the file is read before).
         """
+        async with AsyncExitStack() as stack:
+            for name in sorted(self._allocating):  # one order: no two waiters deadlock
+                await stack.enter_async_context(self._allocating[name])
+            return self._replace_pools(new)
+
+    def _replace_pools(self, new: Sequence[Pool]) -> tuple[list[str], list[str]]:
         new_by_name = {p.name: p for p in new}
         for pool in new:
             old = self.pools.get(pool.name)

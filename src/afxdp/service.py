@@ -383,7 +383,7 @@ class Service:
             else (),
         )
         self.config = new
-        added, removed = self.devices.replace_pools(assembly.pools)
+        added, removed = await self.devices.replace_pools(assembly.pools)
         for name in removed:  # unregistered by stopping its server; allocations drain
             self._pool_scopes.pop(name).cancel()
             await self._pool_stopped.pop(name).wait()
