@@ -36,7 +36,8 @@ def deps_latest(session: nox.Session) -> None:
     """The whole suite on the newest versions pyproject's ranges allow, not the
     lock's: drift seen before it lands. A refresh of the lock (scripts/lock
     --upgrade) passes this session first."""
-    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
+    # --group lock: uv, which tests/test_lock.py runs (PEP 735 groups: pip >= 25.1).
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]", "--group", "lock")
     session.run("pip", "list", "--format", "freeze", silent=False)
     session.run("pytest", *session.posargs)
 
