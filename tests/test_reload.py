@@ -17,9 +17,9 @@ from typing import Any
 import anyio
 import pytest
 
-from afxdp import control
+from afxdp import control, service
 from afxdp.config import load_config
-from tests.kernel import Lab, ip
+from tests.kernel import HungFile, Lab, ip
 from tests.kubelet import FakeKubelet
 from tests.node import NodeUnderTest, running
 
@@ -212,3 +212,49 @@ async def test_a_fifo_in_place_of_the_config_fails_its_reloads_at_once_and_never
         assert list(svc.devices.pools) == ["pool1"]  # the running config stays
         assert svc.metrics.config_invalid._value.get() == 1
         assert svc.metrics.reloads.labels("invalid")._value.get() == 2
+
+
+@pytest.mark.anyio
+async def test_a_config_read_that_hangs_fails_its_reload_at_the_deadline_and_never_holds_allocate(
+    tmp_path: Path,
+    lab: Lab,
+    devices: list[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    d0, d1, _ = devices
+    node = NodeUnderTest(tmp_path, lab, [d0, d1], {"pools": [_pool("pool1", [d0, d1])]})
+    monkeypatch.setattr(service, "CONFIG_READ_TIMEOUT", 1.0)
+    async with running(node):
+        svc = node.service
+        assert svc is not None and svc.devices is not None
+        results: list[bool] = []
+
+        async def reload() -> None:
+            results.append(await svc.reload())
+
+        # A regular file on a filesystem that never answers a read (a hung NFS).
+        with HungFile(tmp_path / "mnt") as hung:
+            svc.config_path = hung.path
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):  # SIGHUP's and the file watch's, at once
+                    tg.start_soon(reload)
+                try:
+                    resp = await node.allocate(d0)  # kubelet's deadline is 5 s
+                except BaseException:
+                    hung.close()  # reloads that wait on the reads (no deadline) end too
+                    raise
+            assert hung.reading.is_set()  # the read really did hang
+            # Left behind, that read holds off the next: one hung thread, not one a reload.
+            assert await svc.reload() is False
+        assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": d0}
+        assert results == [False, False]
+        assert list(svc.devices.pools) == ["pool1"]  # the running config stays
+        assert svc.metrics.config_invalid._value.get() == 1
+        refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+        stays = f"reload refused, the running config stays: {hung.path}: "
+        assert sorted(refused) == [
+            stays + "not read within 1 s (a hung filesystem?)",
+            *[stays + "the read an earlier reload left behind has not returned "
+                      "(a hung filesystem?)"] * 2,
+        ]  # fmt: skip
