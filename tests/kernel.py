@@ -1,4 +1,5 @@
-"""Real kernel objects for tests: network namespaces and veth pairs.
+"""Real kernel objects for tests: network namespaces and veth pairs, and a
+FUSE file whose reads hang (a hung filesystem, served by the test itself).
 
 Everything is made with iproute2 (an independent implementation, so tests do
 not check our netlink code with itself) and removed on exit, even on failure.
@@ -9,10 +10,14 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import json
 import os
 import secrets
+import select
 import shutil
+import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -161,3 +166,90 @@ class Lab:
             subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_FUSE_IN = struct.Struct("=IIQQIIII")  # len, opcode, unique, nodeid, uid, gid, pid, padding
+_FUSE_OUT = struct.Struct("=IiQ")  # len, -errno, unique
+# ino, size, blocks, a/m/ctime, their nsecs, mode, nlink, uid, gid, rdev, blksize, flags
+_FUSE_ATTR = struct.Struct("=QQQQQQIIIIIIIIII")
+_LOOKUP, _GETATTR, _OPEN, _READ, _RELEASE, _FLUSH, _INIT = 1, 3, 14, 15, 18, 25, 26
+_FOPEN_DIRECT_IO = 1  # every read reaches the server: no page cache answers it
+_MNT_DETACH = 2
+
+
+class HungFile:
+    """A regular file (``path``) on a FUSE filesystem this object serves on
+    /dev/fuse itself: lookups, stats and opens are answered, reads never are,
+    as on a hung network filesystem. ``reading`` is set once a read waits. On
+    exit the filesystem goes and the waiting reads fail (ECONNABORTED)."""
+
+    NAME = "config.json"
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.path = mountpoint / self.NAME
+        self.reading = threading.Event()
+        self._fd = -1
+        self._stop_r, self._stop_w = os.pipe()
+
+    def __enter__(self) -> HungFile:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        opts = f"fd={self._fd},rootmode=40000,user_id=0,group_id=0".encode()
+        if _libc.mount(b"afxdp-hung", str(self.mountpoint).encode(), b"fuse", 0, opts) != 0:
+            err = ctypes.get_errno()
+            self._close()
+            raise OSError(err, f"mount fuse on {self.mountpoint}: {os.strerror(err)}")
+        self._thread = threading.Thread(target=self._serve, name="hung-fuse", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmount; the waiting reads fail. Once is enough: again does nothing."""
+        if self._fd < 0:
+            return
+        os.write(self._stop_w, b"x")
+        self._thread.join()
+        _libc.umount2(str(self.mountpoint).encode(), _MNT_DETACH)
+        self._close()  # the connection ends with its fd: waiting reads fail
+
+    def _close(self) -> None:
+        for fd in (self._fd, self._stop_r, self._stop_w):
+            os.close(fd)
+        self._fd = -1
+
+    def _attr(self, node: int) -> bytes:
+        mode, size = (stat.S_IFDIR | 0o755, 0) if node == 1 else (stat.S_IFREG | 0o644, 4096)
+        return _FUSE_ATTR.pack(node, size, 8, 0, 0, 0, 0, 0, 0, mode, 1, 0, 0, 0, 4096, 0)
+
+    def _reply(self, unique: int, body: bytes = b"", error: int = 0) -> None:
+        os.write(self._fd, _FUSE_OUT.pack(_FUSE_OUT.size + len(body), -error, unique) + body)
+
+    def _serve(self) -> None:
+        while self._stop_r not in select.select([self._fd, self._stop_r], [], [])[0]:
+            try:
+                msg = os.read(self._fd, 1 << 20)
+            except InterruptedError:
+                continue
+            _len, op, unique, node, *_ = _FUSE_IN.unpack_from(msg)
+            body = msg[_FUSE_IN.size :]
+            if op == _INIT:  # protocol 7.31; the kernel's readahead; 64 KiB writes
+                readahead = struct.unpack_from("=III", body)[2]
+                self._reply(unique, struct.pack("=IIIIHHIIHHI7I", 7, 31, readahead, 0, 0, 0,
+                                                1 << 16, 1, 0, 0, 0, *[0] * 7))  # fmt: skip
+            elif op == _LOOKUP and node == 1 and body.rstrip(b"\0") == self.NAME.encode():
+                self._reply(unique, struct.pack("=QQQQII", 2, 0, 0, 0, 0, 0) + self._attr(2))
+            elif op == _GETATTR:
+                self._reply(unique, struct.pack("=QII", 0, 0, 0) + self._attr(node))
+            elif op == _OPEN:
+                self._reply(unique, struct.pack("=QII", 0, _FOPEN_DIRECT_IO, 0))
+            elif op == _READ:
+                self.reading.set()  # and never answered
+            elif op in (_RELEASE, _FLUSH):
+                self._reply(unique)
+            else:
+                self._reply(unique, error=errno.ENOENT if op == _LOOKUP else errno.ENOSYS)

@@ -19,6 +19,7 @@ import pytest
 from afxdp import __version__, control
 from afxdp.cli import afxdpctl
 from afxdp.cni import shim
+from afxdp.config import MAX_FILE_BYTES
 from afxdp.status import PodRef, Status, pod_from_cni_args, pods_by_device
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest as Node
@@ -64,6 +65,27 @@ def test_config_validate_lists_every_error_with_its_path(
         "  logLevel: must be one of debug, info, warning, error, got 'loud'",
         "  pools[0].name: must only contain letters and digits, got 'a-b'",
     ]
+
+
+def test_config_validate_refuses_what_is_not_a_regular_file_or_too_large_without_waiting(
+    tmp_path: Path,
+) -> None:
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # nobody writes it: opening it to read would wait for ever
+    large = tmp_path / "large.json"
+    with large.open("wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk used
+    cases = {fifo: "is a FIFO, not a regular file; refused",
+             tmp_path: "is a directory, not a regular file; refused",
+             Path("/dev/null"): "is a character device, not a regular file; refused",
+             large: f"is larger than {MAX_FILE_BYTES} bytes; refused"}  # fmt: skip
+    for path, why in cases.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "afxdp.cli.afxdpctl", "config", "validate", str(path)],
+            env=ENV, capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout) == (1, ""), done
+        assert done.stderr.splitlines() == [f"{path}: invalid, 1 error(s):", f"  {path}: {why}"]
 
 
 def test_install_cni_copies_the_shim_and_says_where(

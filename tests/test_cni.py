@@ -410,6 +410,33 @@ async def test_runtime_retry_and_a_foreign_del_leave_the_allocation_alone(
         assert (await node.states())[d0] == "allocated"
 
 
+async def test_an_add_whose_ipam_plugin_is_missing_leaves_nothing_for_del_to_need_it(
+    node: Node,
+) -> None:
+    d0 = node.devices[0]
+    ns = node.lab.netns("cnmi")
+    netns = f"/run/netns/{ns}"
+    missing = node.netconf(d0)
+    missing["ipam"]["type"] = "nosuch-ipam"
+    async with running(node):
+        await node.allocate(d0)
+        code, out, _ = await node.cni("ADD", missing, netns=netns)
+        assert code == 1 and out["code"] == 7 and "no IPAM plugin 'nosuch-ipam'" in out["msg"]
+        # The runtime's DEL with the same netconf, and a repeat, succeed: no step
+        # of that ADD needs the plugin to be undone.
+        for _ in range(2):
+            code, out, err = await node.cni("DEL", missing, netns=netns)
+            assert (code, out) == (0, None), err
+        # A DEL for a container that never had an attachment, naming the missing plugin.
+        code, out, err = await node.cni("DEL", missing, netns=netns, container="never")
+        assert (code, out) == (0, None), err
+        assert host_has(d0) and pod_link(ns, d0) is None
+        # The sandbox's retry, with a plugin that is there, gets the device.
+        code, out, err = await node.cni("ADD", node.netconf(d0), netns=netns)
+        assert code == 0, (out, err)
+        assert pod_link(ns, d0) is not None and len(node.leases()) == 1
+
+
 def pod_prog_id(netns: str, dev: str) -> int | None:
     link = json.loads(ip("-j", "link", "show", dev, netns=netns))[0]
     prog: int | None = link.get("xdp", {}).get("prog", {}).get("id")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -372,6 +373,65 @@ async def test_a_del_that_cannot_bring_the_device_home_keeps_that_step_and_its_e
     assert in_host(dev) and "tx-checksumming: on" in features(dev)
     assert setup.handler.store.all() == [] and setup.side.came_home_calls == [(dev, False)]
     assert setup.ipam.calls() == ["ADD ctr1", "DEL ctr1"]  # the retry released nothing twice
+
+
+@privileged
+async def test_a_del_whose_ipam_plugin_is_gone_since_add_logs_the_leak_and_undoes_the_rest(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chgo")
+    netns = f"/run/netns/{ns}"
+    before = ethtool.parse_features(features(dev))
+    plugin = setup.ipam.bin / "vanishing"  # the real host-local, under a name of its own
+    shutil.copy(f"{HOST_LOCAL_DIR}/host-local", plugin)
+    conf = setup.netconf(dev, ethtoolCmds=["-K -device- tx off"])
+    conf["ipam"]["type"] = "vanishing"
+    code, out = await setup.call("ADD", conf, netns=netns)
+    assert code == 0, out
+    (address,) = (i["address"] for i in out["ips"])
+    plugin.unlink()  # uninstalled while the pod ran
+    with caplog.at_level(logging.ERROR):
+        for _ in range(2):  # and the runtime's DEL is not told to retry for ever
+            code, out = await setup.call("DEL", conf, netns=netns)
+            assert (code, out) == (0, None)
+    # Everything else is undone.
+    assert in_host(dev) and ethtool.parse_features(features(dev)) == before
+    assert setup.side.came_home_calls == [(dev, False)]
+    assert setup.handler.store.all() == []
+    # The lease is left where only the plugin could free it, and the log names it, once.
+    assert setup.leases() == {address.split("/")[0]}
+    (leak,) = [r.getMessage() for r in caplog.records if "LEAKED" in r.getMessage()]
+    assert f"ctr1/net1 (network afxdp-net, device {dev}, addresses {address})" in leak
+    assert "no IPAM plugin 'vanishing' on CNI_PATH" in leak
+
+
+@privileged
+async def test_an_ipam_plugin_missing_or_not_startable_at_add_is_no_step_for_del_to_undo(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chnx")
+    netns = f"/run/netns/{ns}"
+    missing = setup.netconf(dev)
+    missing["ipam"]["type"] = "nosuch"
+    with caplog.at_level(logging.ERROR):
+        code, out = await setup.call("ADD", missing, netns=netns)
+    assert code == 1 and out["msg"] == "ipam.type: no IPAM plugin 'nosuch' on CNI_PATH", out
+    # Refused before any step: the device never left, nothing to undo, no leak.
+    assert setup.side.came_home_calls == [] and setup.handler.store.all() == []
+    assert not [r for r in caplog.records if "LEAKED" in r.getMessage()]
+    # A plugin that is there but cannot be started allocated nothing either.
+    (setup.ipam.bin / "noexec").write_text("#!/bin/sh\nexit 0\n")  # no x bit: exec fails
+    conf = setup.netconf(dev)
+    conf["ipam"]["type"] = "noexec"
+    code, out = await setup.call("ADD", conf, netns=netns)
+    assert code == 1 and out["code"] == 5 and out["msg"] == "IPAM noexec VERSION could not run"
+    assert "everything was undone" in out["details"], out
+    assert setup.handler.store.all() == [] and in_host(dev)
+    for stdin in (missing, conf):  # the runtime's DELs need neither plugin
+        code, out = await setup.call("DEL", stdin, netns=netns)
+        assert (code, out) == (0, None)
 
 
 @privileged

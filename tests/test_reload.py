@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from afxdp import control
+from afxdp import control, service
 from afxdp.config import load_config
-from tests.kernel import Lab, ip
+from tests.kernel import HungFile, Lab, ip
 from tests.kubelet import FakeKubelet
 from tests.node import NodeUnderTest, running
 
@@ -168,3 +169,92 @@ def test_sighup_and_a_swapped_configmap_symlink_reload_afxdpd(
             proc.kill()
             proc.wait()
         kubelet.stop()
+
+
+def _release_fifo_readers(fifo: Path) -> None:
+    """Readers blocked opening ``fifo`` (afxdpd before it refused FIFOs) get EOF:
+    a test that fails must not leave threads stuck."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader waits
+        return
+    os.close(fd)
+
+
+@pytest.mark.anyio
+async def test_a_fifo_in_place_of_the_config_fails_its_reloads_at_once_and_never_holds_allocate(
+    tmp_path: Path, lab: Lab, devices: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    d0, d1, _ = devices
+    node = NodeUnderTest(tmp_path, lab, [d0, d1], {"pools": [_pool("pool1", [d0, d1])]})
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)  # nobody will ever write it
+    async with running(node):
+        svc = node.service
+        assert svc is not None and svc.devices is not None
+        svc.config_path = fifo
+        results: list[bool] = []
+
+        async def reload() -> None:
+            results.append(await svc.reload())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):  # SIGHUP's and the file watch's, at once
+                tg.start_soon(reload)
+            try:  # kubelet's Allocate (its deadline is 5 s) is answered all the same
+                resp = await node.allocate(d0)
+            finally:
+                _release_fifo_readers(fifo)
+        assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": d0}
+        assert results == [False, False]
+        refused = f"reload refused, the running config stays: {fifo}: is a FIFO, not a regular file"
+        assert [r.getMessage() for r in caplog.records].count(refused + "; refused") == 2
+        assert list(svc.devices.pools) == ["pool1"]  # the running config stays
+        assert svc.metrics.config_invalid._value.get() == 1
+        assert svc.metrics.reloads.labels("invalid")._value.get() == 2
+
+
+@pytest.mark.anyio
+async def test_a_config_read_that_hangs_fails_its_reload_at_the_deadline_and_never_holds_allocate(
+    tmp_path: Path,
+    lab: Lab,
+    devices: list[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    d0, d1, _ = devices
+    node = NodeUnderTest(tmp_path, lab, [d0, d1], {"pools": [_pool("pool1", [d0, d1])]})
+    monkeypatch.setattr(service, "CONFIG_READ_TIMEOUT", 1.0)
+    async with running(node):
+        svc = node.service
+        assert svc is not None and svc.devices is not None
+        results: list[bool] = []
+
+        async def reload() -> None:
+            results.append(await svc.reload())
+
+        # A regular file on a filesystem that never answers a read (a hung NFS).
+        with HungFile(tmp_path / "mnt") as hung:
+            svc.config_path = hung.path
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):  # SIGHUP's and the file watch's, at once
+                    tg.start_soon(reload)
+                try:
+                    resp = await node.allocate(d0)  # kubelet's deadline is 5 s
+                except BaseException:
+                    hung.close()  # reloads that wait on the reads (no deadline) end too
+                    raise
+            assert hung.reading.is_set()  # the read really did hang
+            # Left behind, that read holds off the next: one hung thread, not one a reload.
+            assert await svc.reload() is False
+        assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": d0}
+        assert results == [False, False]
+        assert list(svc.devices.pools) == ["pool1"]  # the running config stays
+        assert svc.metrics.config_invalid._value.get() == 1
+        refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+        stays = f"reload refused, the running config stays: {hung.path}: "
+        assert sorted(refused) == [
+            stays + "not read within 1 s (a hung filesystem?)",
+            *[stays + "the read an earlier reload left behind has not returned "
+                      "(a hung filesystem?)"] * 2,
+        ]  # fmt: skip

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -37,6 +39,8 @@ UID_MIN, UID_MAX = 1000, 256000
 UDS_TIMEOUT_MIN, UDS_TIMEOUT_MAX, UDS_TIMEOUT_DEFAULT = 30, 300, 30
 NAME_MAX = 50
 POOL_NAME_MAX = 20
+# A config is a few KiB: one near this size is a mistake, and is held whole in memory.
+MAX_FILE_BYTES = 16 * 1024 * 1024
 # A node name as kubelet registers it: a DNS subdomain (FQDNs with dots on many
 # clouds), labels of at most 63 characters, 253 in all.
 HOSTNAME_MAX = 253
@@ -197,13 +201,50 @@ def _invalid_utf8(data: bytes | str) -> list[ConfigIssue]:
     return issues or [ConfigIssue("<document>", "is not valid UTF-8")]
 
 
-def load_config_file(path: str | Path) -> LoadedConfig:
-    """Read ``path`` and validate it; an unreadable file is a ConfigError too."""
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
+               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+
+
+def read_config_file(path: str | Path) -> bytes:
+    """The bytes of the config file at ``path``: a regular file of at most
+    MAX_FILE_BYTES, else a ConfigError naming ``path``.
+
+    Opened with O_NONBLOCK: opening a FIFO to read waits for a writer, maybe for
+    ever, and a device's open may wait or act. The fstat of what was opened (a
+    stat of the path could see another file) refuses anything but a regular
+    file before a byte is read; the reads then block as file reads do.
+    """
+
+    def refused(why: str) -> ConfigError:
+        return ConfigError([ConfigIssue(str(path), why)])
+
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError([ConfigIssue(str(path), f"cannot read: {exc.strerror or exc}")]) from None
-    return load_config(data)
+        raise refused(f"cannot read: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
+            raise refused(f"is {kind}, not a regular file; refused")
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while chunk := os.read(fd, MAX_FILE_BYTES + 1 - size):  # grown since: still bounded
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise refused(f"is larger than {MAX_FILE_BYTES} bytes; refused")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise refused(f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def load_config_file(path: str | Path) -> LoadedConfig:
+    """Read ``path`` (``read_config_file``) and validate it; an unreadable file
+    is a ConfigError too."""
+    return load_config(read_config_file(path))
 
 
 def parse_mac(text: str) -> str | None:

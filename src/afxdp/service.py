@@ -14,6 +14,7 @@ import ctypes
 import gc
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -31,12 +32,12 @@ from afxdp.cni.errors import TRY_AGAIN_LATER, CniError
 from afxdp.cni.frame import Request
 from afxdp.cni.handler import CniHandler
 from afxdp.cni.netconf import peek_version
-from afxdp.config import Config, load_config_file
+from afxdp.config import Config, LoadedConfig, load_config_file
 from afxdp.datapath import KernelDatapath
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
 from afxdp.devices import Devices
-from afxdp.errors import ConfigError
+from afxdp.errors import ConfigError, ConfigIssue
 from afxdp.handouts import Handouts
 from afxdp.inventory import NetDev
 from afxdp.logsetup import LEVELS, OWN_LOGGERS
@@ -55,6 +56,8 @@ COLLECTOR_OFF_FOR = 60.0  # s: the garbage collector is off while afxdpd starts
 VERBS = frozenset({"ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"})
 # How often the config file is looked at, and how long a change must settle.
 CONFIG_POLL, CONFIG_SETTLE = 1.0, 0.3
+# Seconds a reload waits for the config file to be read (a hung filesystem).
+CONFIG_READ_TIMEOUT = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,9 @@ class Service:
     _pool_scopes: dict[str, anyio.CancelScope] = field(default_factory=dict, init=False)
     _pool_stopped: dict[str, anyio.Event] = field(default_factory=dict, init=False)
     _cni: _Counted | None = field(default=None, init=False)
+    _config_reading: anyio.Lock = field(default_factory=anyio.Lock, init=False)
+    # Set when the config read a reload left behind (past its deadline) returns.
+    _config_left: threading.Event | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics.create(lambda: self.devices.rows() if self.devices else [])
@@ -357,12 +363,41 @@ class Service:
                 await specs.update(pool.config, pool.devices.keys())
                 described = now
 
+    async def _read_config(self, path: Path) -> LoadedConfig:
+        """The config at ``path``, read in a thread of its own within
+        CONFIG_READ_TIMEOUT; one read at a time (SIGHUP and the file watch may
+        come at once), and none while one left behind has not returned, so a
+        hung filesystem costs one thread, not one per reload."""
+        async with self._config_reading:
+            if self._config_left is not None and not self._config_left.is_set():
+                raise ConfigError([ConfigIssue(str(path), "the read an earlier reload left "
+                                   "behind has not returned (a hung filesystem?)")])  # fmt: skip
+            done = threading.Event()
+
+            def read() -> LoadedConfig:
+                try:
+                    return load_config_file(path)
+                finally:
+                    done.set()
+
+            try:
+                return await workers.run_detached("config-read", read, timeout=CONFIG_READ_TIMEOUT)
+            except TimeoutError:
+                self._config_left = done
+                late = f"not read within {CONFIG_READ_TIMEOUT:g} s (a hung filesystem?)"
+                raise ConfigError([ConfigIssue(str(path), late)]) from None
+
     async def reload(self) -> bool:
         """Read the config file again and apply it; False (and the old config
-        kept, every error logged) when the new one is invalid."""
+        kept, every error logged) when the new one is invalid or unreadable.
+
+        The read takes no lock or thread that Allocate needs (``_read_config``;
+        load_config_file refuses a FIFO or a device without waiting on it);
+        only applying the new config, after the read, touches the pools.
+        """
         assert self.devices is not None and self.config_path is not None
         try:
-            loaded = await workers.run_sync(Work.DISK, load_config_file, self.config_path)
+            loaded = await self._read_config(self.config_path)
         except ConfigError as exc:
             for issue in exc.issues:
                 log.error("reload refused, the running config stays: %s", issue)

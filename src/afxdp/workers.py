@@ -5,6 +5,10 @@ of work it is. Each kind has its own limiter, so one kind cannot starve another:
 45 CNI requests whose IPAM plugin hangs hold at most ``CNI``'s threads, and
 kubelet's Allocate (``DEVICES``) and link health (``NETLINK``) still get theirs.
 
+A call that may never return (the config file's read: a hung filesystem)
+runs through ``run_detached``: a daemon thread of its own, waited for until a
+deadline, then left behind holding no limiter's thread.
+
 External programs (IPAM plugins, ethtool) run through ``run_program``: in their
 own process group, with a deadline, and the whole group is killed when it
 passes (a plugin's children must not outlive it).
@@ -17,6 +21,7 @@ import enum
 import os
 import signal
 import subprocess
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
@@ -55,6 +60,40 @@ def limiter(work: Work) -> anyio.CapacityLimiter:
 async def run_sync(work: Work, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a worker thread, counted against ``work``'s limiter."""
     return await anyio.to_thread.run_sync(partial(fn, *args), limiter=limiter(work))
+
+
+async def run_detached(name: str, fn: Callable[..., T], *args: Any, timeout: float) -> T:
+    """``fn(*args)`` in a daemon thread of its own, waited for at most
+    ``timeout`` seconds: TimeoutError past it, and the call is left to end on
+    its own.
+
+    For a call that may block for ever and cannot be interrupted (a read on a
+    hung filesystem): in ``run_sync`` it would take a thread of its limiter
+    for good, and a pooled thread would hold up the process's exit. This
+    thread counts against no limiter: the caller bounds how many it leaves.
+    """
+    loop = asyncio.get_running_loop()
+    done = anyio.Event()
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # re-raised in the caller's task
+            error.append(exc)
+        finally:
+            with suppress(RuntimeError):  # the loop has closed: nobody waits
+                loop.call_soon_threadsafe(done.set)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    with anyio.move_on_after(timeout):
+        await done.wait()
+    if error:
+        raise error[0]
+    if not result:
+        raise TimeoutError(f"{name} did not return within {timeout:g} s; left behind")
+    return result[0]
 
 
 def usage() -> dict[str, dict[str, float]]:

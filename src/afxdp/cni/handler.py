@@ -23,7 +23,12 @@ ifname) that holds no attachment of that device touches nothing. The
 allocation is kubelet's and outlives the DEL (the runtime's sandbox retry is
 ADD, DEL, ADD), so the device side is only told that the device came home.
 DEL finishes every step even when one fails, then reports what failed; what
-failed stays in the record for the runtime's retry.
+failed stays in the record for the runtime's retry. One failure is not retried:
+an IPAM plugin that ran at ADD and is no longer on CNI_PATH. Nothing but that
+plugin can release its lease, so the lease is logged as leaked and the DEL
+succeeds (see ``_leaked``). The record names IPAM only once the plugin may have
+run: a missing plugin fails ADD before any step, and one that could not be
+started is un-noted, so its DEL never needs it.
 
 Requests for the same container, or the same device, are serialized; others
 run concurrently. Blocking work runs in the CNI limiter (workers.Work.CNI), so
@@ -151,6 +156,27 @@ async def _together(*steps: Callable[[], Awaitable[None]]) -> None:
         raise failed[0]
 
 
+def _leaked(record: Attachment, missing: CniError) -> None:
+    """Say, once and loudly, that ``record``'s IPAM lease cannot be released.
+
+    Its ADD ran the IPAM plugin, which is no longer on CNI_PATH: only that
+    plugin can release what it allocated. The undo goes on without it, and the
+    DEL succeeds: failing it would keep the pod's sandbox (and this record)
+    forever for a release no retry can make, and the CNI spec asks DEL to
+    succeed when what it would release is out of reach. The lease stays
+    allocated in the plugin's store (an address leaked, never handed out
+    twice), so the operator is told which one to free.
+    """
+    ips = [str(ip.get("address")) for ip in record.result.get("ips", []) if isinstance(ip, dict)]
+    log.error(
+        "IPAM lease LEAKED: %s/%s (network %s, device %s, addresses %s): %s. Only that "
+        "plugin can release it; the rest is undone without it. Free it in the plugin's "
+        "store, or reinstall the plugin and run its DEL with the same netconf",
+        record.container_id, record.ifname, record.network, record.device,
+        ", ".join(ips) or "unknown (the ADD did not finish)", missing,
+    )  # fmt: skip
+
+
 def _summary(problems: list[CniError]) -> CniError:
     """One error naming every problem (the first one's code)."""
     first = problems[0]
@@ -270,6 +296,8 @@ class CniHandler:
             if problems:
                 raise CniError(IO_FAILURE, "undoing an earlier unfinished ADD failed",
                                _summary(problems).details)  # fmt: skip
+        if conf.ipam_type:  # refused before any step: no device moved for nothing
+            ipam.find_plugin(conf.ipam_type, env.path)
         host_up = await _in(None, link.admin_up, dev)
         if host_up is None:
             raise CniError(INVALID_CONFIG, f"deviceID: {dev} is not in the host network namespace",
@@ -315,7 +343,13 @@ class CniHandler:
         async def lease() -> None:  # noted with the record
             nonlocal ipam_result
             if conf.ipam_type:
-                ipam_result = await ipam.add(env, conf)
+                try:
+                    ipam_result = await ipam.add(env, conf)
+                except ipam.NotRun:
+                    # Never started (gone since the check, not executable): it
+                    # holds no lease, and the undo must not need it.
+                    await self._note(key, ipam=False)
+                    raise
 
         async def move(ip: str | None = None) -> None:
             if cmds:  # on the host side, before the move
@@ -418,6 +452,8 @@ class CniHandler:
                 try:
                     old_env, old_conf = self._request_of(record, path)
                     await ipam.delete(old_env, old_conf)
+                except ipam.Missing as exc:
+                    _leaked(record, exc)  # the step is dropped: no retry can release it
                 except Exception as exc:
                     released.append(_as_cni(exc, "IPAM DEL failed"))
                     left["ipam"] = True

@@ -9,6 +9,11 @@ Each call runs through ``workers.run_program``: its own process group, killed
 with its children past TIMEOUT (code 11, try again later). A failing plugin's
 CNI error code is passed through; output that is not a usable result is a
 code 5 error quoting it.
+
+A plugin that was not started (``NotRun``: not on CNI_PATH, or the exec
+failed) changed nothing it keeps, so ADD notes that no IPAM step was taken.
+One that is not on CNI_PATH at all is ``Missing``: a DEL cannot release its
+lease (handler.py decides what that means).
 """
 
 from __future__ import annotations
@@ -31,13 +36,21 @@ TIMEOUT = 60.0
 _EXCERPT = 500
 
 
+class NotRun(CniError):
+    """The plugin was not started: nothing it keeps was allocated or released."""
+
+
+class Missing(NotRun):
+    """The plugin is not on CNI_PATH."""
+
+
 def find_plugin(name: str, path: tuple[str, ...]) -> Path:
     for d in path:
         candidate = Path(d) / name
         if candidate.is_file():
             return candidate
-    raise CniError(INVALID_CONFIG, f"ipam.type: no IPAM plugin {name!r} on CNI_PATH",
-                   ":".join(path))  # fmt: skip
+    raise Missing(INVALID_CONFIG, f"ipam.type: no IPAM plugin {name!r} on CNI_PATH",
+                  ":".join(path))  # fmt: skip
 
 
 def _excerpt(*outputs: bytes) -> str:
@@ -75,10 +88,8 @@ async def _run(plugin: Path, command: str, env: Env, stdin: bytes) -> bytes:
         # daemon away, a locked store) may well answer next time.
         raise CniError(TRY_AGAIN_LATER, f"IPAM {plugin.name} {command} did not finish within "
                        f"{TIMEOUT:g} s; it was killed with its children") from None  # fmt: skip
-    except OSError as exc:
-        raise CniError(
-            IO_FAILURE, f"IPAM {plugin.name} {command} could not run", str(exc)
-        ) from None
+    except OSError as exc:  # not started (run_program's OSError comes from the exec)
+        raise NotRun(IO_FAILURE, f"IPAM {plugin.name} {command} could not run", str(exc)) from None
     if done.returncode != 0:
         raise _plugin_error(plugin, command, done.stdout, done.stderr)
     return bytes(done.stdout)
@@ -103,8 +114,8 @@ _versions: dict[tuple[str, int], list[str]] = {}
 async def _supported(plugin: Path, env: Env, version: str) -> list[str]:
     try:
         key = (str(plugin), plugin.stat().st_mtime_ns)
-    except OSError as exc:
-        raise CniError(IO_FAILURE, f"IPAM {plugin.name} could not run", str(exc)) from None
+    except OSError as exc:  # gone since find_plugin saw it
+        raise NotRun(IO_FAILURE, f"IPAM {plugin.name} could not run", str(exc)) from None
     if key not in _versions:
         out = await _run(plugin, "VERSION", env, json.dumps({"cniVersion": version}).encode())
         versions = _result(plugin, "VERSION", out).get("supportedVersions", [])
