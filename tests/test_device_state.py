@@ -789,3 +789,32 @@ async def test_a_restart_without_kubelet_keeps_the_records_view_saying_so(
         assert _states(pool) == {"a": "allocated", "b": "free"}
         # The periodic reconcile settles it once kubelet answers.
         assert await n.devices.reconcile() == ["a"]
+
+
+async def test_a_record_naming_paths_outside_afxdpds_dirs_is_not_trusted_and_they_stay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A forged record: a device name that climbs out of the socket dir, and a
+    # pinned map outside the pin dir. Cleaning up after either would unlink
+    # files (and remove a directory) that are not afxdpd's.
+    victim = tmp_path / "victim" / "afxdp.sock"
+    outside = tmp_path / "outside" / "xsks_map"
+    for path in (victim, outside):
+        path.parent.mkdir()
+        path.write_text("not afxdpd's")
+    (tmp_path / "state").mkdir()
+    forged = Record(allocations={
+        "../victim": Allocation(pool="p", device="../victim", prog_id=5),
+        "a": Allocation(pool="p", device="a", prog_id=6, pinned=str(outside)),
+    })  # fmt: skip
+    (tmp_path / "state" / "state.json").write_bytes(msgspec.json.encode(forged) + b"\n")
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        n.datapath.stale["a"] = 6
+        with caplog.at_level(logging.ERROR, logger="afxdp.state"):
+            record = n.handouts.store.load()
+        await n.devices.restore(record, {})  # kubelet: no pod holds anything
+        assert not any(step.startswith(("unpin", "detach_stale")) for step in n.datapath.log)
+    assert victim.read_text() == outside.read_text() == "not afxdpd's"
+    assert "allocation of '../victim': the device '../victim' is" in caplog.text
+    assert f"allocation of 'a': the pinned map {str(outside)!r} is not" in caplog.text
+    assert (tmp_path / "state" / "state.json.unreadable").exists()

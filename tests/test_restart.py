@@ -316,3 +316,28 @@ async def test_sigterm_lets_a_cni_add_in_flight_finish_and_turns_new_ones_away(
     assert code == 0, err  # the ADD in flight was finished, not cut off
     assert node.proc is not None and node.proc.wait(timeout=20) == 0
     assert prog_on(d0, ns) > 0  # the pod has its device
+
+
+async def test_a_forged_state_record_cannot_make_afxdpd_unlink_what_is_not_its(
+    node: Node,
+) -> None:
+    _, d1 = node.devices
+    victim = node.tmp / "victim" / "afxdp.sock"  # where uds-dir/../victim leads
+    outside = node.tmp / "outside" / "xsks_map"
+    for path in (victim, outside):
+        path.parent.mkdir()
+        path.write_text("not afxdpd's")
+    forged = {
+        "../victim": {"pool": "p", "device": "../victim", "prog_id": 1},
+        d1: {"pool": "p", "device": d1, "pinned": str(outside)},
+    }
+    (node.tmp / "state").mkdir()
+    (node.tmp / "state" / "state.json").write_text(
+        json.dumps({"version": 1, "allocations": forged}) + "\n"
+    )
+    node.start()
+    assert set(node.states().values()) == {"free"}
+    node.stop()
+    assert victim.read_text() == outside.read_text() == "not afxdpd's"
+    assert (node.tmp / "state" / "state.json.unreadable").exists()
+    assert "state.json cannot be trusted" in node.log()

@@ -177,7 +177,7 @@ class Service:
         netdevs = {nd.name: nd for nd in await inventory.scan()}
         store = AttachmentStore(self.paths.run_dir / "cni-attachments.json")
         self._attachments = store
-        state = StateStore(self.paths.state_dir or self.paths.run_dir)
+        state = StateStore(self.paths.state_dir or self.paths.run_dir, self.paths.pin_dir)
         record = state.load()
         # Devices in pods since before this start are not in our netns: their
         # pools count them as the record describes them.
