@@ -176,12 +176,13 @@ async def test_a_state_record_naming_what_is_not_afxdpds_is_moved_aside_naming_e
     ]
     path = _write_record(tmp_path, good)
     store = StateStore(tmp_path, pins)
-    assert store.load().allocations == {"b": good}
+    assert store.load().allocations == {"b": good} and not store.unreadable
     for alloc in bad:
         _write_record(tmp_path, good, alloc)
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="afxdp.state"):
             assert store.load().allocations == {}  # not one entry of it is acted on
+        assert store.unreadable
         assert f"allocation of {alloc.device!r}: " in caplog.text, caplog.text
         assert "state.json cannot be trusted" in caplog.text and not path.exists()
         assert (tmp_path / "state.json.unreadable").exists()
@@ -212,3 +213,22 @@ async def test_an_attachment_record_naming_what_is_not_afxdpds_is_moved_aside(
         assert "cni.json cannot be trusted" in caplog.text and not path.exists()
     path.write_bytes(msgspec.json.encode([good]) + b"\n")
     assert AttachmentStore(path).all() == [good]
+
+
+async def test_load_says_when_the_record_could_not_be_trusted_and_an_empty_one_is_not_that(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path)
+    assert store.load().allocations == {} and not store.unreadable  # none yet: nothing handed out
+    await store.put([_alloc("a"), _alloc("b")])  # the first write: one snapshot line
+    path = tmp_path / "state.json"
+    whole = path.read_bytes()
+    await store.put([_alloc("c")])
+    with path.open("ab") as f:  # a change line cut short is skipped, the rest trusted
+        f.write(b'{"put": {"pool": "p", "dev')
+    assert sorted(store.load().allocations) == ["a", "b", "c"] and not store.unreadable
+    for damaged in (whole[: len(whole) // 2], whole[:-1][:-3], b"\x00\xffgarbage\n", b""):
+        path.write_bytes(damaged)  # the snapshot itself cut short, or not a record at all
+        assert store.load().allocations == {}
+        assert store.unreadable, damaged
+        assert (tmp_path / "state.json.unreadable").read_bytes() == damaged

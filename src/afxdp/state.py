@@ -19,7 +19,9 @@ cannot be a netdev name (``../../x``), a pinned map other than the one
 afxdpd pins for that pool and device (``pinning.map_path``), a netdev
 description of another device. Every name and path acted on at a start
 (socket dirs removed, maps unpinned, programs detached) is checked here, where
-records are read.
+records are read. Such a record tells nothing about who holds what: ``load``
+says so (``unreadable``), and until kubelet's PodResources answers no device
+may be handed out, prepared or released (devices.py, ``distrust``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class Allocation(msgspec.Struct, forbid_unknown_fields=False):
     pinned: str | None = None  # the pinned map's path, in pinned-map pools
     secondary: bool = False  # a cdq secondary we created (deleted when it ends)
     netdev: dict[str, Any] = {}  # inventory.NetDev as builtins
+    # Taken over from kubelet's word alone (the record was lost) while the
+    # device was in its pod: what program and map it carries is not known.
+    setup_unknown: bool = False
 
 
 class Record(msgspec.Struct, forbid_unknown_fields=False):
@@ -63,6 +68,7 @@ class StateStore:
         self.path = state_dir / FILE_NAME if state_dir is not None else None
         self.pin_dir = pin_dir
         self.record = Record()
+        self.unreadable = False  # the last load found a record it could not trust
         self._journal: Journal[str, Allocation] = Journal(
             self.path,
             key=lambda a: a.device,
@@ -76,11 +82,16 @@ class StateStore:
         self.record.allocations = self._journal.entries
 
     def load(self) -> Record:
-        """The record on disk (an empty one when there is none or it cannot be trusted)."""
+        """The record on disk: an empty one when there is none, and when it
+        cannot be trusted (then ``unreadable`` is set: an empty record is not
+        "nothing is allocated")."""
+        self.unreadable = False
         try:
             self._journal.load()
         except Unreadable as exc:
-            log.error("%s, starting from kubelet's view", exc)
+            self.unreadable = True
+            log.error("%s; no device is handed out, prepared or released until kubelet's "
+                      "PodResources says who holds it", exc)  # fmt: skip
         return self.record
 
     def _problem(self, alloc: Allocation) -> str | None:
