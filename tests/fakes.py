@@ -152,6 +152,10 @@ class FakeDatapath:
         self.log.append(f"adopt {device}")
         return FakeProgram(device, prog_id, self.log, self.stale)
 
+    def ours(self, device: str) -> int | None:
+        """A program of ours left on ``device`` (``stale``), unless it is in a pod."""
+        return None if device in self.in_pods else self.stale.get(device)
+
     def pin(self, program: Any, path: Path, uid: int) -> None:
         self.log.append(f"pin {path.parent.name}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +21,16 @@ from afxdp import __version__, control
 from afxdp.cli import afxdpctl
 from afxdp.cni import shim
 from afxdp.config import MAX_FILE_BYTES
-from afxdp.status import PodRef, Status, pod_from_cni_args, pods_by_device
+from afxdp.pools import UNKNOWN_HOLDER
+from afxdp.status import (
+    AllocationStatus,
+    DeviceStatus,
+    PodRef,
+    PoolStatus,
+    Status,
+    pod_from_cni_args,
+    pods_by_device,
+)
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest as Node
 from tests.node import pool_config, running
@@ -342,6 +352,24 @@ def test_status_document_of_an_older_afxdpd_decodes_and_unknown_fields_are_ignor
     # a pool a reload removed drains unregistered without making the node unready
     doc.pools[0].draining = True
     assert doc.unready_reasons() == []
+
+
+def test_status_says_which_devices_wait_for_kubelet_and_which_setup_is_unknown() -> None:
+    doc = Status(
+        node="n",
+        ready=True,
+        pools=[PoolStatus(resource="afxdp/p", mode="primary", registered=True, devices=[
+            DeviceStatus(id="a", state="allocated", health="Healthy"),
+            DeviceStatus(id="b", state="allocated", health="Healthy"),
+            DeviceStatus(id="c", state="unknown", health="Unhealthy", fault=UNKNOWN_HOLDER),
+        ])],
+        allocations=[AllocationStatus(pool="p", device="a", xdp_prog_id=5),
+                     AllocationStatus(pool="p", device="b", setup_unknown=True)],
+    )  # fmt: skip
+    for wide in (False, True):
+        rows = [re.split(r"\s{2,}", line) for line in afxdpctl.status_lines(doc, wide=wide)]
+        states = {row[1]: row[2] for row in rows if row[0] == "p" and row[1] in "abc"}
+        assert states == {"a": "allocated", "b": "allocated, setup unknown", "c": "unknown"}
 
 
 def test_pod_comes_from_the_cni_args_kubernetes_adds() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from afxdp.cni import ethtool
@@ -26,6 +27,7 @@ from afxdp.cni.attachments import Attachment, AttachmentStore
 from afxdp.cni.errors import CniError
 from afxdp.cni.frame import Request
 from afxdp.cni.handler import CniHandler
+from afxdp.netdev import NetDev
 from tests.kernel import Lab, ip
 
 HOST_LOCAL_DIR = "/usr/lib/cni"
@@ -52,7 +54,9 @@ class FakeDeviceSide:
             raise RuntimeError("device side bug")
 
     def describe(self, device: str) -> dict[str, Any]:
-        return {"name": device, "driver": "veth"}
+        described: dict[str, Any] = msgspec.to_builtins(NetDev(name=device, ifindex=1,
+                                                               driver="veth"))  # fmt: skip
+        return described
 
 
 class FakeIpam:
@@ -506,7 +510,7 @@ async def test_repeated_add_returns_the_earlier_answer_without_a_second_lease(
     )
     assert (record.complete, record.ipam, record.moved, record.home) == (True, True, True, False)
     assert record.result == first and record.host_up is True
-    assert record.netdev == {"name": dev, "driver": "veth"}  # the device side's description
+    assert record.netdev == setup.side.describe(dev)  # the device side's description
     assert record.netconf == setup.netconf(dev) and record.env["CNI_CONTAINERID"] == "ctr1"
 
 

@@ -28,7 +28,7 @@ from afxdp.errors import DeviceError
 from afxdp.handouts import Handouts
 from afxdp.inventory import NetDev
 from afxdp.netwatch import Change, LinkEvent
-from afxdp.pools import Pool, PoolDevice, assemble
+from afxdp.pools import UNKNOWN_HOLDER, Pool, PoolDevice, assemble
 from afxdp.state import Allocation, Record, StateStore
 from tests.fakes import FakeDatapath, FakeProgram, FakeSubfunctions
 from tests.test_devices import Kubelet, _check, _pool, node
@@ -864,3 +864,131 @@ async def test_an_allocate_queued_behind_another_marks_the_pool_a_reload_left(
         assert _states(pool) == {"a": "allocated", "b": "allocated"}
         with pytest.raises(DeviceError, match="a: allocated; b: allocated"):
             await n.devices.allocate("p", ["a", "b"])
+async def test_a_record_naming_paths_outside_afxdpds_dirs_is_not_trusted_and_they_stay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A forged record: a device name that climbs out of the socket dir, and a
+    # pinned map outside the pin dir. Cleaning up after either would unlink
+    # files (and remove a directory) that are not afxdpd's.
+    victim = tmp_path / "victim" / "afxdp.sock"
+    outside = tmp_path / "outside" / "xsks_map"
+    for path in (victim, outside):
+        path.parent.mkdir()
+        path.write_text("not afxdpd's")
+    (tmp_path / "state").mkdir()
+    forged = Record(allocations={
+        "../victim": Allocation(pool="p", device="../victim", prog_id=5),
+        "a": Allocation(pool="p", device="a", prog_id=6, pinned=str(outside)),
+    })  # fmt: skip
+    (tmp_path / "state" / "state.json").write_bytes(msgspec.json.encode(forged) + b"\n")
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        n.datapath.stale["a"] = 6
+        with caplog.at_level(logging.ERROR, logger="afxdp.state"):
+            record = n.handouts.store.load()
+        await n.devices.restore(record, {})  # kubelet: no pod holds anything
+        assert not any(step.startswith(("unpin", "detach_stale")) for step in n.datapath.log)
+    assert victim.read_text() == outside.read_text() == "not afxdpd's"
+    assert "allocation of '../victim': the device '../victim' is" in caplog.text
+    assert f"allocation of 'a': the pinned map {str(outside)!r} is not" in caplog.text
+    assert (tmp_path / "state" / "state.json.unreadable").exists()
+
+
+# -- an untrusted record: kubelet's word alone ----------------------------------------------
+
+
+async def test_an_untrusted_record_leaves_every_device_unknown_until_kubelet_says_who_holds_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    pool = _named("p", "a", "b", "c")
+    async with running(pool, tmp_path=tmp_path) as n:
+        n.datapath.stale["a"] = 5  # a pod's program: its device not yet moved into the pod
+        n.datapath.in_pods.add("b")  # in its pod's netns: nothing of it is seen
+        n.devices.distrust()
+        assert _states(pool) == dict.fromkeys("abc", "unknown")
+        assert {d.usable for d in pool.devices.values()} == {False}  # kubelet: Unhealthy
+        for ids in (["c"], ["a", "c"]):
+            with pytest.raises(DeviceError, match=f"c: {UNKNOWN_HOLDER}"):
+                await n.devices.allocate("p", ids)
+        n.devices.prepare_all()
+        n.devices.on_link(LinkEvent("c", Change.UP))
+        await n.settle()
+        assert await n.devices.reconcile(grace=0.0) == []
+        assert await n.devices.settle(None) == []  # kubelet cannot say yet
+        assert n.datapath.log == [] and n.handouts.prepared == {}  # no program touched
+        assert _states(pool) == dict.fromkeys("abc", "unknown")
+
+        assert await n.devices.settle({"afxdp/p": {"a", "b"}, "afxdp/q": {"c"}}) == ["a", "b"]
+        assert _states(pool) == {"a": "allocated", "b": "allocated", "c": "free"}
+        # a: the pod's program adopted, its socket served again; b: kept as it is.
+        assert n.datapath.log == ["adopt a", "listen a"]
+        a, b = n.handouts.handouts["a"], n.handouts.handouts["b"]
+        assert a.xdp is not None and a.xdp.prog_id == 5 and not a.status().setup_unknown
+        assert b.xdp is None and b.status().setup_unknown
+        assert _said(caplog, logging.WARNING) == [
+            "a: a pod holds it (kubelet), the state record was lost; kept allocated, "
+            "its program adopted",
+            "b: a pod holds it (kubelet), the state record was lost; kept allocated, "
+            "no program of ours on it here (in its pod's netns?): setup unknown",
+        ]
+        n.devices.prepare_all()
+        await n.settle()
+        assert n.datapath.log[2:] == ["attach c"] and list(n.handouts.prepared) == ["c"]
+        n.kubelet.held.update({"a", "b"})
+        with pytest.raises(DeviceError, match="a: allocated; b: allocated"):
+            await n.devices.allocate("p", ["a", "b"])
+        # Recorded as any allocation: a restart with this record keeps them.
+        record = StateStore(tmp_path / "state", tmp_path / "pins").load().allocations
+        assert sorted(record) == ["a", "b"] and record["a"].prog_id == 5
+        assert record["b"].setup_unknown and not record["a"].setup_unknown
+        # And it ends as any once kubelet lists the pod no more: home, with the
+        # pod's program, which a fresh one takes the place of.
+        n.datapath.in_pods.discard("b")
+        n.datapath.stale["b"] = 9
+        n.kubelet.held.discard("b")
+        assert await n.devices.reconcile(grace=0.0) == ["b"]
+        await n.settle()
+        assert _states(pool)["b"] == "free" and n.datapath.log[-1] == "replace b"
+
+
+async def test_kubelet_down_at_start_then_up_settles_the_unknown_devices(tmp_path: Path) -> None:
+    pool = _named("p", "a", "b")
+    async with running(pool, tmp_path=tmp_path) as n:
+        n.datapath.stale["a"] = 5
+        answer: dict[str, set[str]] | None = None
+        asked_in_vain = anyio.Event()
+
+        async def ask() -> dict[str, set[str]] | None:
+            if answer is None:
+                asked_in_vain.set()
+            return answer
+
+        n.devices.distrust()
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(n.devices.settle_forever, ask, 0.001)
+                await asked_in_vain.wait()
+                assert _states(pool) == dict.fromkeys("ab", "unknown")
+                with pytest.raises(DeviceError, match=UNKNOWN_HOLDER):
+                    await n.devices.allocate("p", ["b"])
+                answer = {"afxdp/p": {"a"}}  # kubelet is back; settle_forever returns
+        await n.settle()
+        assert _states(pool) == {"a": "allocated", "b": "free"}
+        assert n.datapath.log == ["adopt a", "listen a", "attach b"]  # b prepared now
+        assert not n.devices.distrusted
+
+
+async def test_a_reload_before_kubelet_answers_keeps_every_device_unknown(tmp_path: Path) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        n.devices.distrust()
+        await n.devices.replace_pools([_named("p", "a", "b", "c"), _named("q", "d")])
+        await n.settle()
+        for name in ("p", "q"):
+            assert set(_states(n.devices.pools[name]).values()) == {"unknown"}
+        with pytest.raises(DeviceError, match=UNKNOWN_HOLDER):
+            await n.devices.allocate("q", ["d"])
+        assert n.datapath.log == []
+        assert await n.devices.settle({}) == []
+        n.devices.prepare_all()
+        await n.settle()
+        assert sorted(n.handouts.prepared) == ["a", "b", "c", "d"]

@@ -155,7 +155,7 @@ class Node:
 
     def record(self) -> dict[str, Allocation]:
         """The durable record as a restarted afxdpd would read it."""
-        return StateStore(self.tmp / "state").load().allocations
+        return StateStore(self.tmp / "state", self.tmp / "pins").load().allocations
 
 
 @asynccontextmanager

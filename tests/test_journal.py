@@ -15,14 +15,17 @@ import msgspec
 import pytest
 
 from afxdp import journal
+from afxdp.bpf import pinning
 from afxdp.cni.attachments import Attachment, AttachmentStore
+from afxdp.netdev import NetDev
 from afxdp.state import Allocation, Record, StateStore
 
 pytestmark = pytest.mark.anyio
 
 
 def _alloc(device: str, prog_id: int = 7) -> Allocation:
-    return Allocation(pool="p", device=device, prog_id=prog_id, netdev={"name": device})
+    netdev = msgspec.json.decode(msgspec.json.encode(NetDev(name=device, ifindex=1, driver="veth")))
+    return Allocation(pool="p", device=device, prog_id=prog_id, netdev=netdev)
 
 
 def _attachment(container: str, device: str = "d0") -> Attachment:
@@ -149,3 +152,83 @@ async def test_concurrent_changes_reach_the_disk_in_their_order(tmp_path: Path) 
             tg.start_soon(store.put, _attachment(f"other{n}"))
     assert AttachmentStore(path).get(("c1", "net1")) == replace(first, device="d29")
     assert len(AttachmentStore(path).all()) == 32
+
+
+def _write_record(tmp_path: Path, *allocations: Allocation) -> Path:
+    path = tmp_path / "state.json"
+    record = Record(allocations={a.device: a for a in allocations})
+    path.write_bytes(msgspec.json.encode(record) + b"\n")
+    return path
+
+
+async def test_a_state_record_naming_what_is_not_afxdpds_is_moved_aside_naming_each_entry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pins = tmp_path / "pins"
+    good = Allocation(pool="p", device="b", pinned=str(pinning.map_path(pins, "p", "b")))
+    bad = [
+        Allocation(pool="p", device="../../x", prog_id=3),
+        Allocation(pool="p", device="nul\0", prog_id=3),
+        Allocation(pool="p", device="a", pinned=str(tmp_path / "elsewhere" / "xsks_map")),
+        Allocation(pool="..", device="c", pinned=str(pinning.map_path(pins, "..", "c"))),
+        Allocation(pool="p", device="d", netdev=_alloc("eth0").netdev),
+        Allocation(pool="p", device="e", netdev={"name": "e"}),
+    ]
+    path = _write_record(tmp_path, good)
+    store = StateStore(tmp_path, pins)
+    assert store.load().allocations == {"b": good} and not store.unreadable
+    for alloc in bad:
+        _write_record(tmp_path, good, alloc)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="afxdp.state"):
+            assert store.load().allocations == {}  # not one entry of it is acted on
+        assert store.unreadable
+        assert f"allocation of {alloc.device!r}: " in caplog.text, caplog.text
+        assert "state.json cannot be trusted" in caplog.text and not path.exists()
+        assert (tmp_path / "state.json.unreadable").exists()
+    # Without a pin dir no pinned map is afxdpd's.
+    _write_record(tmp_path, good)
+    assert StateStore(tmp_path).load().allocations == {}
+
+
+async def test_an_attachment_record_naming_what_is_not_afxdpds_is_moved_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "cni.json"
+    good = _attachment("c1")
+    bad = [
+        replace(good, netns="/tmp/a-fifo"),  # opened and entered at DEL
+        replace(good, netns="/run/netns/../../dev/watchdog"),
+        replace(good, device="../x"),
+        replace(good, ifname="a/b"),
+        replace(good, container_id="../c"),
+        replace(good, netdev=_alloc("eth0").netdev),
+    ]
+    for attachment in bad:
+        path.write_bytes(msgspec.json.encode([_attachment("c0"), attachment]) + b"\n")
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="afxdp.cni.attachments"):
+            assert AttachmentStore(path).all() == []
+        assert f"attachment {attachment.container_id!r}/{attachment.ifname!r}: " in caplog.text
+        assert "cni.json cannot be trusted" in caplog.text and not path.exists()
+    path.write_bytes(msgspec.json.encode([good]) + b"\n")
+    assert AttachmentStore(path).all() == [good]
+
+
+async def test_load_says_when_the_record_could_not_be_trusted_and_an_empty_one_is_not_that(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path)
+    assert store.load().allocations == {} and not store.unreadable  # none yet: nothing handed out
+    await store.put([_alloc("a"), _alloc("b")])  # the first write: one snapshot line
+    path = tmp_path / "state.json"
+    whole = path.read_bytes()
+    await store.put([_alloc("c")])
+    with path.open("ab") as f:  # a change line cut short is skipped, the rest trusted
+        f.write(b'{"put": {"pool": "p", "dev')
+    assert sorted(store.load().allocations) == ["a", "b", "c"] and not store.unreadable
+    for damaged in (whole[: len(whole) // 2], whole[:-1][:-3], b"\x00\xffgarbage\n", b""):
+        path.write_bytes(damaged)  # the snapshot itself cut short, or not a record at all
+        assert store.load().allocations == {}
+        assert store.unreadable, damaged
+        assert (tmp_path / "state.json.unreadable").read_bytes() == damaged

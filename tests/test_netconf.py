@@ -105,6 +105,38 @@ def test_an_ifname_of_dots_and_letters_is_valid() -> None:
     assert parse_env({**ADD_ENV, "CNI_IFNAME": "a.b"}).ifname == "a.b"
 
 
+def test_an_ifname_is_counted_in_bytes_as_the_kernel_counts_it() -> None:
+    assert parse_env({**ADD_ENV, "CNI_IFNAME": "é" * 7 + "a"}).ifname == "é" * 7 + "a"  # 15
+    assert env_error({**ADD_ENV, "CNI_IFNAME": "é" * 8}).msg == (  # 8 characters, 16 bytes
+        "CNI_IFNAME is not a valid interface name"
+    )
+
+
+@pytest.mark.parametrize(
+    "netns",
+    ["/run/netns/cni-1", "/var/run/netns/cni-1", "/proc/42/ns/net", "/proc/42/task/43/ns/net"],
+)
+def test_a_netns_where_runtimes_put_them_is_accepted(netns: str) -> None:
+    for command in ("ADD", "CHECK"):
+        assert parse_env({**ADD_ENV, "CNI_COMMAND": command, "CNI_NETNS": netns}).netns == netns
+
+
+@pytest.mark.parametrize(
+    "netns",
+    ["/tmp/ns", "/run/netns/../../etc/passwd", "/run/netns/..", "/run/netns/a/b", "run/netns/a",
+     "/proc/kmsg", "/proc/42/ns/mnt", "/dev/watchdog"],
+)  # fmt: skip
+def test_a_netns_anywhere_else_is_code_4_and_never_entered(netns: str) -> None:
+    # afxdpd opens and enters CNI_NETNS as root: a FIFO would hang it, a
+    # device file be opened. The same rule is how an attachment record is read.
+    for command in ("ADD", "CHECK"):
+        err = env_error({**ADD_ENV, "CNI_COMMAND": command, "CNI_NETNS": netns})
+        assert err.msg == "CNI_NETNS is not where runtimes put network namespaces"
+        assert repr(netns) in err.details
+    # DEL and GC act on what ADD recorded, not on their CNI_NETNS.
+    assert parse_env({**ADD_ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": netns}).netns == netns
+
+
 def test_cni_args_split_each_pair_at_its_first_equals_sign() -> None:
     env = parse_env({**ADD_ENV, "CNI_ARGS": "K8S_POD_NAME=a=b;X="})
     assert env.args == {"K8S_POD_NAME": "a=b", "X": ""}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import grpc
 import pytest
 
 from afxdp import control
@@ -316,3 +317,120 @@ async def test_sigterm_lets_a_cni_add_in_flight_finish_and_turns_new_ones_away(
     assert code == 0, err  # the ADD in flight was finished, not cut off
     assert node.proc is not None and node.proc.wait(timeout=20) == 0
     assert prog_on(d0, ns) > 0  # the pod has its device
+
+
+async def test_a_forged_state_record_cannot_make_afxdpd_unlink_what_is_not_its(
+    node: Node,
+) -> None:
+    _, d1 = node.devices
+    victim = node.tmp / "victim" / "afxdp.sock"  # where uds-dir/../victim leads
+    outside = node.tmp / "outside" / "xsks_map"
+    for path in (victim, outside):
+        path.parent.mkdir()
+        path.write_text("not afxdpd's")
+    forged = {
+        "../victim": {"pool": "p", "device": "../victim", "prog_id": 1},
+        d1: {"pool": "p", "device": d1, "pinned": str(outside)},
+    }
+    (node.tmp / "state").mkdir()
+    (node.tmp / "state" / "state.json").write_text(
+        json.dumps({"version": 1, "allocations": forged}) + "\n"
+    )
+    node.start()
+    assert set(node.states().values()) == {"free"}
+    node.stop()
+    assert victim.read_text() == outside.read_text() == "not afxdpd's"
+    assert (node.tmp / "state" / "state.json.unreadable").exists()
+    assert "state.json cannot be trusted" in node.log()
+
+
+def allocate_refused(node: Node, dev: str) -> str:
+    """Kubelet's Allocate of ``dev``, which afxdpd must refuse: its message."""
+    with pytest.raises(grpc.RpcError) as err:
+        node.allocate(dev)
+    node.kubelet.pods.pop()  # allocate() listed a pod holding it: there is none
+    return str(err.value.details())
+
+
+async def test_kill9_and_a_garbage_state_file_keep_what_kubelet_lists_and_refuse_the_rest(
+    node: Node,
+) -> None:
+    d0, d1 = node.devices
+    node.start()
+    node.allocate(d0)
+    map_before = node.handshake(d0)
+    prog = prog_on(d0)
+    node.kill9()
+    (node.tmp / "state" / "state.json").write_bytes(b"\x00garbage, not a record\n")
+
+    node.start()  # kubelet lists the pod: d0 stays its
+    assert node.states() == {d0: "allocated", d1: "free"}
+    assert prog_on(d0) == prog  # the pod's program, never replaced
+    assert node.handshake(d0) == map_before  # adopted: its socket is served again
+    assert "allocated" in allocate_refused(node, d0)  # never handed out twice
+    status = control.read_status(node.run_dir)
+    [alloc] = status["allocations"]
+    assert alloc["device"] == d0 and alloc["xdp_prog_id"] == prog
+    assert not alloc["setup_unknown"]
+    assert "state.json is unreadable" in node.log()
+    assert (node.tmp / "state" / "state.json.unreadable").exists()
+    node.kubelet.pods.clear()
+    node.stop()
+    assert prog_on(d0) == 0
+
+
+async def test_a_truncated_state_file_and_kubelet_down_leave_every_device_unknown_till_it_answers(
+    node: Node,
+) -> None:
+    d0, d1 = node.devices
+    node.start()
+    node.allocate(d0)
+    prog, prepared = prog_on(d0), prog_on(d1)  # d1's: attached ahead of Allocate
+    node.kill9()
+    path = node.tmp / "state" / "state.json"
+    path.write_bytes(path.read_bytes()[:-20])  # the snapshot line cut short
+    node.kubelet.fail_list = True  # PodResources cannot be asked
+
+    node.start()
+    assert node.states() == {d0: "unknown", d1: "unknown"}
+    for dev in (d0, d1):
+        assert "waiting for kubelet's PodResources" in allocate_refused(node, dev)
+    assert (prog_on(d0), prog_on(d1)) == (prog, prepared)  # no program touched
+    node.kubelet.fail_list = False  # kubelet answers: d0 is its pod's
+    deadline = time.monotonic() + 10
+    while node.states() != {d0: "allocated", d1: "free"}:
+        assert time.monotonic() < deadline, node.states()
+        await anyio.sleep(0.05)
+    assert prog_on(d0) == prog
+    assert node.handshake(d0) > 0
+    node.kubelet.pods.clear()
+    node.stop()
+    assert prog_on(d0) == 0
+
+
+async def test_a_garbage_state_file_keeps_a_device_in_its_pod_allocated_its_setup_unknown(
+    node: Node,
+) -> None:
+    d0, d1 = node.devices
+    node.start()
+    node.allocate(d0)
+    ns = node.lab.netns("rpod")
+    code, _, err = await node.cni("ADD", d0, ns)
+    assert code == 0, err
+    prog = prog_on(d0, ns)
+    node.kill9()
+    (node.tmp / "state" / "state.json").write_bytes(b"{not json\n")
+
+    node.start()  # d0 is pooled as its CNI attachment describes it, and kubelet lists it
+    assert node.states() == {d0: "allocated", d1: "free"}
+    [alloc] = control.read_status(node.run_dir)["allocations"]
+    assert (alloc["device"], alloc["setup_unknown"]) == (d0, True)
+    assert "no program of ours on it here (in its pod's netns?): setup unknown" in node.log()
+    assert "allocated" in allocate_refused(node, d0)
+    assert prog_on(d0, ns) == prog  # the pod's datapath, untouched
+    code, _, err = await node.cni("DEL", d0, ns)  # home again, still allocated
+    assert code == 0, err
+    assert node.states()[d0] == "allocated"
+    node.kubelet.pods.clear()
+    node.stop()  # the allocation ends: what it came home with goes
+    assert prog_on(d0) == 0

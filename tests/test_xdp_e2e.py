@@ -18,7 +18,8 @@ import pytest
 
 from afxdp.bpf import libbpf, pinning
 from afxdp.bpf.libbpf import BpfError
-from afxdp.bpf.xdp import AttachMode, XdpAttachment
+from afxdp.bpf.xdp import AttachMode, XdpAttachment, detach_stale
+from afxdp.datapath import KernelDatapath
 from afxdp.errors import DeviceError
 from afxdp.podresources import PodResourcesChecker
 from afxdp.uds.handshake import HostCheck
@@ -263,6 +264,22 @@ def test_replace_ours_attaches_where_nothing_is_and_never_replaces_another(lab: 
     with pytest.raises(DeviceError, match=f"another XDP program \\(id {theirs}\\)"):
         XdpAttachment.attach(dev, replace_ours=True)
     assert libbpf.xdp_query_id(ours.ifindex) == theirs
+
+
+def test_ours_names_our_program_left_on_a_device_and_nothing_else(lab: Lab) -> None:
+    dev, peer = lab.veth(lab.name("xq"), lab.name("xt"))
+    datapath = KernelDatapath(Path("/nonexistent-pin-dir"))
+    assert datapath.ours(dev) is None
+    left = XdpAttachment.attach(dev)
+    left.abandon()  # attached, nothing owning it: as a killed afxdpd leaves a pod's
+    try:
+        assert datapath.ours(dev) == left.prog_id
+    finally:
+        detach_stale(dev)
+    assert datapath.ours(dev) is None
+    foreign_xdp(peer)
+    assert datapath.ours(peer) is None  # someone else's
+    assert datapath.ours(lab.name("xz")) is None  # not in our netns (in a pod's)
 
 
 def test_attach_falls_back_to_generic_when_the_driver_has_no_native_xdp(lab: Lab) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from afxdp.bpf import libbpf, pinning
-from afxdp.bpf.xdp import XdpAttachment, detach_stale, ifindex_of
+from afxdp.bpf.xdp import XdpAttachment, detach_stale, ifindex_of, ours_on
 from afxdp.errors import DeviceError
 from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import ConnectionBudget, UdsServer
@@ -79,6 +79,11 @@ class Datapath(Protocol):
     def adopt(self, device: str, prog_id: int) -> Program:
         """Our program ``prog_id``, left attached to ``device`` by a previous run
         (the device may be in its pod's netns), with its XSKMAP."""
+        ...
+
+    def ours(self, device: str) -> int | None:
+        """The id of our program attached to ``device``; None when there is
+        none, or ``device`` is not in our netns."""
         ...
 
     def pin(self, program: Program, path: Path, uid: int) -> None: ...
@@ -170,6 +175,9 @@ class KernelDatapath:
 
     def adopt(self, device: str, prog_id: int) -> Program:
         return _Adopted(device, prog_id)
+
+    def ours(self, device: str) -> int | None:
+        return ours_on(device)
 
     def pin(self, program: Program, path: Path, uid: int) -> None:
         assert isinstance(program, _Attached)

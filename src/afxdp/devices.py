@@ -19,6 +19,10 @@ Rules, in order:
    ignored except its destruction; its health is read again when it comes home
    or its allocation ends. A cdq secondary's health is its primary's: its own
    netdev is created at Allocate and deleted when the allocation ends.
+4. A durable record that could not be trusted says nothing, not "nothing is
+   allocated": every device is unknown (``distrust``) until kubelet's
+   PodResources answers (``settle``), meanwhile never handed out, prepared or
+   released. Then the devices pods hold are allocated (taken over), the rest free.
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ log = logging.getLogger(__name__)
 # (kubelet's word); none when kubelet cannot be asked.
 StaleFinder = Callable[[str, Sequence[str]], Awaitable[list[str]]]
 LinkReader = Callable[[str], Awaitable[NetDev | None]]
+# Device IDs that pods hold, by resource; None when kubelet cannot be asked.
+HeldFinder = Callable[[], Awaitable[dict[str, set[str]] | None]]
 Scanner = Callable[[], Awaitable[Sequence[NetDev]]]
 
 RECONCILE_GRACE = 30.0
+SETTLE_RETRY = 1.0  # s between two questions to kubelet while devices are unknown
 
 
 class Holders(Protocol):
@@ -108,6 +115,9 @@ class Devices:
         # until their allocation ends, then they leave the pool.
         self.leaving: dict[str, set[str]] = {}
         self.ready = False  # serving (set by the service once every part is up)
+        # The durable record could not be trusted and kubelet has not answered
+        # yet: every device is unknown, those a reload brings too.
+        self.distrusted = False
 
     # -- lookups --------------------------------------------------------------
 
@@ -220,6 +230,8 @@ class Devices:
     async def _prepare(self, pool: Pool, dev: PoolDevice) -> None:
         """Attach a program to a free device ahead of Allocate; one that cannot
         get one is Unhealthy, with the reason in status, until it can."""
+        if dev.unknown:  # its program may be a pod's
+            return
         fault = await self.handouts.prepare(pool, dev)
         if fault != dev.fault:
             if fault:
@@ -314,6 +326,9 @@ class Devices:
         for pool in new:
             old = self.pools.get(pool.name)
             self.leaving.pop(pool.name, None)
+            if self.distrusted:  # kubelet has still not said who holds what
+                for dev in pool.devices.values():
+                    dev.unknown = True
             if old is None:
                 continue
             for dev_id, dev in old.devices.items():
@@ -384,6 +399,67 @@ class Devices:
         for name in self.pools:
             self.changes[name].bump()
         return kept
+
+    def distrust(self) -> None:
+        """The durable record could not be trusted: every device is unknown
+        until ``settle`` (rule 4)."""
+        self.distrusted = True
+        for pool in self.pools.values():
+            for dev in pool.devices.values():
+                dev.unknown = True
+            self.changes[pool.name].bump()
+
+    async def settle(self, held: dict[str, set[str]] | None) -> list[str]:
+        """Kubelet's answer (``held``: device IDs pods hold, by resource) for the
+        unknown devices: those a pod holds are allocated and taken over, the
+        others free (not prepared here: ``prepare_all``). Returns the devices
+        taken over; nothing changes when kubelet could not say (None)."""
+        if held is None or not self.distrusted:
+            return []
+        self.distrusted = False  # what a reload brings from now on is known
+        taken = []
+        for name in list(self.pools):
+            async with self._allocating[name]:  # no Allocate or reconcile in between
+                pool = self.pools.get(name)
+                if pool is None:
+                    continue
+                mine = held.get(pool.config.resource_name, set())
+                for dev in list(pool.devices.values()):
+                    if not dev.unknown:
+                        continue
+                    dev.unknown = False
+                    if dev.id not in mine:
+                        continue
+                    dev.allocated, dev.healthy = True, True  # its link is its pod's to see
+                    taken.append(dev.id)
+                    try:
+                        handout = await self.handouts.take_over(pool, dev)
+                    except Exception:  # allocated all the same: it is the pod's
+                        log.exception("%s: taking over its allocation failed", dev.id)
+                        continue
+                    if handout.setup_unknown:
+                        how = "no program of ours on it here (in its pod's netns?): setup unknown"
+                    else:
+                        how = "its program adopted" if handout.xdp else "nothing to adopt"
+                    log.warning("%s: a pod holds it (kubelet), the state record was lost; "
+                                "kept allocated, %s", dev.id, how)  # fmt: skip
+                unpooled = sorted(mine - pool.devices.keys())
+                if unpooled:
+                    log.warning("%s: kubelet says pods hold %s, which no pool here has (not in "
+                                "afxdpd's netns and no record describes them)",
+                                pool.config.resource_name, ", ".join(unpooled))  # fmt: skip
+                self.changes[name].bump()
+        return taken
+
+    async def settle_forever(self, ask: HeldFinder, retry: float = SETTLE_RETRY) -> None:
+        """Ask kubelet every ``retry`` seconds until it answers, then ``settle``
+        and prepare the free devices (kubelet was not reachable at start)."""
+        while self.distrusted:
+            await anyio.sleep(retry)
+            held = await ask()
+            if held is not None:
+                await self.settle(held)
+                self.prepare_all()
 
     async def shutdown(self) -> None:
         """Stop: end the allocations kubelet says no pod holds (so nothing is left

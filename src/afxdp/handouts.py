@@ -59,6 +59,7 @@ class Handout:
     pinned: Path | None = None
     mounts: list[tuple[str, str]] = field(default_factory=list)  # (host, container)
     since: float = field(default_factory=anyio.current_time)
+    setup_unknown: bool = False  # see state.Allocation.setup_unknown
 
     def status(self) -> AllocationStatus:
         uds = self.uds
@@ -75,6 +76,7 @@ class Handout:
             uds_failed=uds.failed if uds else 0,
             uds_idle_timeout=uds.idle_timeout if uds else None,
             pinned_map=str(self.pinned) if self.pinned else None,
+            setup_unknown=self.setup_unknown,
         )
 
 
@@ -183,7 +185,8 @@ class Handouts:
         its program stays attached and its map pinned; the UDS server listens
         again (the pod has the device's directory mounted, so it sees the new
         socket). Raises AfxdpError when the program is gone (e.g. after a reboot)."""
-        handout = Handout(pool.name, alloc.device, secondary_created=alloc.secondary)
+        handout = Handout(pool.name, alloc.device, secondary_created=alloc.secondary,
+                          setup_unknown=alloc.setup_unknown)  # fmt: skip
         handout.since = -math.inf  # kubelet may be asked about it right away
         if alloc.prog_id is not None:
             handout.xdp = await run_sync(
@@ -196,6 +199,38 @@ class Handouts:
         elif handout.xdp is not None:
             await self._serve_uds(pool, alloc.device, handout)
         self.handouts[alloc.device] = handout
+        return handout
+
+    async def take_over(self, pool: Pool, dev: PoolDevice) -> Handout:
+        """Take over an allocation kubelet lists that no record describes (the
+        record could not be trusted), and record it: our program found on the
+        device is adopted (its socket is served again), a pinned-map pool's
+        pin is where afxdpd pins it. A device not in our netns (in its pod's)
+        keeps whatever it carries, unknown to us (``setup_unknown``); a
+        program of ours on it is replaced when the allocation ends, as any."""
+        cfg = pool.config
+        prog_id = None
+        if loads_program(cfg):
+            prog_id = await run_sync(Work.DEVICES, self.datapath.ours, dev.id)
+        netdev = self._netdev_of(dev.id)
+        alloc = Allocation(
+            pool=pool.name,
+            device=dev.id,
+            prog_id=prog_id,
+            pinned=str(pinning.map_path(self.pin_dir, pool.name, dev.id))
+            if cfg.bpf_map_pinning_enable
+            else None,
+            secondary=dev.parent is not None,  # Allocate made it (kubelet lists no failed one)
+            netdev=msgspec.to_builtins(netdev) if netdev else {},
+            setup_unknown=loads_program(cfg) and prog_id is None,
+        )
+        try:
+            handout = await self.adopt(pool, alloc)
+        except (AfxdpError, OSError) as exc:  # gone since it was seen
+            log.warning("%s: taking over program %s failed: %s", dev.id, prog_id, exc)
+            alloc = msgspec.structs.replace(alloc, prog_id=None, setup_unknown=True)
+            handout = await self.adopt(pool, alloc)
+        await self.store.put([alloc])
         return handout
 
     async def forget(self, alloc: Allocation) -> None:
@@ -355,6 +390,11 @@ class Handouts:
                 await run_sync(Work.DEVICES, handout.xdp.detach)
             except AfxdpError as exc:
                 log.error("%s: detaching XDP failed: %s", handout.device, exc)
+        elif handout.setup_unknown and not keep_xdp:  # whatever of ours it came home with
+            try:
+                await run_sync(Work.DEVICES, self.datapath.detach_stale, handout.device)
+            except AfxdpError as exc:  # still in a pod's netns (gone with it)
+                log.info("%s: no program to detach: %s", handout.device, exc)
         if handout.secondary_created:
             try:
                 await run_sync(Work.DEVICES, self._secondary.delete, handout.device)

@@ -28,7 +28,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -44,7 +44,8 @@ COMPACT_AT = 64  # changes always allowed before a snapshot, however few entries
 
 
 class Unreadable(Exception):
-    """The file is not a journal we can trust (it was moved aside)."""
+    """The file is not a journal we can trust, or names what must not be
+    touched (it was moved aside)."""
 
 
 class Journal(Generic[K, V]):
@@ -63,20 +64,24 @@ class Journal(Generic[K, V]):
         value_type: type[V],
         snapshot: Callable[[list[V]], object],
         from_snapshot: Callable[[bytes], Iterable[V]],
+        check: Callable[[V], str | None] = lambda _: None,
     ) -> None:
         self.path = path
         self.entries: dict[K, V] = {}
         self._key, self._key_type, self._value_type = key, key_type, value_type
         self._snapshot, self._from_snapshot = snapshot, from_snapshot
+        self._check = check
         self._pending: list[bytes] = []
         self._changes = 0  # change lines in the file after its snapshot
         self._rewrite = True  # the file must be rewritten whole before appending
         self._writing = anyio.Lock()
 
     def load(self) -> dict[K, V]:
-        """The entries on disk (none when there is no file). An unreadable file
-        is moved aside (to ``<name>.unreadable``) and Unreadable raised; the
-        journal is then empty."""
+        """The entries on disk (none when there is no file). A file that is
+        unreadable, or has an entry that ``check`` finds a problem with (one
+        that names what must not be touched), is moved aside (to
+        ``<name>.unreadable``) and Unreadable raised: the journal is then
+        empty, none of its entries acted on."""
         self.entries.clear()  # in place: a store may share this dict
         self._rewrite = True
         if self.path is None:
@@ -86,12 +91,20 @@ class Journal(Generic[K, V]):
         except FileNotFoundError:
             return self.entries
         try:
-            self.entries.update(self._replay(data))
+            entries = self._replay(data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.unreadable")
-            os.replace(self.path, aside)
-            raise Unreadable(f"{self.path} is unreadable ({exc}); moved to {aside.name}") from exc
+            self._set_aside(f"is unreadable ({exc})", exc)
+        problems = [p for p in map(self._check, entries.values()) if p]
+        if problems:
+            self._set_aside(f"cannot be trusted: {'; '.join(problems)}", None)
+        self.entries.update(entries)
         return self.entries
+
+    def _set_aside(self, why: str, cause: Exception | None) -> NoReturn:
+        assert self.path is not None
+        aside = self.path.with_name(f"{self.path.name}.unreadable")
+        os.replace(self.path, aside)
+        raise Unreadable(f"{self.path} {why}; moved to {aside.name}") from cause
 
     def _replay(self, data: bytes) -> dict[K, V]:
         lines = data.split(b"\n")

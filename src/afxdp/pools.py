@@ -41,6 +41,13 @@ class DeviceState(enum.Enum):
     FREE = "free"
     ALLOCATED = "allocated"
     UNHEALTHY = "unhealthy"
+    UNKNOWN = "unknown"  # whether a pod holds it is not known yet (PoolDevice.unknown)
+
+
+# Why an unknown device is refused (Allocate) and what status says of it.
+UNKNOWN_HOLDER = (
+    "the state record was unreadable; waiting for kubelet's PodResources to say who holds it"
+)
 
 
 @dataclass
@@ -57,14 +64,20 @@ class PoolDevice:
     # Why the device cannot be handed out although its link is fine (our program
     # could not be attached to it ahead of Allocate); None when nothing is wrong.
     fault: str | None = None
+    # Whether a pod holds it is not known: the durable record could not be
+    # trusted and kubelet's PodResources has not answered yet. Never handed
+    # out, prepared or released meanwhile; kubelet is told it is Unhealthy.
+    unknown: bool = False
 
     @property
     def usable(self) -> bool:
         """What kubelet is told: Healthy or Unhealthy."""
-        return self.healthy and self.fault is None
+        return self.healthy and self.fault is None and not self.unknown
 
     @property
     def state(self) -> DeviceState:
+        if self.unknown:
+            return DeviceState.UNKNOWN
         if not self.usable:
             return DeviceState.UNHEALTHY
         return DeviceState.ALLOCATED if self.allocated else DeviceState.FREE
@@ -100,6 +113,8 @@ class Pool:
                 problems.append(f"{dev_id}: unknown device in pool {self.name}")
             elif count > 1:
                 problems.append(f"{dev_id}: requested {count} times")
+            elif dev.unknown:
+                problems.append(f"{dev_id}: {UNKNOWN_HOLDER}")
             elif dev.state is not DeviceState.FREE:
                 problems.append(f"{dev_id}: {dev.state.value}")
         if problems:

@@ -183,13 +183,15 @@ class Service:
         netdevs = {nd.name: nd for nd in await inventory.scan()}
         store = AttachmentStore(self.paths.run_dir / "cni-attachments.json")
         self._attachments = store
-        state = StateStore(self.paths.state_dir or self.paths.run_dir)
+        state = StateStore(self.paths.state_dir or self.paths.run_dir, self.paths.pin_dir)
         record = state.load()
         # Devices in pods since before this start are not in our netns: their
-        # pools count them as the record describes them.
+        # pools count them as the record describes them (without one, as their
+        # CNI attachments do: kubelet may say a pod holds them).
+        described = store.all() if state.unreadable else record.allocations.values()
         in_pods = {
             a.device: msgspec.convert(a.netdev, NetDev)
-            for a in record.allocations.values()
+            for a in described
             if a.netdev and a.device not in netdevs
         }
         assembly = pools.assemble(
@@ -215,7 +217,7 @@ class Service:
                 pin_dir=self.paths.pin_dir,
                 check_host=pod_resources.check,
                 secondary=self.secondary,
-                netdev_of=netdevs.get,
+                netdev_of=lambda name: netdevs.get(name) or in_pods.get(name),
                 uds_budget=ConnectionBudget.for_fd_limit(self.fd_limit[0] or 1024),
                 store=state,
             )
@@ -235,7 +237,16 @@ class Service:
                                      pin_dir=self.paths.pin_dir)  # fmt: skip
                 await specs.start(self.config.pools)
             try:
-                if record.allocations:
+                if state.unreadable:
+                    # Kubelet's word alone says who holds what; until it answers,
+                    # no device is handed out, prepared or released.
+                    devs.distrust()
+                    held = await pod_resources.held()
+                    if held is None:
+                        handouts.spawn(devs.settle_forever, pod_resources.held)
+                    kept = await devs.settle(held)
+                    self.metrics.restarts_reconciled.inc(len(kept))
+                elif record.allocations:
                     # Kubelet is the source of truth; the record says how we set
                     # up what kubelet still lists.
                     kept = await devs.restore(record, await pod_resources.held())
@@ -496,7 +507,7 @@ class Service:
                     state=d.state.value,
                     numa=d.numa_node,
                     parent=d.parent,
-                    fault=d.fault,
+                    fault=d.fault or (pools.UNKNOWN_HOLDER if d.unknown else None),
                     health=st.HEALTHY if d.usable else st.UNHEALTHY,
                     pod=pods.get(d.id) if d.allocated else None,
                     prepared=self.devices is not None and d.id in self.devices.handouts.prepared,

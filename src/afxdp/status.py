@@ -63,7 +63,8 @@ class PodRef(msgspec.Struct, frozen=True):
 
 
 class DeviceStatus(msgspec.Struct):
-    """One device of a pool. ``state``: free, allocated or unhealthy (``pools.DeviceState``)."""
+    """One device of a pool. ``state``: free, allocated, unhealthy or unknown (whether a pod
+    holds it, while kubelet has not said: ``pools.DeviceState``)."""
 
     id: str
     state: str
@@ -107,6 +108,9 @@ class AllocationStatus(msgspec.Struct):
     uds_failed: int = 0
     uds_idle_timeout: float | None = None
     pinned_map: str | None = None  # host path of the pinned XSKMAP (pinned-map pools)
+    # Taken over from kubelet's word after the state record was lost, while the
+    # device was in its pod: its program and map are not known to afxdpd.
+    setup_unknown: bool = False
 
 
 class Status(msgspec.Struct):

@@ -128,6 +128,14 @@ def _detach_stale_here(netdev: str) -> int | None:
     return prog_id
 
 
+def ours_on(netdev: str) -> int | None:
+    """The id of our program attached to ``netdev`` in the calling thread's
+    netns; None when there is none, or no such netdev here (in a pod's netns)."""
+    ifindex = index_of(netdev)
+    found = _ours(ifindex) if ifindex is not None else None
+    return found[1] if found is not None else None
+
+
 def detach_stale(netdev: str, netns: Path | None = None) -> int | None:
     """Detach a program of ours that nothing owns any more (left by a previous run of
     afxdpd); its id, or None. Programs of others are never touched."""

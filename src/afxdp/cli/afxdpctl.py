@@ -121,10 +121,13 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
     if wide:
         headers += ["NUMA", "PARENT", "XDP-MODE", "PROG-ID", "SOCKET", "CONNECTIONS", "ACTIVE"]
     rows: list[list[object]] = []
+    allocations = {a.device: a for a in doc.allocations}
     for pool, d in devices:
-        row: list[object] = [pool.label, d.id, d.state, d.health, d.pod]
+        a = allocations.get(d.id)
+        # Taken over from kubelet's word after the state record was lost: say so.
+        state = f"{d.state}, setup unknown" if a is not None and a.setup_unknown else d.state
+        row: list[object] = [pool.label, d.id, state, d.health, d.pod]
         if wide:
-            a = doc.allocation(d.id)
             row += [d.numa, d.parent]
             row += [None] * 5 if a is None else [
                 a.xdp_mode, a.xdp_prog_id, a.uds_socket or a.pinned_map,

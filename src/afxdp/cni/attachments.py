@@ -11,6 +11,11 @@ One file, a journal (journal.py): every attachment on its first line, then one
 line per change; a crash of afxdpd leaves whole lines, never half of one. No
 fsync: the record must outlive afxdpd, not the node (a rebooted node has no pod
 netns left to undo), and it is on every ADD's path.
+
+What an undo acts on is checked where the file is read: the netns it enters
+(as CNI_NETNS is at ADD: netconf.netns_problem), the device and interface
+names (netdev names), the container ID. A file with an entry that fails is
+moved aside like an unreadable one, and none of its entries is acted on.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from typing import Any
 
 import msgspec
 
+from afxdp.cni.netconf import netns_problem, valid_container_id
 from afxdp.journal import Journal, Unreadable
+from afxdp.netdev import description_problem, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,7 @@ class AttachmentStore:
             value_type=Attachment,
             snapshot=lambda items: items,
             from_snapshot=lambda line: msgspec.json.decode(line, type=list[Attachment]),
+            check=_problem,
         )
         try:
             self._journal.load()
@@ -87,3 +95,13 @@ class AttachmentStore:
 
     async def remove(self, key: tuple[str, str]) -> None:
         await self._journal.remove(key)
+
+
+def _problem(a: Attachment) -> str | None:
+    """Why ``a`` names something an undo must not act on; None when it does not."""
+    found = [] if valid_container_id(a.container_id) else ["the container ID is not one"]
+    for role, name in (("interface", a.ifname), ("device", a.device)):
+        if problem := name_problem(name):
+            found.append(f"the {role} {problem}")
+    found += filter(None, (netns_problem(a.netns), description_problem(a.netdev, a.device)))
+    return f"attachment {a.container_id!r}/{a.ifname!r}: {', '.join(found)}" if found else None

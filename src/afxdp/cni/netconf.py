@@ -39,6 +39,7 @@ from afxdp.cni.errors import (
     INVALID_ENV,
     CniError,
 )
+from afxdp.netdev import name_problem
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = SUPPORTED_VERSIONS[-1]
@@ -66,7 +67,14 @@ ETHTOOL_SUBCOMMANDS = frozenset({
 })  # fmt: skip
 _LOG_FILE_RE = re.compile(r"[a-zA-Z0-9_-]+(\.log|\.txt)")
 _CONTAINER_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
-_IFNAME_BAD = re.compile(r"[/:\s]")
+# Where CNI runtimes put a pod's network namespace: a file under /run/netns or
+# /var/run/netns (containerd, CRI-O, podman), or a process's own
+# (/proc/<pid>/ns/net: cri-dockerd). afxdpd opens and enters it as root, so
+# ADD and CHECK take nothing else, and an attachment record that names
+# anything else is not trusted (attachments.py).
+_NETNS_RE = re.compile(
+    r"/(?:var/)?run/netns/(?!\.\.?$)[^/\0]+|/proc/(?:\d+|self|thread-self)(?:/task/\d+)?/ns/net"
+)
 
 # Which variables each verb needs (CNI spec 1.1, "Parameters").
 _REQUIRED_ENV = {
@@ -77,6 +85,19 @@ _REQUIRED_ENV = {
     "STATUS": ("CNI_PATH",),
     "VERSION": (),
 }
+
+
+def valid_container_id(container_id: str) -> bool:
+    """Whether ``container_id`` is one (CNI_CONTAINERID's rule)."""
+    return bool(_CONTAINER_ID_RE.fullmatch(container_id))
+
+
+def netns_problem(path: str) -> str | None:
+    """Why ``path`` is not a network namespace as CNI runtimes name one; None
+    when it is."""
+    if _NETNS_RE.fullmatch(path):
+        return None
+    return f"{path!r} is not /run/netns/NAME, /var/run/netns/NAME or /proc/PID/ns/net"
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -103,12 +124,16 @@ def parse_env(env: dict[str, str]) -> Env:
         if not env.get(name):
             raise CniError(INVALID_ENV, f"{name} is required for {command}")
     container_id = env.get("CNI_CONTAINERID", "")
-    if container_id and not _CONTAINER_ID_RE.fullmatch(container_id):
+    if container_id and not valid_container_id(container_id):
         raise CniError(INVALID_ENV, "CNI_CONTAINERID must be letters, digits, '_', '.' and '-'",
                        f"got {container_id!r}")  # fmt: skip
     ifname = env.get("CNI_IFNAME", "")
-    if ifname and (len(ifname) > 15 or ifname in (".", "..") or _IFNAME_BAD.search(ifname)):
+    if ifname and name_problem(ifname):
         raise CniError(INVALID_ENV, "CNI_IFNAME is not a valid interface name", f"got {ifname!r}")
+    netns = env.get("CNI_NETNS", "")
+    if command in ("ADD", "CHECK") and (problem := netns_problem(netns)):
+        raise CniError(INVALID_ENV, "CNI_NETNS is not where runtimes put network namespaces",
+                       problem)  # fmt: skip
     args: dict[str, str] = {}
     for part in filter(None, env.get("CNI_ARGS", "").split(";")):
         key, sep, value = part.partition("=")
@@ -119,7 +144,7 @@ def parse_env(env: dict[str, str]) -> Env:
     return Env(
         command=command,
         container_id=container_id,
-        netns=env.get("CNI_NETNS", ""),
+        netns=netns,
         ifname=ifname,
         args=args,
         path=tuple(p for p in env.get("CNI_PATH", "").split(":") if p),
