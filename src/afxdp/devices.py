@@ -19,6 +19,10 @@ Rules, in order:
    ignored except its destruction; its health is read again when it comes home
    or its allocation ends. A cdq secondary's health is its primary's: its own
    netdev is created at Allocate and deleted when the allocation ends.
+4. A link re-created under an allocated device's name (before the CNI ADD)
+   gets the pod's program back, the same one, so the map the pod was or will
+   be given, before the ADD moves it (``ensure_program``), which fails when it
+   cannot be done.
 """
 
 from __future__ import annotations
@@ -400,6 +404,30 @@ class Devices:
                 self.handouts.forget_prepared(dev.id)
             elif event.change is Change.UP:  # back (or new): give it one
                 self.handouts.spawn(self._prepare, pool, dev)
+
+    async def ensure_program(self, device: str) -> None:
+        """Before the CNI moves ``device`` into its pod: its link here carries
+        the program its pod was handed, put back when the link lost it (deleted
+        and re-created under the same name). DeviceError when it cannot be."""
+        await self._program_back(device)
+
+    async def _program_back(self, device: str) -> None:
+        try:
+            again = await self.handouts.ensure_attached(device)
+        except DeviceError:
+            self._carries_program(device, False)  # its pod cannot use it as it is
+            raise
+        if again:  # its link is back, with its pod's program
+            self._carries_program(device, True)
+
+    def _carries_program(self, device: str, healthy: bool) -> None:
+        """An allocated device's health, from whether its link carries its pod's program."""
+        for pool in self.pools.values():
+            dev = pool.devices.get(device)
+            if dev is not None and dev.allocated and pool.set_link(device, healthy):
+                now = "back (re-created)" if healthy else "without its pod's program"
+                log.info("%s: %s -> %s", pool.name, device, now)
+                self.changes[pool.name].bump()
 
     async def resync(self) -> None:
         """Re-read every link and apply what is true now (after lost events)."""

@@ -59,6 +59,9 @@ class Handout:
     pinned: Path | None = None
     mounts: list[tuple[str, str]] = field(default_factory=list)  # (host, container)
     since: float = field(default_factory=anyio.current_time)
+    # Why ``xdp`` is not on the device's link now (its link was re-created
+    # under its name, and the program could not go on it).
+    xdp_fault: str | None = None
 
     def status(self) -> AllocationStatus:
         uds = self.uds
@@ -75,6 +78,7 @@ class Handout:
             uds_failed=uds.failed if uds else 0,
             uds_idle_timeout=uds.idle_timeout if uds else None,
             pinned_map=str(self.pinned) if self.pinned else None,
+            xdp_fault=self.xdp_fault,
         )
 
 
@@ -309,6 +313,30 @@ class Handouts:
         program = self.prepared.pop(device, None)
         if program is not None:
             program.abandon()
+
+    async def ensure_attached(self, device: str) -> bool:
+        """Make sure the link named ``device`` here carries the program its pod
+        was handed: the same program (so the XSKMAP the pod has, or will get
+        over the handshake or the pin), attached again when the link lost it,
+        deleted and re-created under the same name. True when it was attached
+        again. Raises DeviceError saying why it cannot (another program is on
+        the link, ...); status shows the reason until it can."""
+        async with self._device_lock(device):
+            handout = self.handouts.get(device)
+            if handout is None or handout.xdp is None:
+                return False  # a raw netdev (or not handed out): nothing of ours on it
+            lost = handout.xdp_fault is not None
+            try:
+                again = await run_sync(Work.DEVICES, partial(handout.xdp.ensure_attached, ask=lost))
+            except (AfxdpError, OSError) as exc:
+                handout.xdp_fault = f"not on its link: {exc}"
+                raise DeviceError(f"{device}: the pod's XDP program is not on its link "
+                                  f"and cannot go back on it: {exc}") from exc  # fmt: skip
+            handout.xdp_fault = None
+            if again:
+                log.warning("%s: its link was re-created; the pod's program %d is on it again",
+                            device, handout.xdp.prog_id)  # fmt: skip
+            return again
 
     def _taken(self, device: str) -> bool:
         """Whether ``device`` is handed out, or an Allocate is setting it up."""

@@ -107,6 +107,9 @@ class AllocationStatus(msgspec.Struct):
     uds_failed: int = 0
     uds_idle_timeout: float | None = None
     pinned_map: str | None = None  # host path of the pinned XSKMAP (pinned-map pools)
+    # Why the program is not on the device now (its link was deleted, ...);
+    # None: it is, or there is none.
+    xdp_fault: str | None = None
 
 
 class Status(msgspec.Struct):
