@@ -563,6 +563,24 @@ async def test_a_device_re_created_under_its_name_before_add_gets_its_pods_progr
         assert done["xsk"] == COUNT and done["kernel"] == 0, done
 
 
+async def test_a_re_created_link_gets_its_pods_program_back_as_soon_as_it_appears(
+    node: Node,
+) -> None:
+    dev = node.devices[0]
+    async with running(node):
+        await node.allocate(dev)
+        prog = libbpf.xdp_query_id(socket.if_nametoindex(dev))
+        _, new = recreate(node, 0)
+        # No ADD: the new link's appearance is enough, and status follows.
+        with anyio.fail_after(10):
+            while True:
+                _, alloc, device = await status_of(node, dev)
+                if libbpf.xdp_query_id(new) == prog and device.state == "allocated":
+                    break
+                await anyio.sleep(0.01)
+        assert (alloc.xdp_prog_id, alloc.xdp_fault) == (prog, None)
+
+
 async def test_an_add_refuses_a_re_created_link_carrying_another_program_and_status_says_so(
     node: Node,
 ) -> None:
