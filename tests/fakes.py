@@ -92,6 +92,17 @@ class FakeProgram:
         self.map_fd = 1000 + prog_id
         self.mode_name = "native"
         self.replaced = replaced
+        self.ifindex = 0  # not known
+        self.off = False  # not on its link now: ensure_attached puts it back
+        self.refused: str | None = None  # why ensure_attached cannot (another program)
+
+    def ensure_attached(self, *, ask: bool = False) -> bool:
+        if self.refused is not None:
+            raise DeviceError(f"{self.device}: {self.refused}")
+        again, self.off = self.off, False
+        if again:
+            self._log.append(f"again {self.device}")
+        return again
 
     def detach(self) -> None:
         self._log.append(f"detach {self.device}")

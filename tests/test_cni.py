@@ -8,6 +8,7 @@ import errno
 import json
 import socket
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,17 @@ import anyio
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
+from afxdp import control
 from afxdp.bpf import libbpf
 from afxdp.bpf.xdp import XdpAttachment
+from afxdp.cli.afxdpctl import status_lines
 from afxdp.cni import link, shim
 from afxdp.netns import run_in
-from tests.kernel import Lab, ip
-from tests.node import NodeUnderTest, running
+from afxdp.status import AllocationStatus, DeviceStatus, Status
+from tests.kernel import Lab, foreign_xdp, ip
+from tests.node import NodeUnderTest, pool_config, running
 from tests.test_cni_handler import FakeIpam
+from tests.test_xdp_e2e import COUNT, PORT, PodApp, plug, run_pod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
 CNI_PATH = "/usr/lib/cni"
@@ -524,3 +529,128 @@ async def test_a_move_whose_link_up_fails_is_undone_and_the_device_comes_home(
         assert code == 1 and out["code"] == 5, out
         assert host_has(dev) and pod_link(ns, dev) is None  # home again, not left in the pod
         assert node.leases() == set()
+
+
+def recreate(node: Node, i: int) -> tuple[str, int]:
+    """``ip link del`` and ``ip link add`` of device ``i``'s veth pair under the
+    same names, as a script or an operator may; (the peer, the new ifindex).
+    The kernel takes the device's XDP program with the old link. Blocking, so
+    the service sees the events only after it (at the test's next await)."""
+    dev, peer = node.devices[i], node.lab.name(f"co{i}")
+    old = socket.if_nametoindex(dev)
+    ip("link", "del", dev)  # the peer with it
+    node.lab.veth(dev, peer)
+    new = socket.if_nametoindex(dev)
+    assert new != old and libbpf.xdp_query_id(new) == 0
+    return peer, new
+
+
+async def status_of(node: Node, dev: str) -> tuple[Status, AllocationStatus, DeviceStatus]:
+    status = await node.call(control.fetch_status, node.paths.run_dir)
+    alloc = status.allocation(dev)
+    assert alloc is not None
+    (device,) = (d for p in status.pools for d in p.devices if d.id == dev)
+    return status, alloc, device
+
+
+@pytest.mark.parametrize("handing", ["uds", "pinned"])
+async def test_a_device_re_created_under_its_name_before_add_gets_its_pods_program_back(
+    node: Node, handing: str
+) -> None:
+    """Between Allocate and the ADD, the device's link is deleted and re-created
+    under its name: the ADD moves the new link with the pod's own program on it
+    (the same program, so the same map), the pod receives through the map it is
+    given (handshake or pin), and status says so."""
+    dev = node.devices[0]
+    if handing == "pinned":
+        node.config = pool_config(node.devices, udsServerDisable=True, bpfMapPinningEnable=True)
+    pod_ns, peer_ns = node.lab.netns("cnrp"), node.lab.netns("cnrq")
+    conf = node.netconf(dev)
+    del conf["ipam"]  # the pod app's addresses instead, below
+    async with running(node):
+        await node.allocate(dev)
+        node.kubelet.hold("pod-x", "afxdp/pool1", dev)
+        prog = libbpf.xdp_query_id(socket.if_nametoindex(dev))
+        peer, _ = recreate(node, 0)
+        code, out, err = await node.cni("ADD", conf, netns=f"/run/netns/{pod_ns}")
+        assert code == 0, (out, err)
+        assert pod_prog_id(pod_ns, dev) == prog
+        _, alloc, device = await status_of(node, dev)
+        assert (alloc.xdp_prog_id, alloc.xdp_fault, device.state) == (prog, None, "allocated")
+        addressing = await anyio.to_thread.run_sync(
+            partial(plug, dev, peer, pod_ns, peer_ns, moved=True)
+        )
+        where = alloc.uds_socket or alloc.pinned_map
+        assert where is not None
+        app = PodApp(pod_ns, handing, where, "pod-x", dev, str(PORT), str(COUNT), *addressing)
+        try:
+            done = await run_pod(app, peer_ns)
+        finally:
+            app.close()
+        assert done["xsk"] == COUNT and done["kernel"] == 0, done
+
+
+async def test_a_re_created_link_gets_its_pods_program_back_as_soon_as_it_appears(
+    node: Node,
+) -> None:
+    dev = node.devices[0]
+    async with running(node):
+        await node.allocate(dev)
+        prog = libbpf.xdp_query_id(socket.if_nametoindex(dev))
+        _, new = recreate(node, 0)
+        # No ADD: the new link's appearance is enough, and status follows.
+        with anyio.fail_after(10):
+            while True:
+                _, alloc, device = await status_of(node, dev)
+                if libbpf.xdp_query_id(new) == prog and device.state == "allocated":
+                    break
+                await anyio.sleep(0.01)
+        assert (alloc.xdp_prog_id, alloc.xdp_fault) == (prog, None)
+
+
+async def test_an_add_refuses_a_re_created_link_carrying_another_program_and_status_says_so(
+    node: Node,
+) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnrf")
+    netns = f"/run/netns/{ns}"
+    async with running(node):
+        await node.allocate(dev)
+        prog = libbpf.xdp_query_id(socket.if_nametoindex(dev))
+        _, new = recreate(node, 0)
+        foreign = foreign_xdp(dev)
+        code, out, err = await node.cni("ADD", node.netconf(dev), netns=netns)
+        assert code == 1 and out["code"] == 11, (out, err)
+        assert out["msg"] == f"deviceID: {dev} lacks its pod's XDP program"
+        assert f"another XDP program (id {foreign}) is attached" in out["details"]
+        assert host_has(dev) and pod_link(ns, dev) is None and node.leases() == set()
+        assert libbpf.xdp_query_id(new) == foreign  # never replaced
+        status, alloc, device = await status_of(node, dev)
+        assert alloc.xdp_prog_id == prog and f"(id {foreign})" in str(alloc.xdp_fault)
+        assert device.state == "unhealthy"
+        assert f"{prog}(detached)" in "\n".join(status_lines(status, wide=True))
+        # Once the other program is gone, a retried ADD moves it with the pod's.
+        ip("link", "set", "dev", dev, "xdpgeneric", "off")
+        code, out, err = await node.cni("ADD", node.netconf(dev), netns=netns)
+        assert code == 0, (out, err)
+        assert pod_prog_id(ns, dev) == prog
+        _, alloc, device = await status_of(node, dev)
+        assert (alloc.xdp_fault, device.state) == (None, "allocated")
+
+
+async def test_a_device_re_created_after_a_restart_gets_the_adopted_program_back(
+    node: Node,
+) -> None:
+    dev = node.devices[0]
+    ns = node.lab.netns("cnra")
+    async with running(node):
+        await node.allocate(dev)
+        node.kubelet.hold("pod-0", "afxdp/pool1", dev)
+        prog = libbpf.xdp_query_id(socket.if_nametoindex(dev))
+    async with running(node):  # adopts the allocation: kubelet lists its pod
+        recreate(node, 0)
+        code, out, err = await node.cni("ADD", node.netconf(dev), netns=f"/run/netns/{ns}")
+        assert code == 0, (out, err)
+        assert pod_prog_id(ns, dev) == prog
+        _, alloc, _d = await status_of(node, dev)
+        assert (alloc.xdp_prog_id, alloc.xdp_fault) == (prog, None)

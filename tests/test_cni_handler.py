@@ -27,6 +27,7 @@ from afxdp.cni.attachments import Attachment, AttachmentStore
 from afxdp.cni.errors import CniError
 from afxdp.cni.frame import Request
 from afxdp.cni.handler import CniHandler
+from afxdp.errors import DeviceError
 from afxdp.netdev import NetDev
 from tests.kernel import Lab, ip
 
@@ -42,6 +43,8 @@ class FakeDeviceSide:
         self.allocated: dict[str, bool] = dict.fromkeys(devices, True)
         self.came_home_calls: list[tuple[str, bool]] = []
         self.broken = False  # device_allocated raises: a bug on the device side
+        self.ensured: list[str] = []  # devices whose program was made sure of
+        self.programless: set[str] = set()  # devices whose program cannot be put back
 
     def device_allocated(self, device: str) -> bool | None:
         if self.broken:
@@ -57,6 +60,11 @@ class FakeDeviceSide:
         described: dict[str, Any] = msgspec.to_builtins(NetDev(name=device, ifindex=1,
                                                                driver="veth"))  # fmt: skip
         return described
+
+    async def ensure_program(self, device: str) -> None:
+        self.ensured.append(device)
+        if device in self.programless:
+            raise DeviceError(f"{device}: another XDP program (id 7) is attached (fake)")
 
 
 class FakeIpam:
@@ -589,6 +597,25 @@ async def test_add_into_afxdpds_own_netns_is_refused(setup: Setup) -> None:
     code, out = await setup.call("ADD", setup.netconf(dev), netns=own)
     assert code == 1 and out["code"] == 4 and "afxdpd's own network namespace" in out["msg"]
     assert setup.leases() == set() and setup.handler.store.all() == []
+
+
+@privileged
+async def test_an_add_whose_device_cannot_get_its_pods_program_back_is_code_11_and_does_nothing(
+    setup: Setup,
+) -> None:
+    dev = setup.devices[0]
+    ns = setup.lab.netns("chnp")
+    setup.side.programless.add(dev)  # its link re-created, another program on it
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=f"/run/netns/{ns}")
+    assert code == 1 and out["code"] == 11, out
+    assert out["msg"] == f"deviceID: {dev} lacks its pod's XDP program"
+    assert "another XDP program (id 7) is attached" in out["details"]
+    assert in_host(dev) and not in_pod(ns, dev)
+    assert setup.ipam.calls() == [] and setup.handler.store.all() == []
+    setup.side.programless.clear()
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=f"/run/netns/{ns}")
+    assert code == 0 and in_pod(ns, dev), out
+    assert setup.side.ensured == [dev, dev]  # asked before each move
 
 
 @privileged

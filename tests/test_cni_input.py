@@ -50,6 +50,9 @@ class NoPoolsDevices:
     def describe(self, device: str) -> dict[str, Any]:
         return {}
 
+    async def ensure_program(self, device: str) -> None:
+        raise AssertionError("no device of a pool here: an ADD never gets this far")
+
 
 def make_handler(tmp: Path) -> CniHandler:
     return CniHandler(NoPoolsDevices(), AttachmentStore(tmp / "attachments.json"))

@@ -864,6 +864,8 @@ async def test_an_allocate_queued_behind_another_marks_the_pool_a_reload_left(
         assert _states(pool) == {"a": "allocated", "b": "allocated"}
         with pytest.raises(DeviceError, match="a: allocated; b: allocated"):
             await n.devices.allocate("p", ["a", "b"])
+
+
 async def test_a_record_naming_paths_outside_afxdpds_dirs_is_not_trusted_and_they_stay(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -311,6 +311,51 @@ async def test_a_removed_link_takes_its_prepared_program_with_it(tmp_path: Path)
         assert "abandon a" in datapath.log
 
 
+async def test_a_link_re_created_under_an_allocated_devices_name_gets_the_pods_program_back(
+    tmp_path: Path,
+) -> None:
+    pool = _pool("a")
+    async with node(pool, tmp_path) as (devices, datapath, _):
+        (handout,) = await devices.allocate("p", ["a"])
+        program = handout.xdp
+        assert isinstance(program, FakeProgram)
+        program.ifindex = 5
+        devices.on_link(LinkEvent("a", Change.REMOVED, 4))  # an old link of that name
+        assert pool.devices["a"].healthy and handout.xdp_fault is None
+        program.off = True
+        devices.on_link(LinkEvent("a", Change.REMOVED, 5))  # its own: the program went with it
+        assert not pool.devices["a"].healthy
+        assert handout.status().xdp_fault == "its link was deleted"
+        version = devices.changes["p"].version
+        devices.on_link(LinkEvent("a", Change.DOWN, 6))  # a new link of its name
+        await until(lambda: handout.xdp_fault is None)
+        assert "again a" in datapath.log
+        assert pool.devices["a"].state.value == "allocated"
+        assert devices.changes["p"].version > version  # kubelet hears it is healthy again
+
+
+async def test_a_re_created_link_that_cannot_get_the_pods_program_stays_unhealthy_saying_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = _pool("a")
+    async with node(pool, tmp_path) as (devices, _datapath, _):
+        (handout,) = await devices.allocate("p", ["a"])
+        program = handout.xdp
+        assert isinstance(program, FakeProgram)
+        program.ifindex, program.refused = 5, "another XDP program (id 7) is attached"
+        program.off = True
+        devices.on_link(LinkEvent("a", Change.REMOVED, 5))
+        devices.on_link(LinkEvent("a", Change.UP, 6))
+        await until(lambda: "id 7" in str(handout.xdp_fault))
+        assert not pool.devices["a"].healthy
+        assert "a: the pod's XDP program is not on its link" in caplog.text
+        with pytest.raises(DeviceError, match=r"cannot go back on it: a: another XDP program"):
+            await devices.ensure_program("a")  # what the CNI ADD asks before the move
+        program.refused = None
+        await devices.ensure_program("a")
+        assert handout.xdp_fault is None and pool.devices["a"].state.value == "allocated"
+
+
 class StuckDisk(StateStore):
     """FAKE StateStore whose first write never finishes (a hung disk), until the
     test lets writes through."""

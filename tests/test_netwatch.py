@@ -28,10 +28,10 @@ def _by_pyroute2(msg: Any) -> LinkEvent | None:
         return None
     if msg["event"] == "RTM_DELLINK":
         moved = msg.get_attr("IFLA_NEW_NETNSID") is not None
-        return LinkEvent(name, Change.MOVED_OUT if moved else Change.REMOVED)
+        return LinkEvent(name, Change.MOVED_OUT if moved else Change.REMOVED, msg["index"])
     if msg["event"] == "RTM_NEWLINK":
         up = bool(msg["flags"] & 1) and str(msg.get("operstate")) in {"UP", "UNKNOWN"}
-        return LinkEvent(name, Change.UP if up else Change.DOWN)
+        return LinkEvent(name, Change.UP if up else Change.DOWN, msg["index"])
     return None
 
 
@@ -60,6 +60,8 @@ def test_every_message_of_a_links_life_means_what_pyroute2_says(lab: Lab) -> Non
         ip("link", "set", dev, "netns", ns)  # goodbye with IFLA_NEW_NETNSID
         ip("link", "set", dev, "netns", "1", netns=ns)  # home again (pid 1's netns)
         ip("link", "del", dev)  # destroyed, the peer with it
+        lab.veth(dev, peer)  # re-created under the same name: a new link
+        ip("link", "del", dev)
         reads = _reads(sock)
     ours = [e for data in reads for e in link_events(data)]
     marshal = MarshalRtnl()
@@ -68,6 +70,9 @@ def test_every_message_of_a_links_life_means_what_pyroute2_says(lab: Lab) -> Non
     mine = [e.change for e in ours if e.name == dev]
     for change in (Change.UP, Change.DOWN, Change.MOVED_OUT, Change.REMOVED):
         assert change in mine, (change, mine)  # the life above shows every kind
+    # Each event names its link: the re-created one is told apart by its ifindex.
+    first, again = (e.index for e in ours if e.name == dev and e.change is Change.REMOVED)
+    assert 0 < first != again > 0
 
 
 _HEADER = struct.Struct("=IHHII")
@@ -108,7 +113,7 @@ def _newlink(name: str, flags: int, oper: int, family: int = socket.AF_UNSPEC) -
 def test_a_link_is_up_when_administratively_up_and_usable(
     flags: int, oper: int, change: Change
 ) -> None:
-    assert link_events(_newlink("eth9", flags, oper) * 2) == [LinkEvent("eth9", change)] * 2
+    assert link_events(_newlink("eth9", flags, oper) * 2) == [LinkEvent("eth9", change, 7)] * 2
 
 
 def test_a_bridge_ports_message_is_not_about_the_link_itself() -> None:

@@ -100,10 +100,12 @@ def wired(lab: Lab) -> Iterator[tuple[str, str, str, str]]:
     yield dev, peer, pod_ns, peer_ns
 
 
-def plug(dev: str, peer: str, pod_ns: str, peer_ns: str) -> list[str]:
-    """What the CNI does with the device, and a peer host to send from; the
-    pod app's addressing arguments (POD_MAC POD_IP PEER_MAC PEER_IP)."""
-    ip("link", "set", dev, "netns", pod_ns)
+def plug(dev: str, peer: str, pod_ns: str, peer_ns: str, *, moved: bool = False) -> list[str]:
+    """What the CNI does with the device (``moved``: the CNI did it already),
+    and a peer host to send from; the pod app's addressing arguments (POD_MAC
+    POD_IP PEER_MAC PEER_IP)."""
+    if not moved:
+        ip("link", "set", dev, "netns", pod_ns)
     ip("link", "set", peer, "netns", peer_ns)
     ip("addr", "add", f"{POD_IP}/24", "dev", dev, netns=pod_ns)
     ip("link", "set", dev, "up", netns=pod_ns)

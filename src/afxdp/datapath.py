@@ -18,8 +18,16 @@ from pathlib import Path
 from typing import Protocol
 
 from afxdp.bpf import libbpf, pinning
-from afxdp.bpf.xdp import XdpAttachment, detach_stale, ifindex_of, ours_on
+from afxdp.bpf.xdp import (
+    AttachMode,
+    XdpAttachment,
+    attach_again,
+    detach_stale,
+    ifindex_of,
+    ours_on,
+)
 from afxdp.errors import DeviceError
+from afxdp.inventory import index_of
 from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import ConnectionBudget, UdsServer
 
@@ -39,6 +47,19 @@ class Program(Protocol):
     @property
     def replaced(self) -> int | None:
         """The left-over program of ours this one took the place of, if any."""
+        ...
+
+    @property
+    def ifindex(self) -> int:
+        """The link it is on in our netns (0: not known)."""
+        ...
+
+    def ensure_attached(self, *, ask: bool = False) -> bool:
+        """Make sure it is on its device's link in our netns, attached again
+        when the link lost it (deleted and re-created under the same name); True
+        when it was. Another program there is refused (DeviceError). Without
+        ``ask``, the link it is known to be on is trusted without asking the
+        kernel."""
         ...
 
     def detach(self) -> None: ...
@@ -130,6 +151,13 @@ class _Attached:
     def replaced(self) -> int | None:
         return self.xdp.replaced
 
+    @property
+    def ifindex(self) -> int:
+        return self.xdp.ifindex
+
+    def ensure_attached(self, *, ask: bool = False) -> bool:
+        return self.xdp.ensure_attached(ask=ask)
+
     def detach(self) -> None:
         self.xdp.detach()
 
@@ -138,14 +166,30 @@ class _Attached:
 
 
 class _Adopted:
-    """A program a previous run attached: we hold only its map."""
+    """A program a previous run attached: we hold its map, and the program
+    itself (an fd of it keeps it loaded when its link is deleted, so that it
+    can go on a link re-created under the device's name)."""
 
     def __init__(self, device: str, prog_id: int) -> None:
         self.device = device
         self.prog_id = prog_id
-        self.map_fd = libbpf.prog_map_fd(prog_id)
+        self.prog_fd = libbpf.prog_fd(prog_id)
+        try:
+            self.map_fd = libbpf.prog_map_fd(prog_id)
+        except BaseException:
+            os.close(self.prog_fd)
+            raise
         self.mode_name = "adopted"
         self.replaced: int | None = None
+        self.ifindex = 0  # not known (it may be in its pod's netns) until asked
+
+    def ensure_attached(self, *, ask: bool = False) -> bool:
+        if not ask and self.ifindex and index_of(self.device) == self.ifindex:
+            return False
+        modes = [AttachMode.NATIVE, AttachMode.GENERIC]
+        self.ifindex, mode, again = attach_again(self.device, self.prog_fd, self.prog_id, modes)
+        self.mode_name = mode.value
+        return again
 
     def detach(self) -> None:
         try:
@@ -156,9 +200,10 @@ class _Adopted:
             self.abandon()
 
     def abandon(self) -> None:
-        if self.map_fd >= 0:
-            os.close(self.map_fd)
-            self.map_fd = -1
+        for fd in (self.map_fd, self.prog_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.map_fd = self.prog_fd = -1
 
 
 class KernelDatapath:

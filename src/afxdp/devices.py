@@ -23,6 +23,10 @@ Rules, in order:
    allocated": every device is unknown (``distrust``) until kubelet's
    PodResources answers (``settle``), meanwhile never handed out, prepared or
    released. Then the devices pods hold are allocated (taken over), the rest free.
+5. A link re-created under an allocated device's name (before the CNI ADD)
+   gets the pod's program back, the same one, so the map the pod was or will
+   be given: as soon as the link appears, and at the latest before the ADD
+   moves it (``ensure_program``), which fails when it cannot be done.
 """
 
 from __future__ import annotations
@@ -478,13 +482,14 @@ class Devices:
 
         An allocated device's link belongs to its pod: the CNI takes it down
         and moves it into the pod's netns, which must not make it Unhealthy.
-        Only its destruction counts; its real state is read again later.
+        Only its destruction counts (and its re-creation: rule 4); its real
+        state is read again later.
         """
         for pool in self.pools.values():
             dev = pool.devices.get(event.name)
             if dev is not None and dev.parent is not None:
                 continue  # a secondary's own link comes and goes with its handout
-            if dev is not None and dev.allocated and event.change is not Change.REMOVED:
+            if dev is not None and dev.allocated and not self._destroyed(dev, event):
                 continue
             if pool.set_link(event.name, event.change is Change.UP):
                 log.info("%s: %s -> %s", pool.name, event.name, event.change.value)
@@ -495,6 +500,47 @@ class Devices:
                 self.handouts.forget_prepared(dev.id)
             elif event.change is Change.UP:  # back (or new): give it one
                 self.handouts.spawn(self._prepare, pool, dev)
+
+    def _destroyed(self, dev: PoolDevice, event: LinkEvent) -> bool:
+        """Whether a link event of an allocated device is its link's destruction
+        (not an old link of its name: its pod's program is on another one). A
+        link of its name that appears after its link (with the pod's program)
+        was destroyed is its re-creation: the pod's program goes on it."""
+        if event.change is Change.REMOVED:
+            return self.handouts.link_gone(dev.id, event.index)
+        if event.change is not Change.MOVED_OUT and self.handouts.lost(dev.id):
+            self.handouts.spawn(self._relink, dev.id)
+        return False
+
+    async def _relink(self, device: str) -> None:
+        try:
+            await self._program_back(device, lost_only=True)
+        except DeviceError as exc:  # said in status; the CNI ADD tries again
+            log.error("%s", exc)
+
+    async def ensure_program(self, device: str) -> None:
+        """Before the CNI moves ``device`` into its pod: its link here carries
+        the program its pod was handed, put back when the link lost it (deleted
+        and re-created under the same name). DeviceError when it cannot be."""
+        await self._program_back(device)
+
+    async def _program_back(self, device: str, *, lost_only: bool = False) -> None:
+        try:
+            again = await self.handouts.ensure_attached(device, lost_only=lost_only)
+        except DeviceError:
+            self._carries_program(device, False)  # its pod cannot use it as it is
+            raise
+        if again:  # its link is back, with its pod's program
+            self._carries_program(device, True)
+
+    def _carries_program(self, device: str, healthy: bool) -> None:
+        """An allocated device's health, from whether its link carries its pod's program."""
+        for pool in self.pools.values():
+            dev = pool.devices.get(device)
+            if dev is not None and dev.allocated and pool.set_link(device, healthy):
+                now = "back (re-created)" if healthy else "without its pod's program"
+                log.info("%s: %s -> %s", pool.name, device, now)
+                self.changes[pool.name].bump()
 
     async def resync(self) -> None:
         """Re-read every link and apply what is true now (after lost events)."""

@@ -60,6 +60,9 @@ class Handout:
     mounts: list[tuple[str, str]] = field(default_factory=list)  # (host, container)
     since: float = field(default_factory=anyio.current_time)
     setup_unknown: bool = False  # see state.Allocation.setup_unknown
+    # Why ``xdp`` is not on the device's link now (its link was deleted, and
+    # the program could not go on a link re-created under its name yet).
+    xdp_fault: str | None = None
 
     def status(self) -> AllocationStatus:
         uds = self.uds
@@ -77,6 +80,7 @@ class Handout:
             uds_idle_timeout=uds.idle_timeout if uds else None,
             pinned_map=str(self.pinned) if self.pinned else None,
             setup_unknown=self.setup_unknown,
+            xdp_fault=self.xdp_fault,
         )
 
 
@@ -344,6 +348,53 @@ class Handouts:
         program = self.prepared.pop(device, None)
         if program is not None:
             program.abandon()
+
+    async def ensure_attached(self, device: str, *, lost_only: bool = False) -> bool:
+        """Make sure the link named ``device`` here carries the program its pod
+        was handed: the same program (so the XSKMAP the pod has, or will get
+        over the handshake or the pin), attached again when the link lost it,
+        deleted and re-created under the same name. True when it was attached
+        again; ``lost_only``: only when its link is known to have gone
+        (``link_gone``). Raises DeviceError saying why it cannot (another
+        program is on the link, ...); status shows the reason until it can."""
+        async with self._device_lock(device):
+            handout = self.handouts.get(device)
+            if handout is None or handout.xdp is None:
+                return False  # a raw netdev (or not handed out): nothing of ours on it
+            lost = handout.xdp_fault is not None
+            if lost_only and not lost:
+                return False
+            try:
+                again = await run_sync(Work.DEVICES, partial(handout.xdp.ensure_attached, ask=lost))
+            except (AfxdpError, OSError) as exc:
+                handout.xdp_fault = f"not on its link: {exc}"
+                raise DeviceError(f"{device}: the pod's XDP program is not on its link "
+                                  f"and cannot go back on it: {exc}") from exc  # fmt: skip
+            handout.xdp_fault = None
+            if again:
+                log.warning("%s: its link was re-created; the pod's program %d is on it again",
+                            device, handout.xdp.prog_id)  # fmt: skip
+            return again
+
+    def link_gone(self, device: str, ifindex: int) -> bool:
+        """A link named ``device`` was deleted (``ifindex``; 0: not known):
+        whether it may have been the handed-out device's; False when its pod's
+        program is known to be on another link (this was an old one of that
+        name). When the program was on it, it went with it: status says so
+        until it goes on a link re-created under the name (``ensure_attached``)."""
+        handout = self.handouts.get(device)
+        program = handout.xdp if handout is not None else None
+        if handout is None or program is None or not program.ifindex or not ifindex:
+            return True
+        if program.ifindex != ifindex:
+            return False
+        handout.xdp_fault = "its link was deleted"
+        return True
+
+    def lost(self, device: str) -> bool:
+        """Whether ``device``'s pod's program is known to be off its link."""
+        handout = self.handouts.get(device)
+        return handout is not None and handout.xdp_fault is not None
 
     def _taken(self, device: str) -> bool:
         """Whether ``device`` is handed out, or an Allocate is setting it up."""

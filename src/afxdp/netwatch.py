@@ -6,7 +6,8 @@ some messages of a read in an internal buffer where ``select()`` cannot see
 them, so events arrive late or not at all (found while building this). Nor its
 marshal: it decodes every attribute of every message (about 0.5 ms each, on
 the loop, for every link of the node that changes: each pod's veths too);
-``link_events`` reads the three attributes a health change needs. The socket
+``link_events`` reads the three attributes a health change needs, and the
+link's ifindex. The socket
 is bound before the node's inventory is read, so no event between that read
 and the watch is lost; a socket overflow (ENOBUFS: events were lost) asks the
 owner to re-read the truth.
@@ -43,6 +44,9 @@ class Change(enum.Enum):
 class LinkEvent:
     name: str
     change: Change
+    # The link's ifindex (0: not known). A link deleted and re-created under
+    # the same name is a new link with a new ifindex.
+    index: int = 0
 
 
 # rtnetlink, as linux/netlink.h, rtnetlink.h, if_link.h and if.h lay it out.
@@ -78,7 +82,7 @@ def link_events(data: bytes) -> list[LinkEvent]:
 def _link_event(kind: int, body: bytes) -> LinkEvent | None:
     if len(body) < _IFINFO.size:
         return None
-    family, _type, _index, flags, _change = _IFINFO.unpack_from(body)
+    family, _type, index, flags, _change = _IFINFO.unpack_from(body)
     if family != socket.AF_UNSPEC:
         return None  # AF_BRIDGE: a port joining or leaving a bridge, not the link itself
     attrs = _attributes(body[_IFINFO.size :], {IFLA_IFNAME, IFLA_OPERSTATE, IFLA_NEW_NETNSID})
@@ -89,10 +93,10 @@ def _link_event(kind: int, body: bytes) -> LinkEvent | None:
         # The kernel tags the goodbye of a link that changes netns with the new
         # netns id; a destroyed link has none.
         moved = IFLA_NEW_NETNSID in attrs
-        return LinkEvent(name, Change.MOVED_OUT if moved else Change.REMOVED)
+        return LinkEvent(name, Change.MOVED_OUT if moved else Change.REMOVED, index)
     oper = attrs.get(IFLA_OPERSTATE, b"")
     up = bool(flags & IFF_UP) and len(oper) == 1 and oper[0] in _USABLE
-    return LinkEvent(name, Change.UP if up else Change.DOWN)
+    return LinkEvent(name, Change.UP if up else Change.DOWN, index)
 
 
 def _attributes(data: bytes, wanted: set[int]) -> dict[int, bytes]:

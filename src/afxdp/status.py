@@ -111,6 +111,9 @@ class AllocationStatus(msgspec.Struct):
     # Taken over from kubelet's word after the state record was lost, while the
     # device was in its pod: its program and map are not known to afxdpd.
     setup_unknown: bool = False
+    # Why the program is not on the device now (its link was deleted, ...);
+    # None: it is, or there is none.
+    xdp_fault: str | None = None
 
 
 class Status(msgspec.Struct):

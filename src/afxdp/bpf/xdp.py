@@ -114,6 +114,31 @@ def _attach_here(
     raise AssertionError("unreachable: the last mode either returns or raises")
 
 
+def _again_here(
+    netdev: str, prog_fd: int, prog_id: int, modes: list[AttachMode]
+) -> tuple[int, AttachMode, bool]:
+    """Program ``prog_id`` on ``netdev`` in the calling thread's netns, attached
+    again (``prog_fd``) when the link does not carry it; (ifindex, its mode,
+    whether it was attached now). Another program there is refused, never
+    replaced: not even one of ours (this link is a pod's)."""
+    ifindex = ifindex_of(netdev)
+    for mode in AttachMode:
+        if xdp_query_id(ifindex, mode.flag) == prog_id:
+            return ifindex, mode, False
+    ifindex, mode, _id, _ = _attach_here(netdev, prog_fd, modes, replace_ours=False)
+    return ifindex, mode, True
+
+
+def attach_again(
+    netdev: str, prog_fd: int, prog_id: int, modes: list[AttachMode], netns: Path | None = None
+) -> tuple[int, AttachMode, bool]:
+    """Make sure the loaded program ``prog_id`` (``prog_fd``) is on ``netdev``
+    in ``netns``, attaching it in the first of ``modes`` that works when it is
+    not: the same program, so the same XSKMAP. (ifindex, mode, whether it was
+    attached now); DeviceError when another program is there."""
+    return run_in(netns, _again_here, netdev, prog_fd, prog_id, modes)
+
+
 def _detach_here(netdev: str, mode: AttachMode, prog_fd: int) -> None:
     xdp_detach(ifindex_of(netdev), mode.flag, expected_prog_fd=prog_fd)
 
@@ -188,6 +213,26 @@ class XdpAttachment:
             raise
         self.attached = True
         return self
+
+    def ensure_attached(self, *, ask: bool = False) -> bool:
+        """Make sure the program is on ``netdev`` (in the netns it was attached
+        in), attaching it again when the link there lost it: deleted and
+        re-created under the same name, a new link (a new ifindex) with nothing
+        on it. The same program, so the same XSKMAP: a pod that has its map fd
+        (or the pin) receives on the new link. True when it attached it again;
+        another program found there is refused (DeviceError), never replaced.
+
+        The link it was attached to (the same ifindex: the kernel gives a new
+        link a new one) is trusted without asking the kernel, unless ``ask``:
+        bpf_xdp_query_id dumps every link of the netns (1 ms per 500 links),
+        and this runs on the CNI ADD's path."""
+        if not ask and run_in(self.netns, index_of, self.netdev) == self.ifindex:
+            return False
+        modes = [self.mode, *([AttachMode.GENERIC] if self.mode is AttachMode.NATIVE else [])]
+        self.ifindex, self.mode, again = attach_again(
+            self.netdev, self.prog_fd, self.prog_id, modes, self.netns
+        )
+        return again
 
     def pin_map(self, path: Path) -> None:
         """Pin the XSKMAP at ``path`` (on bpffs) for pinned-map pools."""

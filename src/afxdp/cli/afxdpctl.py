@@ -19,7 +19,7 @@ from afxdp.cni import shim
 from afxdp.config import LoadedConfig
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths
-from afxdp.status import Status
+from afxdp.status import AllocationStatus, Status
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -103,6 +103,12 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def _prog(a: AllocationStatus) -> object:
+    """The program's id, marked when it is off its device (its link was deleted;
+    ``xdp_fault`` in the JSON says why). One word: cells split on spaces."""
+    return f"{a.xdp_prog_id}(detached)" if a.xdp_fault else a.xdp_prog_id
+
+
 def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
     """Three tables: the node, its pools, their devices (``-o wide``: more columns)."""
     devices = [(p, d) for p in doc.pools for d in p.devices]
@@ -130,7 +136,7 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
         if wide:
             row += [d.numa, d.parent]
             row += [None] * 5 if a is None else [
-                a.xdp_mode, a.xdp_prog_id, a.uds_socket or a.pinned_map,
+                a.xdp_mode, _prog(a), a.uds_socket or a.pinned_map,
                 a.uds_connections, a.uds_active,
             ]  # fmt: skip
         rows.append(row)

@@ -1,8 +1,10 @@
 """The CNI verbs: ADD, DEL, CHECK, GC, STATUS, VERSION (CNI spec 1.1).
 
-ADD: the device must be one of our pools' and allocated to a pod; IPAM in the
-host netns, ethtool filters (primary mode), move into the pod's netns keeping
-the name, link up, addresses and routes. Record first, then act: the
+ADD: the device must be one of our pools' and allocated to a pod, in the host
+netns, carrying its pod's program (the device side puts it back on a link
+re-created under the name, or the ADD fails with code 11); IPAM in the host
+netns, ethtool filters (primary mode), move into the pod's netns keeping the
+name, link up, addresses and routes. Record first, then act: the
 attachment record (attachments.py) names each step before it is taken, so a
 failed ADD, and a DEL after a crash mid-ADD, undo exactly what may have been
 done. A repeated ADD returns the earlier answer, for a completed record only.
@@ -60,6 +62,7 @@ from afxdp.cni.errors import (
     INVALID_ENV,
     IO_FAILURE,
     NOT_READY,
+    TRY_AGAIN_LATER,
     UNKNOWN_CONTAINER,
     CniError,
 )
@@ -73,6 +76,7 @@ from afxdp.cni.netconf import (
     peek_version,
     version_tuple,
 )
+from afxdp.errors import AfxdpError
 from afxdp.netns import run_in
 from afxdp.workers import Work, run_sync
 
@@ -99,6 +103,12 @@ class DeviceSide(Protocol):
 
     def describe(self, device: str) -> dict[str, Any]:
         """What the host knows of ``device`` (kept with the attachment)."""
+        ...
+
+    async def ensure_program(self, device: str) -> None:
+        """Before the move: the device's link here carries the program its pod
+        was handed, put back when the link lost it (deleted and re-created
+        under the same name); AfxdpError saying why when it cannot be."""
         ...
 
 
@@ -302,6 +312,11 @@ class CniHandler:
         if host_up is None:
             raise CniError(INVALID_CONFIG, f"deviceID: {dev} is not in the host network namespace",
                            "it may still be in another pod's namespace")  # fmt: skip
+        try:  # a link re-created under its name has lost the pod's program
+            await self.devices.ensure_program(dev)
+        except AfxdpError as exc:  # nothing done yet: nothing to undo
+            raise CniError(TRY_AGAIN_LATER, f"deviceID: {dev} lacks its pod's XDP program",
+                           str(exc)) from exc  # fmt: skip
         # The first steps are noted with the record: IPAM, and the move when no
         # ethtool step comes before it (both start at once).
         await self.store.put(
