@@ -52,7 +52,9 @@ def test_an_export_edited_by_hand_is_caught(tmp_path: Path) -> None:
 def test_a_range_changed_in_pyproject_without_a_new_lock_is_caught(tmp_path: Path) -> None:
     root = copy_of_the_lock(tmp_path)
     pyproject = root / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('"msgspec>=0.18.5"', '"msgspec>=0.18.5,<0.19"'))
+    pyproject.write_text(
+        pyproject.read_text().replace('"msgspec>=0.18.5"', '"msgspec>=0.18.5,<0.19"')
+    )
     done = check(root)
     assert done.returncode == 1
     assert "uv.lock" in done.stderr
