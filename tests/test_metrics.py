@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from functools import partial
 
 import anyio
@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from afxdp import metrics
 from afxdp.metrics import Metrics, parse_address, route
 from afxdp.unixserver import ServerStats, serve_listener
+from tests.slowloris import Slowloris, probe
 
 pytestmark = pytest.mark.anyio
 
@@ -173,43 +174,6 @@ async def test_hostile_clients_cost_one_connection_never_the_server(
 SCALED_READ_TIMEOUT = 1.0
 TRICKLE = 0.2
 PROBES = 40
-PROBE_DEADLINE = 1.0  # kubelet's default probe timeoutSeconds
-
-
-async def _slowloris(port: int, connections: list[int]) -> None:
-    """A request line, then a byte per TRICKLE, never the blank line; when the
-    server ends the connection (a 400, a close), at once a new one."""
-    while True:
-        with suppress(OSError, anyio.EndOfStream, anyio.BrokenResourceError):
-            async with await anyio.connect_tcp("127.0.0.1", port) as s:
-                connections[0] += 1
-                await s.send(b"GET /healthz HTTP/1.1\r\n")
-                while True:
-                    with anyio.move_on_after(TRICKLE):
-                        await s.receive()  # the server answered or closed: start again
-                        break
-                    await s.send(b"X")
-        await anyio.sleep(0.01)  # an attacker cut off comes back, but does not spin
-
-
-async def _probe(port: int) -> str:
-    """What kubelet's httpGet does: "200" or what went wrong instead."""
-    try:
-        with anyio.fail_after(PROBE_DEADLINE):
-            async with await anyio.connect_tcp("127.0.0.1", port) as s:
-                await s.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                reply = b""
-                with suppress(anyio.EndOfStream):
-                    while True:
-                        reply += await s.receive()
-    except TimeoutError:
-        return f"no reply within {PROBE_DEADLINE:g} s"
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if not reply:
-        return "closed without a reply"
-    status = reply.split(b" ", 2)[1:2]
-    return status[0].decode() if status and reply.endswith(b"ok\n") else f"got {reply!r}"
 
 
 async def test_healthz_answers_every_probe_while_slowloris_clients_take_every_slot(
@@ -219,21 +183,20 @@ async def test_healthz_answers_every_probe_while_slowloris_clients_take_every_sl
     clients must not make one probe fail (a 200 within kubelet's 1 s)."""
     monkeypatch.setattr(metrics, "READ_TIMEOUT", SCALED_READ_TIMEOUT)
     stats = ServerStats()
-    connections = [0]
-    async with serving(Node(), stats) as (_m, port), anyio.create_task_group() as attack:
-        for _ in range(metrics.MAX_CLIENTS + 8):
-            attack.start_soon(_slowloris, port, connections)
+    async with serving(Node(), stats) as (_m, port), anyio.create_task_group() as tg:
+        attack = Slowloris("127.0.0.1", port, trickle=TRICKLE)
+        tg.start_soon(attack.run, metrics.MAX_CLIENTS + 8)
         with anyio.fail_after(5):
             while stats.active < metrics.MAX_CLIENTS:  # every slot taken
                 await anyio.sleep(0.02)
         answers = []
         for _ in range(PROBES):  # some 3 scaled read timeouts of attack
-            answers.append(await _probe(port))
+            answers.append(await probe("127.0.0.1", port, "/healthz"))
             await anyio.sleep(SCALED_READ_TIMEOUT * 3 / PROBES)
-        attack.cancel_scope.cancel()
+        tg.cancel_scope.cancel()
     failed = [(i, a) for i, a in enumerate(answers) if a != "200"]
     assert failed == [], f"{len(failed)} of {PROBES} probes failed: {failed}"
-    assert connections[0] > metrics.MAX_CLIENTS + 8  # the attackers were cut off, came back
+    assert attack.connections > metrics.MAX_CLIENTS + 8  # the attackers were cut off, came back
     assert stats.failed == 0
 
 
