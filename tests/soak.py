@@ -1,11 +1,11 @@
 """The soak: many pod lifecycles through afxdpd, then nothing may be left (issue 8).
 
 afxdpd runs as its own process (its fds, threads and RSS are read from
-/proc/<pid>), with its own dirs under a temp dir and no metrics listener. The
-grpcio kubelet double (tests/kubelet.py) plays kubelet; the CNI goes through the
-real static shim (installed as ``afxdpctl install-cni --allow-dir`` does) with
-host-local IPAM from /usr/lib/cni. The pool has one veth "NIC" per worker; each
-NIC's peer sits in a wire netns.
+/proc/<pid>), with its own dirs under a temp dir. The grpcio kubelet double
+(tests/kubelet.py) plays kubelet; the CNI goes through the real static shim
+(installed as ``afxdpctl install-cni --allow-dir`` does) with host-local IPAM
+from /usr/lib/cni. The pool has one veth "NIC" per worker; each NIC's peer sits
+in a wire netns.
 
 One lifecycle, on its worker's NIC: Allocate (which reclaims the NIC from the
 previous, forgotten pod: allocations are kubelet's to end) -> PodResources lists
@@ -20,7 +20,17 @@ by at most the stated bounds. At the end afxdpd gets SIGTERM and must exit 0;
 then no XDP program, pin, socket, stray netns or host-local lease may be left,
 every NIC must be on the host and the CNI attachment record must be empty.
 
-usage: python -m tests.soak [--lifecycles N] [--concurrency C]; prints a JSON summary.
+With ``--slowloris N`` (40 by default; 0 serves no metrics) afxdpd also serves
+its metrics port, and N slow clients (tests/slowloris.py: a request line, then a
+byte a second, back at once when cut off) keep taking every slot of it, and
+/healthz and /readyz are probed as kubelet does, every half second with its 1 s
+deadline, throughout (issue 19): one probe that is not a 200 in time fails the
+soak. The clients leave for each sample (so afxdpd's fds are counted without
+them) and afxdpd must have closed its side of every one of their connections
+within 5 s; then they come back, all of them, before a probe is made again.
+
+usage: python -m tests.soak [--lifecycles N] [--concurrency C] [--slowloris N];
+prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -41,12 +52,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
-from anyio.abc import Process
+from anyio.abc import Process, TaskGroup, TaskStatus
 
+from afxdp import metrics
 from afxdp.bpf import libbpf, pinning
 from afxdp.cni import shim
 from afxdp.cni.attachments import AttachmentStore
@@ -56,6 +69,7 @@ from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
 from afxdp.uds.client import AsyncUdsClient, Request, pod_socket_path
 from afxdp.workers import Work, run_program, run_sync
 from tests.kubelet import FakeKubelet, PluginClient
+from tests.slowloris import Prober, Slowloris
 
 POOL = "soak"
 RESOURCE = f"afxdp/{POOL}"
@@ -67,6 +81,7 @@ STOP_TIMEOUT = 20.0  # afxdpd gone after SIGTERM
 CNI_TIMEOUT = 30.0  # one shim call (afxdpd's own IPAM limit is 60 s)
 UDS_TIMEOUT = 10.0  # one handshake reply (afxdpd asks kubelet with a 5 s timeout)
 PHASES = 10  # samples after every 10 % of the lifecycles
+SLOWLORIS = metrics.MAX_CLIENTS + 8  # the clients of the report (issue 19)
 
 
 class SoakError(Exception):
@@ -106,6 +121,23 @@ def sample(pid: int, after: int) -> Sample:
     )
 
 
+def connections_on(pid: int, port: int) -> int:
+    """How many of ``pid``'s fds are TCP connections on its local ``port`` (its
+    listener not counted)."""
+    sockets = set()
+    for table in ("tcp", "tcp6"):
+        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        for fields in (line.split() for line in lines):
+            local, state, inode = fields[1], fields[3], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == port and state != "0A":  # 0A: LISTEN
+                sockets.add(f"socket:[{inode}]")
+    found = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with suppress(FileNotFoundError):  # closed since listed
+            found += os.readlink(f"/proc/{pid}/fd/{fd}") in sockets
+    return found
+
+
 @dataclass(frozen=True)
 class Bounds:
     """How much the last sample may exceed the one after the first 10 %.
@@ -131,6 +163,12 @@ class Summary:
     bounds: dict[str, float]
     samples: list[Sample]
     watch_updates: int
+    slowloris: int = 0  # clients on the metrics port during every phase
+    slowloris_connections: int = 0
+    probes: int = 0  # of /healthz and /readyz, each to be a 200 within 1 s
+    probes_failed: list[str] = field(default_factory=list)  # the first 10
+    probe_failures: int = 0
+    slowest_probe_s: float = 0.0
     afxdpd_exit: int | None = None
     leaks: list[str] = field(default_factory=list)
     growth: list[str] = field(default_factory=list)
@@ -173,8 +211,15 @@ def host_socket(answer: dp.ContainerAllocateResponse, device: str) -> Path:
 
 
 class Soak:
-    def __init__(self, work: Path, concurrency: int) -> None:
+    def __init__(self, work: Path, concurrency: int, slowloris: int = 0) -> None:
         self.work = work
+        self.slowloris = slowloris
+        self.metrics_port: int | None = None
+        self.attack: Slowloris | None = None
+        self.prober: Prober | None = None
+        self._load: TaskGroup | None = None  # the slowloris load and the prober
+        self._attack_scope = anyio.CancelScope()
+        self._attack_ended = anyio.Event()
         self.tag = secrets.token_hex(3)
         # At most 15 characters (IFNAMSIZ - 1): "sk" + 6 + index.
         self.devices = [f"sk{self.tag}{i}" for i in range(concurrency)]
@@ -226,7 +271,7 @@ class Soak:
                 "--node-name", "soak-node", "--kubelet-dir", str(self.kubelet.dir),
                 "--uds-dir", str(self.path("uds")), "--pin-dir", str(self.path("pins")),
                 "--run-dir", str(self.run_dir), "--log-dir", str(self.path("log")),
-                "--metrics-address", ""]  # fmt: skip
+                "--metrics-address", "127.0.0.1:0" if self.slowloris else ""]  # fmt: skip
         self.afxdpd = await anyio.open_process(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
@@ -234,8 +279,72 @@ class Soak:
         try:
             await run_sync(Work.DEVICES, self._wait_registered)
             await wait_for("afxdpd's sockets", self._sockets_up, START_TIMEOUT)
+            if self.slowloris:
+                self.metrics_port = await wait_for("afxdpd's metrics port", self._metrics_port,
+                                                   START_TIMEOUT)  # fmt: skip
         except TimeoutError as exc:
             raise SoakError(f"afxdpd did not come up: {exc}\n{self.log_tail()}") from None
+        if self.metrics_port is not None:
+            self.attack = Slowloris("127.0.0.1", self.metrics_port)
+            self.prober = Prober("127.0.0.1", self.metrics_port)
+
+    async def _start_attack(self) -> None:
+        """The slowloris load, in the load group; back once every client is in."""
+        assert self.attack is not None and self._load is not None
+        attack, ended, before = self.attack, anyio.Event(), self.attack.connections
+
+        async def attacking(task_status: TaskStatus[anyio.CancelScope]) -> None:
+            try:
+                with anyio.CancelScope() as scope:
+                    task_status.started(scope)
+                    await attack.run(self.slowloris)
+            finally:
+                ended.set()
+
+        self._attack_scope = await self._load.start(attacking)
+        self._attack_ended = ended
+
+        async def connected() -> bool:
+            return attack.connections >= before + self.slowloris
+
+        try:
+            await wait_for("the slowloris clients' connects", connected, START_TIMEOUT)
+        except TimeoutError as exc:
+            raise SoakError(str(exc)) from None
+
+    async def _sample(self, after: int) -> Sample:
+        """afxdpd's resources; the slowloris load leaves for it (its connections,
+        always coming and going, are not what is measured) and comes back."""
+        assert self.afxdpd is not None
+        pid = self.afxdpd.pid
+        if self.prober is None or self.metrics_port is None:
+            return await run_sync(Work.DISK, sample, pid, after)
+        port = self.metrics_port
+        # No probe meanwhile: one among the attack's first connects may be the
+        # oldest to await its request (kubelet's comes at once; this one, from
+        # this loop, only once those connects are done).
+        async with self.prober.lock:
+            self._attack_scope.cancel()
+            await self._attack_ended.wait()
+
+            async def closed() -> bool:
+                return await run_sync(Work.DISK, connections_on, pid, port) == 0
+
+            try:
+                await wait_for("afxdpd closing its side", closed, 5.0)
+            except TimeoutError:
+                held = await run_sync(Work.DISK, connections_on, pid, port)
+                raise SoakError(f"afxdpd still holds {held} connections on its metrics port "
+                                "5 s after their clients left") from None  # fmt: skip
+            found = await run_sync(Work.DISK, sample, pid, after)
+            await self._start_attack()
+        return found
+
+    async def _metrics_port(self) -> int | None:
+        """The port afxdpd bound for "127.0.0.1:0", from its log line saying so."""
+        text = self.path("afxdpd.log").read_text(errors="replace")
+        found = re.search(r"metrics and health on http://127\.0\.0\.1:(\d+)/", text)
+        return int(found[1]) if found else None
 
     def _wait_registered(self) -> None:
         if not self.kubelet.wait_registrations(1, timeout=START_TIMEOUT):
@@ -392,10 +501,16 @@ class Soak:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.watch)
-                try:
-                    await self._phases(lifecycles, samples)
-                finally:
-                    self._stopping = True
+                async with anyio.create_task_group() as load:  # until the phases are done
+                    self._load = load
+                    if self.prober is not None:
+                        await self._start_attack()  # probed once every client is in
+                        load.start_soon(self.prober.run)
+                    try:
+                        await self._phases(lifecycles, samples)
+                    finally:
+                        self._stopping = True
+                        load.cancel_scope.cancel()
         except* SoakError as group:
             raise _first(group) from None
         return samples
@@ -414,7 +529,7 @@ class Soak:
                 for device in self.devices:
                     tg.start_soon(worker, device)
             done = end
-            samples.append(await run_sync(Work.DISK, sample, self.afxdpd.pid, done))
+            samples.append(await self._sample(done))
 
     async def stop_afxdpd(self) -> int | None:
         """SIGTERM, as the kubelet's pod deletion does; its exit code (None: hung)."""
@@ -496,13 +611,16 @@ async def soak(
     work: Path,
     bounds: Bounds = Bounds(),
     time_limit: float | None = None,
+    *,
+    slowloris: int = 0,
 ) -> Summary:
     """Run the soak in ``work`` (which the caller removes); raise SoakError on
-    a failed lifecycle, a leak or growth past ``bounds``."""
-    if lifecycles < 1 or concurrency < 1:
-        raise ValueError("lifecycles and concurrency must be at least 1")
+    a failed lifecycle, a leak, growth past ``bounds``, or (with ``slowloris``
+    clients on the metrics port) a probe not answered."""
+    if lifecycles < 1 or concurrency < 1 or slowloris < 0:
+        raise ValueError("lifecycles and concurrency must be at least 1, slowloris at least 0")
     limit = time_limit if time_limit is not None else 60 + 2.0 * lifecycles
-    node = Soak(work, concurrency)
+    node = Soak(work, concurrency, slowloris)
     with anyio.fail_after(limit):
         async with cleanup_stack() as stack:
             await node.setup(stack)
@@ -521,16 +639,36 @@ async def soak(
                 bounds=asdict(bounds),
                 samples=samples,
                 watch_updates=node.watch_updates,
+                slowloris=slowloris,
             )
+            if node.attack is not None and node.prober is not None:
+                summary.slowloris_connections = node.attack.connections
+                summary.probes = node.prober.probes
+                summary.probe_failures = node.prober.failures
+                summary.probes_failed = node.prober.first_failures
+                summary.slowest_probe_s = round(node.prober.slowest, 3)
             summary.afxdpd_exit = await node.stop_afxdpd()
             summary.leaks = await node.leaks()
             summary.growth = growth(samples, bounds)
-    problems = list(summary.leaks) + summary.growth
+    problems = list(summary.leaks) + summary.growth + probing(summary)
     if summary.afxdpd_exit != 0:
         problems.insert(0, f"afxdpd exited with {summary.afxdpd_exit} after SIGTERM")
     if problems:
         raise SoakError("soak failed:\n  " + "\n  ".join(problems) + "\n" + summary.to_json())
     return summary
+
+
+def probing(summary: Summary) -> list[str]:
+    """What went wrong with the probes under the slowloris load, if it ran."""
+    if not summary.slowloris:
+        return []
+    if summary.probes == 0 or summary.slowloris_connections < summary.slowloris:
+        return [f"the probes or the slowloris load did not run: {summary.probes} probes, "
+                f"{summary.slowloris_connections} of {summary.slowloris} clients connected"]  # fmt: skip
+    if summary.probe_failures:
+        return [f"{summary.probe_failures} of {summary.probes} probes failed under "
+                f"{summary.slowloris} slowloris clients: " + "; ".join(summary.probes_failed)]  # fmt: skip
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="pods at once, and NICs in the pool (%(default)s)")  # fmt: skip
     ap.add_argument("--rss-percent", type=float, default=Bounds.rss_percent,
                     help="RSS growth allowed from 10 %% to the end (%(default)s)")  # fmt: skip
+    ap.add_argument("--slowloris", type=int, default=SLOWLORIS,
+                    help="slow clients on afxdpd's metrics port while /healthz and /readyz "
+                         "are probed; 0: no metrics port (%(default)s)")  # fmt: skip
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds before the soak gives up (default: 60 + 2 per lifecycle)")  # fmt: skip
     ap.add_argument("--keep", action="store_true",
@@ -550,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     try:
         summary = anyio.run(
-            soak,
+            partial(soak, slowloris=args.slowloris),
             args.lifecycles,
             args.concurrency,
             work,

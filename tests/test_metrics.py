@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute, SocketListener, SocketStream
 from prometheus_client.parser import text_string_to_metric_families
 
 from afxdp import metrics
 from afxdp.metrics import Metrics, parse_address, route
-from afxdp.unixserver import ServerStats
+from afxdp.unixserver import ServerStats, serve_listener
+from tests.slowloris import Slowloris, probe
 
 pytestmark = pytest.mark.anyio
 
@@ -151,8 +155,9 @@ async def test_hostile_clients_cost_one_connection_never_the_server(
         assert all(r.startswith((b"HTTP/1.1 400", b"closed")) for r in replies[:3]), replies
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
         try:
+            # Silent, all of them: each past the limit evicts the oldest, or is refused.
             with anyio.fail_after(5):
-                while stats.refused < 200 - metrics.MAX_CLIENTS:
+                while stats.refused + stats.evicted < 200 - metrics.MAX_CLIENTS:
                     await anyio.sleep(0.02)
         finally:
             for s in held:
@@ -162,3 +167,144 @@ async def test_hostile_clients_cost_one_connection_never_the_server(
                 await anyio.sleep(0.02)
         assert (await anyio.to_thread.run_sync(_get, port, "/healthz"))[0] == 200
         assert stats.failed == 0
+
+
+# The reported attack (issue 19), scaled down 5 times: afxdpd gives a request
+# head 5 s and the attacker sent a byte a second; here 1 s and a byte every 0.2 s.
+SCALED_READ_TIMEOUT = 1.0
+TRICKLE = 0.2
+PROBES = 40
+
+
+async def test_healthz_answers_every_probe_while_slowloris_clients_take_every_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 19: any pod reaches the port kubelet probes, so MAX_CLIENTS + 8 slow
+    clients must not make one probe fail (a 200 within kubelet's 1 s)."""
+    monkeypatch.setattr(metrics, "READ_TIMEOUT", SCALED_READ_TIMEOUT)
+    stats = ServerStats()
+    async with serving(Node(), stats) as (_m, port), anyio.create_task_group() as tg:
+        attack = Slowloris("127.0.0.1", port, trickle=TRICKLE)
+        tg.start_soon(attack.run, metrics.MAX_CLIENTS + 8)
+        with anyio.fail_after(5):
+            while stats.active < metrics.MAX_CLIENTS:  # every slot taken
+                await anyio.sleep(0.02)
+        answers = []
+        for _ in range(PROBES):  # some 3 scaled read timeouts of attack
+            answers.append(await probe("127.0.0.1", port, "/healthz"))
+            await anyio.sleep(SCALED_READ_TIMEOUT * 3 / PROBES)
+        tg.cancel_scope.cancel()
+    failed = [(i, a) for i, a in enumerate(answers) if a != "200"]
+    assert failed == [], f"{len(failed)} of {PROBES} probes failed: {failed}"
+    assert attack.connections > metrics.MAX_CLIENTS + 8  # the attackers were cut off, came back
+    assert stats.failed == 0
+
+
+async def test_a_full_server_evicts_the_oldest_peer_that_owes_a_move_never_one_at_work() -> None:
+    """``serve_listener(evict=True)``, the metrics server's policy, on its own: 3
+    slots; "w" asks for work the server does (not waiting on the peer), "s" for
+    more bytes than the kernel buffers to a peer that never reads."""
+    release, arrived, working, sending = anyio.Event(), [0], [0], [0]
+    ended: list[int] = []  # connections by order of arrival, as they end
+
+    async def answer(stream: SocketStream) -> None:
+        arrived[0] += 1
+        me = arrived[0]
+        try:
+            request = await stream.receive(1)
+            if request == b"w":
+                working[0] += 1
+                await release.wait()
+                await stream.send(b"done")
+            else:
+                sending[0] += 1
+                await stream.send(b"x" * (16 << 20))
+        finally:
+            ended.append(me)
+
+    async def until(what: Callable[[], bool]) -> None:
+        with anyio.fail_after(5):
+            while not what():
+                await anyio.sleep(0.01)
+
+    async def connect(request: bytes) -> SocketStream:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        await stream.send(request)
+        return stream
+
+    async def closed_on_us(stream: SocketStream) -> bool:
+        with anyio.fail_after(5):
+            try:
+                while await stream.receive():
+                    pass
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return True
+        return False
+
+    stats = ServerStats()
+    multi = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    (listener,) = multi.listeners
+    assert isinstance(listener, SocketListener)
+    async with multi, anyio.create_task_group() as tg:
+        port = listener.extra(SocketAttribute.local_port)
+        tg.start_soon(
+            partial(serve_listener, listener, answer, name="t", limit=3, stats=stats, evict=True)
+        )
+        at_work = await connect(b"w")
+        await until(lambda: working[0] == 1)
+        not_reading = await connect(b"s")  # a peer that never reads
+        await until(lambda: sending[0] == 1)
+        quiet = await connect(b"")  # a peer that never sends
+        await until(lambda: arrived[0] == 3)
+        # Full. The first newcomer takes the slot of the oldest that owes a move.
+        first = await connect(b"w")
+        await until(lambda: working[0] == 2)
+        await until(lambda: ended == [2])  # the one not reading, not the one at work
+        second = await connect(b"w")
+        await until(lambda: working[0] == 3)
+        await until(lambda: ended == [2, 3])
+        assert await closed_on_us(quiet)
+        assert (stats.evicted, stats.refused) == (2, 0)
+        # Everyone left is at work: a newcomer is refused, no one is cut off.
+        refused = await connect(b"w")
+        assert await closed_on_us(refused)
+        assert (stats.evicted, stats.refused, arrived[0]) == (2, 1, 5)
+        release.set()
+        for stream in (at_work, first, second):
+            assert await stream.receive() == b"done"
+        await until(lambda: stats.active == 0)
+        assert (stats.served, stats.failed, sorted(ended)) == (3, 0, [1, 2, 3, 4, 5])
+        for stream in (at_work, not_reading, quiet, first, second, refused):
+            await stream.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_slow_honest_scraper_gets_all_of_metrics_when_nothing_presses() -> None:
+    """Eviction is for a full server only: a scraper on a slow link that sends its
+    request in pieces and reads a large reply slowly gets every byte of it."""
+    node = Node()
+    node.devices = [(f"pool{i}", "free", "Healthy") for i in range(2000)]  # some 130 KB
+
+    def scrape(port: int) -> tuple[bytes, bytes]:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+            s.settimeout(5)
+            s.connect(("127.0.0.1", port))
+            for piece in (b"GET /met", b"rics HTTP/1.1\r\nHost: x\r\n", b"\r\n"):
+                s.sendall(piece)
+                time.sleep(0.2)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+                time.sleep(0.005)
+        head, _, body = data.partition(b"\r\n\r\n")
+        return head, body
+
+    stats = ServerStats()
+    async with serving(node, stats) as (_m, port):
+        head, body = await anyio.to_thread.run_sync(scrape, port)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert f"Content-Length: {len(body)}\r\n".encode() in head
+    got = _samples(body)
+    assert sum(v for (name, _), v in got.items() if name == "afxdp_devices") == 2000
+    assert (stats.served, stats.evicted, stats.refused) == (1, 0, 0)

@@ -2,9 +2,11 @@
 
 afxdpd as a process, kubelet's double, the real CNI shim with host-local, real
 veths and netns: 40 pod lifecycles, 4 at a time, each NIC reclaimed from the
-previous pod at Allocate. It fails on any failed step, on anything left behind
-(XDP program, pin, socket, netns, lease, attachment record, a NIC not home),
-when afxdpd does not exit 0 on SIGTERM, or when its fds or threads grow.
+previous pod at Allocate, while 40 slowloris clients keep taking every slot of
+the metrics port. It fails on any failed step, on anything left behind (XDP
+program, pin, socket, netns, lease, attachment record, a NIC not home), when
+afxdpd does not exit 0 on SIGTERM, when its fds or threads grow, or when one
+probe of /healthz or /readyz is not a 200 within 1 s (issue 19).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ SHORT = soak.Bounds(rss_percent=15.0)
 
 async def test_pod_lifecycles_leave_nothing_behind_and_do_not_grow(tmp_path: Path) -> None:
     summary = await soak.soak(lifecycles=40, concurrency=4, work=tmp_path, bounds=SHORT,
-                              time_limit=50)  # fmt: skip
+                              time_limit=50, slowloris=soak.SLOWLORIS)  # fmt: skip
     assert summary.afxdpd_exit == 0
     assert (summary.leaks, summary.growth) == ([], [])
+    assert summary.probes > 0 and (summary.probe_failures, summary.probes_failed) == (0, [])
+    assert summary.slowloris_connections > soak.SLOWLORIS  # cut off by afxdpd, and back
     assert [s.after for s in summary.samples] == list(range(4, 41, 4))
     assert summary.watch_updates > 0  # kubelet's ListAndWatch stream was served throughout

@@ -5,9 +5,13 @@
 is served and registered and the CNI socket listens, else 503 with the reason).
 The server speaks just enough HTTP/1.1 for scrapers and kubelet probes: one
 request per connection, GET or HEAD, a head of at most MAX_HEAD bytes read
-within READ_TIMEOUT. It runs on the event loop (no thread) through the same
-confined accept loop as the unix servers, so a hostile client costs one
-connection, never the server.
+within READ_TIMEOUT (the whole head, however it trickles in). It runs on the
+event loop (no thread) through the same confined accept loop as the unix
+servers, so a hostile client costs one connection, never the server. Any pod
+may reach the port (the DaemonSet binds the node's IP for kubelet's probes), so
+when all MAX_CLIENTS slots are taken a newcomer evicts the oldest client that is
+still sending its request or not reading its reply (``serve_listener``'s
+``evict``): clients that trickle bytes cannot keep /healthz from kubelet.
 """
 
 from __future__ import annotations
@@ -218,6 +222,7 @@ async def serve(
                     name=f"metrics {address}",
                     limit=MAX_CLIENTS,
                     stats=stats,
+                    evict=True,  # no client may keep a probe out (issue 19)
                 )
             )
         task_status.started((str(bound[0]), int(bound[1])))

@@ -41,6 +41,7 @@ class ServerCounts(msgspec.Struct):
     failed: int = 0
     accept_errors: int = 0
     active: int = 0
+    evicted: int = 0
 
 
 class UdsBudget(msgspec.Struct):

@@ -7,6 +7,15 @@ resource" (EMFILE, ENFILE, ENOBUFS, ENOMEM) or a peer that left while queued
 are retried with a backoff instead of ending the server. At most ``limit``
 connections are served at once; the excess is accepted and closed at once (so
 the kernel's backlog cannot fill up) and counted.
+
+With ``evict`` a full server makes room instead of refusing: the newcomer takes
+the slot of the oldest connection whose peer owes the next move (the server
+waits for its bytes, or for room in its window). A client that trickles a
+request (slowloris) or never reads is such a peer all the time; kubelet's probe
+is one only between its connect and its request, which it sends at once. So a
+pod that opens every slot of the metrics port cannot fail afxdpd's liveness
+probe (issue 19), whatever address the probe comes from, and a connection that
+keeps up is never cut off for a newcomer.
 """
 
 from __future__ import annotations
@@ -14,12 +23,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import socket
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
-from anyio.abc import SocketListener, SocketStream, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from afxdp.confine import confined
 
@@ -48,13 +60,64 @@ class Backoff:
 
 @dataclass
 class ServerStats:
-    """What a server did (for status): connections served, refused, failed."""
+    """What a server did (for status): connections served, refused, failed, and
+    ended to make room for a newcomer (``evicted``)."""
 
     served: int = 0
     refused: int = 0
     failed: int = 0
     accept_errors: int = 0
     active: int = 0
+    evicted: int = 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One connection's place among the ``limit``; ``waiting`` while its peer owes
+    the next move."""
+
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    waiting: int = 0  # a receive and a send may wait at once
+    evicted: bool = False
+
+    @contextmanager
+    def waits(self) -> Iterator[None]:
+        self.waiting += 1
+        try:
+            yield
+        finally:
+            self.waiting -= 1
+
+
+class _Watched(SocketStream):
+    """``stream``, its slot told whenever a receive or send waits on the peer (the
+    connection's answer needs to know nothing of eviction)."""
+
+    def __init__(self, stream: SocketStream, slot: _Slot) -> None:
+        self._stream = stream
+        self._slot = slot
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        with self._slot.waits():
+            return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        with self._slot.waits():
+            await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self._stream.extra(SocketAttribute.raw_socket)  # noqa: S610 - not Django
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._stream.extra_attributes
 
 
 async def serve_listener(
@@ -64,23 +127,45 @@ async def serve_listener(
     name: str,
     limit: int = 64,
     stats: ServerStats | None = None,
+    evict: bool = False,
 ) -> None:
-    """Accept on ``listener`` until cancelled, each connection confined to its task."""
+    """Accept on ``listener`` until cancelled, each connection confined to its task;
+    with ``evict``, a newcomer to a full server ends the oldest connection whose
+    peer owes the next move rather than being refused (the module's docstring)."""
     stats = stats if stats is not None else ServerStats()
     backoff = Backoff()
+    slots: dict[_Slot, None] = {}  # in order of arrival: the oldest first
 
-    async def one(stream: SocketStream) -> None:
+    async def one(stream: SocketStream, slot: _Slot) -> None:
         async with stream:
-            await answer(stream)
+            await answer(_Watched(stream, slot) if evict else stream)
 
-    async def connection(stream: SocketStream) -> None:
+    async def connection(stream: SocketStream, slot: _Slot) -> None:
         try:
-            if await confined(log, lambda: f"{name}: a connection", "the server", one, stream):
-                stats.served += 1
-            else:
-                stats.failed += 1
+            with slot.scope:
+                ok = await confined(
+                    log, lambda: f"{name}: a connection", "the server", one, stream, slot
+                )
+                if ok:
+                    stats.served += 1
+                else:
+                    stats.failed += 1
         finally:
             stats.active -= 1
+            del slots[slot]
+
+    def make_room() -> bool:
+        """End the oldest connection that waits on its peer; False if none does."""
+        for slot in slots:
+            if slot.waiting and not slot.evicted:
+                slot.evicted = True
+                slot.scope.cancel()
+                stats.evicted += 1
+                if stats.evicted == 1 or stats.evicted % 1000 == 0:  # a flood, not a log flood
+                    log.warning("%s: all %d connections open; ended the oldest waiting on its "
+                                "peer (%d so far)", name, limit, stats.evicted)  # fmt: skip
+                return True
+        return False
 
     async with anyio.create_task_group() as tg:
         while True:
@@ -98,12 +183,19 @@ async def serve_listener(
                 await anyio.sleep(delay)
                 continue
             backoff.reset()
-            if stats.active >= limit:
+            # ``stats`` may be shared by the listeners of one server (one per
+            # address family): the limit is theirs together. An evicted
+            # connection is counted until its task has closed it (its next
+            # turn): count only those that stay.
+            staying = stats.active - sum(slot.evicted for slot in slots)
+            if staying >= limit and not (evict and make_room()):
                 stats.refused += 1
                 await stream.aclose()
                 continue
             stats.active += 1
-            tg.start_soon(connection, stream)
+            slot = _Slot()
+            slots[slot] = None
+            tg.start_soon(connection, stream, slot)
 
 
 async def serve_unix(
