@@ -32,8 +32,8 @@ Rules, in order:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
@@ -320,10 +320,17 @@ class Devices:
         that counts, or the reload would free a device a pod holds. A reload
         waits for at most the Allocate under way (the file is read before).
         """
+        async with self._every_pool_locked():
+            return self._replace_pools(new)
+
+    @asynccontextmanager
+    async def _every_pool_locked(self) -> AsyncIterator[None]:
+        """Every pool's Allocate lock: no Allocate or reconcile runs meanwhile,
+        and no pool object is swapped under one that read it."""
         async with AsyncExitStack() as stack:
             for name in sorted(self._allocating):  # one order: no two waiters deadlock
                 await stack.enter_async_context(self._allocating[name])
-            return self._replace_pools(new)
+            yield
 
     def _replace_pools(self, new: Sequence[Pool]) -> tuple[list[str], list[str]]:
         new_by_name = {p.name: p for p in new}
@@ -420,13 +427,13 @@ class Devices:
         taken over; nothing changes when kubelet could not say (None)."""
         if held is None or not self.distrusted:
             return []
-        self.distrusted = False  # what a reload brings from now on is known
         taken = []
-        for name in list(self.pools):
-            async with self._allocating[name]:  # no Allocate or reconcile in between
-                pool = self.pools.get(name)
-                if pool is None:
-                    continue
+        # Under every pool's lock at once, not one after another: a reload in
+        # between would otherwise bring fresh, known devices in place of unknown
+        # ones not settled yet, and free one a pod holds.
+        async with self._every_pool_locked():
+            self.distrusted = False  # what a reload brings from now on is known
+            for name, pool in list(self.pools.items()):
                 mine = held.get(pool.config.resource_name, set())
                 for dev in list(pool.devices.values()):
                     if not dev.unknown:
