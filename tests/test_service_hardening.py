@@ -25,6 +25,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from afxdp import control
+from afxdp.cli.common import Exit
 from afxdp.cni import shim
 from afxdp.config import load_config
 from afxdp.errors import ConfigError
@@ -218,10 +219,12 @@ def test_fd_exhaustion_backs_off_and_serves_again_when_fds_return(tmp_path: Path
         proc.wait()
 
 
-def _afxdpd(tmp_path: Path, kubelet: FakeKubelet, cfg: Path, **popen: Any) -> subprocess.Popen[str]:
+def _afxdpd(
+    tmp_path: Path, kubelet: FakeKubelet, cfg: Path, *extra: str, **popen: Any
+) -> subprocess.Popen[str]:
     args = ["--config", str(cfg), "--node-name", "node1", "--kubelet-dir", str(kubelet.dir),
             "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
-            "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log")]  # fmt: skip
+            "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log"), *extra]  # fmt: skip
     return subprocess.Popen([sys.executable, "-m", "afxdp.cli.afxdpd", *args], env=ENV,
                             text=True, **popen)  # fmt: skip
 
@@ -280,6 +283,61 @@ def test_afxdpd_survives_interrupted_status_and_refuses_a_second_instance(
         if first.poll() is None:
             first.kill()
             first.wait()
+        kubelet.stop()
+
+
+def _wait_ready(proc: subprocess.Popen[str], run_dir: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"afxdpd exited {proc.returncode}"
+        try:
+            if control.read_status(run_dir)["ready"]:
+                return
+        except OSError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, "afxdpd never became ready"
+        time.sleep(0.05)
+
+
+def _inodes(*paths: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.lstat().st_dev, p.lstat().st_ino) for p in paths}
+
+
+@pytest.mark.privileged
+def test_a_second_afxdpd_is_refused_even_when_the_lock_file_was_deleted(
+    tmp_path: Path, lab: Lab
+) -> None:
+    dev, peer = lab.veth(lab.name("lk"), lab.name("ll"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pools": [{"name": "p", "mode": "primary",
+                                          "devices": [{"name": dev}]}]}))  # fmt: skip
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_registration()
+    kubelet.start_pod_resources()
+    run_dir = tmp_path / "run"
+    first = _afxdpd(tmp_path, kubelet, cfg, "--metrics-address", "", stderr=subprocess.DEVNULL)
+    second: subprocess.Popen[str] | None = None
+    try:
+        _wait_ready(first, run_dir)
+        sockets = _inodes(run_dir / "control.sock", run_dir / "cni.sock",
+                          kubelet.plugin_dir / "afxdp-p.sock")  # fmt: skip
+        (run_dir / "afxdpd.lock").unlink()  # a tidy-up script, an operator's rm
+
+        second = _afxdpd(tmp_path, kubelet, cfg, "--metrics-address", "", stderr=subprocess.PIPE)
+        _out, err = second.communicate(timeout=30)
+        assert second.returncode == Exit.RUNNING, err
+        assert f"another afxdpd (pid {first.pid}) already serves {run_dir}" in err
+        assert _inodes(*sockets) == sockets, "the first one's sockets are all still its own"
+        assert control.read_status(run_dir)["ready"] is True
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         kubelet.stop()
 
 
