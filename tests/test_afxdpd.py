@@ -54,6 +54,24 @@ def test_unusable_log_dir_exits_2_saying_why(tmp_path: Path) -> None:
     assert "usage:" not in done.stderr
 
 
+def test_a_part_that_cannot_start_exits_4_saying_why_not_with_a_traceback(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}')
+    blocked = tmp_path / "run" / "control.sock"
+    (blocked / "x").mkdir(parents=True)  # what sits there is no socket, and cannot go
+    done = subprocess.run(
+        afxdpd("--config", str(cfg), "--kubelet-dir", str(tmp_path / "kubelet"),
+               "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
+               "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"),
+               "--log-dir", str(tmp_path / "log"), "--cdi-dir", str(tmp_path / "cdi"),
+               "--metrics-address", ""),
+        capture_output=True, text=True, env=ENV, check=False, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    assert f"start-up failed: [Errno 21] Is a directory: '{blocked}'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_run_dir_stays_locked_when_its_lock_file_is_deleted(tmp_path: Path) -> None:
     first = lock_run_dir(tmp_path)
     assert first is not None

@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -211,13 +212,29 @@ def main(argv: list[str] | None = None) -> int:
     log.info("fd limit: %d (hard %d)", *service.fd_limit)
     try:
         anyio.run(_main, service, backend_options={"use_uvloop": True})
-    except KindNetError as exc:
-        log.error("kind network: %s", exc)
-        return Exit.KIND
-    except OSError as exc:
-        log.error("start-up failed: %s", exc)
+    except Exception as exc:
+        # A part that fails to start reaches us inside its task groups' groups.
+        failures = list(_leaves(exc))
+        if not all(isinstance(e, KindNetError | OSError) for e in failures):
+            raise
+        for failure in failures:
+            if isinstance(failure, KindNetError):
+                log.error("kind network: %s", failure)
+            else:
+                log.error("start-up failed: %s", failure)
+        if any(isinstance(e, KindNetError) for e in failures):
+            return Exit.KIND
         return Exit.POOL
     return Exit.OK
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The errors inside (nested) exception groups; ``exc`` itself if none."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 if __name__ == "__main__":
