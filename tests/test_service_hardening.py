@@ -220,12 +220,22 @@ def test_fd_exhaustion_backs_off_and_serves_again_when_fds_return(tmp_path: Path
 
 
 def _afxdpd(
-    tmp_path: Path, kubelet: FakeKubelet, cfg: Path, *extra: str, **popen: Any
+    tmp_path: Path,
+    kubelet: FakeKubelet,
+    cfg: Path,
+    *extra: str,
+    uds_dir: Path | None = None,
+    netns: str | None = None,
+    **popen: Any,
 ) -> subprocess.Popen[str]:
+    """afxdpd with its dirs under ``tmp_path`` (but ``uds_dir``), in ``netns``."""
     args = ["--config", str(cfg), "--node-name", "node1", "--kubelet-dir", str(kubelet.dir),
-            "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
-            "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log"), *extra]  # fmt: skip
-    return subprocess.Popen([sys.executable, "-m", "afxdp.cli.afxdpd", *args], env=ENV,
+            "--uds-dir", str(uds_dir or tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
+            "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log"),
+            "--cdi-dir", str(tmp_path / "cdi"), *extra]  # fmt: skip
+    # nsenter execs (no fork): the pid is afxdpd's.
+    ns = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    return subprocess.Popen([*ns, sys.executable, "-m", "afxdp.cli.afxdpd", *args], env=ENV,
                             text=True, **popen)  # fmt: skip
 
 
@@ -339,6 +349,69 @@ def test_a_second_afxdpd_is_refused_even_when_the_lock_file_was_deleted(
                 proc.kill()
                 proc.wait()
         kubelet.stop()
+
+
+@pytest.mark.privileged
+def test_a_second_afxdpd_sharing_the_uds_dir_leaves_the_first_ones_device_socket(
+    tmp_path: Path, lab: Lab
+) -> None:
+    # Two afxdpd, each with its own run, state and kubelet dirs and its own
+    # network namespace, but one UDS dir: each has a device of the same name,
+    # so both want <uds-dir>/<dev>/afxdp.sock.
+    dev, peer = lab.name("ud"), lab.name("ue")
+    ns = lab.netns()
+    for netns in (None, ns):
+        lab.veth(dev, peer, netns=netns)
+        ip("link", "set", dev, "up", netns=netns)
+        ip("link", "set", peer, "up", netns=netns)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pools": [{"name": "p", "mode": "primary",
+                                          "devices": [{"name": dev}]}]}))  # fmt: skip
+    uds = tmp_path / "uds"
+    procs: list[subprocess.Popen[str]] = []
+    kubelets: list[FakeKubelet] = []
+    try:
+        for name, netns in (("a", None), ("b", ns)):
+            kubelets.append(FakeKubelet(tmp_path / name / "kubelet"))
+            kubelets[-1].start_registration()
+            kubelets[-1].start_pod_resources()
+            procs.append(_afxdpd(tmp_path / name, kubelets[-1], cfg, "--metrics-address", "",
+                                 uds_dir=uds, netns=netns, stderr=subprocess.DEVNULL))  # fmt: skip
+        first, second = procs
+        for proc, name in zip(procs, "ab", strict=True):
+            _wait_ready(proc, tmp_path / name / "run")
+        plugins = [PluginClient(k.plugin_dir / "afxdp-p.sock") for k in kubelets]
+        plugins[0].allocate([dev])
+        sock = uds / dev / "afxdp.sock"
+        theirs = (sock.lstat().st_dev, sock.lstat().st_ino)
+
+        # The second is asked for its device of that name: the socket path is
+        # taken by a server that answers, so its Allocate fails, saying why.
+        with pytest.raises(grpc.RpcError) as refused:
+            plugins[1].allocate([dev])
+        assert "another server answers on this socket" in str(refused.value.details())
+        assert str(sock) in str(refused.value.details())
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=20) == 0
+        assert (sock.lstat().st_dev, sock.lstat().st_ino) == theirs
+        kubelets[0].hold("pod-a", "afxdp/p", dev)
+        client = UdsClient(sock)
+        try:  # the first one still answers its pod
+            client.connect("pod-a")
+            assert client.version() == "0.1"
+        finally:
+            client.close()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+        for plugin in plugins:
+            plugin.close()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for kubelet in kubelets:
+            kubelet.stop()
 
 
 @pytest.fixture
