@@ -414,6 +414,53 @@ def test_a_second_afxdpd_sharing_the_uds_dir_leaves_the_first_ones_device_socket
             kubelet.stop()
 
 
+@pytest.mark.privileged
+def test_a_second_afxdpd_sharing_the_kubelet_dir_leaves_the_first_ones_plugin_socket(
+    tmp_path: Path, lab: Lab
+) -> None:
+    # Another run dir (so no lock stops it), the same kubelet dir and pool name:
+    # both want <kubelet-dir>/device-plugins/afxdp-p.sock.
+    dev, peer = lab.veth(lab.name("kd"), lab.name("ke"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pools": [{"name": "p", "mode": "primary",
+                                          "devices": [{"name": dev}]}]}))  # fmt: skip
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_registration()
+    kubelet.start_pod_resources()
+    first = _afxdpd(tmp_path / "a", kubelet, cfg, "--metrics-address", "",
+                    stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_ready(first, tmp_path / "a" / "run")
+        plugin = kubelet.plugin_dir / "afxdp-p.sock"
+        theirs = (plugin.lstat().st_dev, plugin.lstat().st_ino)
+        second = _afxdpd(tmp_path / "b", kubelet, cfg, "--metrics-address", "",
+                         stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            _out, err = second.communicate(timeout=30)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+        assert second.returncode == Exit.POOL, err
+        assert f"another server answers on this socket: '{plugin}'" in err
+        assert (plugin.lstat().st_dev, plugin.lstat().st_ino) == theirs
+        assert len(kubelet.registrations) == 1, "only the first one registered"
+        client = PluginClient(plugin)
+        try:
+            assert client.allocate([dev]).container_responses  # the first one still serves
+        finally:
+            client.close()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        kubelet.stop()
+
+
 @pytest.fixture
 def node(tmp_path: Path, lab: Lab) -> NodeUnderTest:
     dev, peer = lab.veth(lab.name("rc"), lab.name("rd"))

@@ -38,10 +38,11 @@ FileId = tuple[int, int]
 _ANSWERED = frozenset({0, errno.EAGAIN, errno.EINPROGRESS, errno.EPROTOTYPE})
 
 
-def file_id(path: Path) -> FileId | None:
-    """The identity of the file at ``path`` itself; None when there is none."""
+def file_id(path: Path, *, follow_symlinks: bool = False) -> FileId | None:
+    """The identity of the file at ``path`` itself (or, with ``follow_symlinks``,
+    of what it points to: another's socket we only watch); None when there is none."""
     try:
-        st = os.lstat(path)
+        st = os.stat(path, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
