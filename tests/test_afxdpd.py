@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 
 from afxdp import control
 from afxdp.bpf import libbpf
+from afxdp.cli.afxdpd import LOCK_FILE, lock_holder, lock_run_dir
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet, PluginClient
 
@@ -50,6 +52,60 @@ def test_unusable_log_dir_exits_2_saying_why(tmp_path: Path) -> None:
     assert "cannot set up logging" in done.stderr
     assert str(not_a_dir) in done.stderr
     assert "usage:" not in done.stderr
+
+
+def test_a_part_that_cannot_start_exits_4_saying_why_not_with_a_traceback(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}')
+    blocked = tmp_path / "run" / "control.sock"
+    (blocked / "x").mkdir(parents=True)  # what sits there is no socket, and cannot go
+    done = subprocess.run(
+        afxdpd("--config", str(cfg), "--kubelet-dir", str(tmp_path / "kubelet"),
+               "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
+               "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"),
+               "--log-dir", str(tmp_path / "log"), "--cdi-dir", str(tmp_path / "cdi"),
+               "--metrics-address", ""),
+        capture_output=True, text=True, env=ENV, check=False, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    assert f"start-up failed: [Errno 21] Is a directory: '{blocked}'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_run_dir_stays_locked_when_its_lock_file_is_deleted(tmp_path: Path) -> None:
+    first = lock_run_dir(tmp_path)
+    assert first is not None
+    try:
+        (tmp_path / LOCK_FILE).unlink()
+        assert lock_run_dir(tmp_path) is None
+        assert not (tmp_path / LOCK_FILE).exists(), "the refused one writes nothing"
+        assert lock_holder(tmp_path) == str(os.getpid())  # from the kernel's list of locks
+    finally:
+        for fd in first:
+            os.close(fd)
+    again = lock_run_dir(tmp_path)
+    assert again is not None, "free again once the holder is gone"
+    for fd in again:
+        os.close(fd)
+
+
+def test_an_older_afxdpd_holding_only_the_lock_file_still_excludes_this_one(
+    tmp_path: Path,
+) -> None:
+    # What afxdpd did before it locked the directory: flock the file, write the pid.
+    old = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(old, b"4242\n")
+        assert lock_run_dir(tmp_path) is None
+        assert lock_holder(tmp_path) == "4242"
+    finally:
+        os.close(old)
+    # Refused at the file, it let go of the directory as well.
+    new = lock_run_dir(tmp_path)
+    assert new is not None
+    for fd in new:
+        os.close(fd)
 
 
 # What the re-exec'd process says: its pid, its argv, the allocator it runs on.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from afxdp.handouts import Handouts
 from afxdp.inventory import NetDev
 from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import UNKNOWN_HOLDER, Pool, PoolDevice, assemble
+from afxdp.sockfile import file_id
 from afxdp.state import Allocation, Record, StateStore
+from afxdp.uds.server import socket_path
 from tests.fakes import FakeDatapath, FakeProgram, FakeSubfunctions
 from tests.test_devices import Kubelet, _check, _pool, node
 
@@ -732,6 +735,34 @@ async def test_a_restart_cleans_up_what_no_pool_has_any_more_saying_why(
         assert _states(pool) == {"a": "free"}
         assert (n.version("p"), n.version("q")) == (1, 1)  # every list is sent again
     assert StateStore(tmp_path / "state").load().allocations == {}
+
+
+async def test_a_restart_cleaning_up_leaves_a_socket_someone_answers_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        record = await _recorded(
+            n,
+            Allocation(pool="p", device="yy", prog_id=5),  # no pool has yy, nor zz
+            Allocation(pool="p", device="zz", prog_id=6),
+        )
+        stale, live = (socket_path(tmp_path / "uds", d) for d in ("yy", "zz"))
+        for path in (stale, live):
+            path.parent.mkdir(parents=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as last_run:
+            last_run.bind(str(stale))
+        # Another afxdpd sharing the UDS dir serves a device named zz now.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as other:
+            other.bind(str(live))
+            other.listen(1)
+            theirs = file_id(live)
+            assert await n.devices.restore(record, None) == []
+            assert file_id(live) == theirs
+        assert not stale.parent.exists(), "the last run's socket and directory are gone"
+        assert (
+            f"zz: socket left in place: [Errno 98] another server answers on this socket: '{live}'"
+            in caplog.text
+        )
 
 
 async def test_a_restart_keeps_only_what_kubelet_says_a_pod_holds(

@@ -17,6 +17,7 @@ import pytest
 from afxdp import control
 from afxdp.bpf import libbpf
 from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
+from afxdp.sockfile import file_id
 from tests.kernel import Lab, foreign_xdp, ip
 from tests.node import NodeUnderTest as Node
 from tests.node import pool_config, running
@@ -255,6 +256,31 @@ async def test_kubelet_restart_reregisters_and_keeps_allocations(node: Node) -> 
             await node.call(node.plugin().allocate, [d0])
         assert f"{d0}: allocated" in err.value.details()
         assert (node.paths.uds_dir / d0 / "afxdp.sock").is_socket()
+
+
+async def test_a_live_socket_put_in_place_of_ours_is_waited_out_never_taken(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(node):
+        await node.call(node.kubelet.wait_registrations, 1)
+        path = node.kubelet.plugin_dir / "afxdp-pool1.sock"
+        # Another afxdpd with a pool of this name (one of an earlier version,
+        # which took live sockets) puts its own socket at our path.
+        path.unlink()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+            other.bind(str(path))
+            other.listen(4)
+            theirs = file_id(path)
+            with anyio.fail_after(10):
+                while "serving again once it is gone" not in caplog.text:
+                    await anyio.sleep(0.05)
+            assert file_id(path) == theirs
+            assert node.service is not None
+            assert node.service.registrations["pool1"].registered is False
+        # It is gone (its file stays behind, stale): ours is back, registered again.
+        regs = await node.call(node.kubelet.wait_registrations, 2, 10.0)
+        assert regs[1].endpoint == "afxdp-pool1.sock"
+        await node.call(node.plugin().allocate, [node.devices[0]])  # served by us again
 
 
 async def test_preferred_allocation(node: Node) -> None:

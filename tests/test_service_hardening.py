@@ -25,6 +25,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from afxdp import control
+from afxdp.cli.common import Exit
 from afxdp.cni import shim
 from afxdp.config import load_config
 from afxdp.errors import ConfigError
@@ -218,11 +219,23 @@ def test_fd_exhaustion_backs_off_and_serves_again_when_fds_return(tmp_path: Path
         proc.wait()
 
 
-def _afxdpd(tmp_path: Path, kubelet: FakeKubelet, cfg: Path, **popen: Any) -> subprocess.Popen[str]:
+def _afxdpd(
+    tmp_path: Path,
+    kubelet: FakeKubelet,
+    cfg: Path,
+    *extra: str,
+    uds_dir: Path | None = None,
+    netns: str | None = None,
+    **popen: Any,
+) -> subprocess.Popen[str]:
+    """afxdpd with its dirs under ``tmp_path`` (but ``uds_dir``), in ``netns``."""
     args = ["--config", str(cfg), "--node-name", "node1", "--kubelet-dir", str(kubelet.dir),
-            "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
-            "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log")]  # fmt: skip
-    return subprocess.Popen([sys.executable, "-m", "afxdp.cli.afxdpd", *args], env=ENV,
+            "--uds-dir", str(uds_dir or tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
+            "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log"),
+            "--cdi-dir", str(tmp_path / "cdi"), *extra]  # fmt: skip
+    # nsenter execs (no fork): the pid is afxdpd's.
+    ns = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    return subprocess.Popen([*ns, sys.executable, "-m", "afxdp.cli.afxdpd", *args], env=ENV,
                             text=True, **popen)  # fmt: skip
 
 
@@ -274,6 +287,171 @@ def test_afxdpd_survives_interrupted_status_and_refuses_a_second_instance(
         # The second one touched nothing of the first's.
         assert (run_dir / "cni.sock").exists()
         assert control.read_status(run_dir)["ready"] is True
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        kubelet.stop()
+
+
+def _wait_ready(proc: subprocess.Popen[str], run_dir: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"afxdpd exited {proc.returncode}"
+        try:
+            if control.read_status(run_dir)["ready"]:
+                return
+        except OSError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, "afxdpd never became ready"
+        time.sleep(0.05)
+
+
+def _inodes(*paths: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.lstat().st_dev, p.lstat().st_ino) for p in paths}
+
+
+@pytest.mark.privileged
+def test_a_second_afxdpd_is_refused_even_when_the_lock_file_was_deleted(
+    tmp_path: Path, lab: Lab
+) -> None:
+    dev, peer = lab.veth(lab.name("lk"), lab.name("ll"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pools": [{"name": "p", "mode": "primary",
+                                          "devices": [{"name": dev}]}]}))  # fmt: skip
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_registration()
+    kubelet.start_pod_resources()
+    run_dir = tmp_path / "run"
+    first = _afxdpd(tmp_path, kubelet, cfg, "--metrics-address", "", stderr=subprocess.DEVNULL)
+    second: subprocess.Popen[str] | None = None
+    try:
+        _wait_ready(first, run_dir)
+        sockets = _inodes(run_dir / "control.sock", run_dir / "cni.sock",
+                          kubelet.plugin_dir / "afxdp-p.sock")  # fmt: skip
+        (run_dir / "afxdpd.lock").unlink()  # a tidy-up script, an operator's rm
+
+        second = _afxdpd(tmp_path, kubelet, cfg, "--metrics-address", "", stderr=subprocess.PIPE)
+        _out, err = second.communicate(timeout=30)
+        assert second.returncode == Exit.RUNNING, err
+        assert f"another afxdpd (pid {first.pid}) already serves {run_dir}" in err
+        assert _inodes(*sockets) == sockets, "the first one's sockets are all still its own"
+        assert control.read_status(run_dir)["ready"] is True
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        kubelet.stop()
+
+
+@pytest.mark.privileged
+def test_a_second_afxdpd_sharing_the_uds_dir_leaves_the_first_ones_device_socket(
+    tmp_path: Path, lab: Lab
+) -> None:
+    # Two afxdpd, each with its own run, state and kubelet dirs and its own
+    # network namespace, but one UDS dir: each has a device of the same name,
+    # so both want <uds-dir>/<dev>/afxdp.sock.
+    dev, peer = lab.name("ud"), lab.name("ue")
+    ns = lab.netns()
+    for netns in (None, ns):
+        lab.veth(dev, peer, netns=netns)
+        ip("link", "set", dev, "up", netns=netns)
+        ip("link", "set", peer, "up", netns=netns)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pools": [{"name": "p", "mode": "primary",
+                                          "devices": [{"name": dev}]}]}))  # fmt: skip
+    uds = tmp_path / "uds"
+    procs: list[subprocess.Popen[str]] = []
+    kubelets: list[FakeKubelet] = []
+    try:
+        for name, netns in (("a", None), ("b", ns)):
+            kubelets.append(FakeKubelet(tmp_path / name / "kubelet"))
+            kubelets[-1].start_registration()
+            kubelets[-1].start_pod_resources()
+            procs.append(_afxdpd(tmp_path / name, kubelets[-1], cfg, "--metrics-address", "",
+                                 uds_dir=uds, netns=netns, stderr=subprocess.DEVNULL))  # fmt: skip
+        first, second = procs
+        for proc, name in zip(procs, "ab", strict=True):
+            _wait_ready(proc, tmp_path / name / "run")
+        plugins = [PluginClient(k.plugin_dir / "afxdp-p.sock") for k in kubelets]
+        plugins[0].allocate([dev])
+        sock = uds / dev / "afxdp.sock"
+        theirs = (sock.lstat().st_dev, sock.lstat().st_ino)
+
+        # The second is asked for its device of that name: the socket path is
+        # taken by a server that answers, so its Allocate fails, saying why.
+        with pytest.raises(grpc.RpcError) as refused:
+            plugins[1].allocate([dev])
+        assert "another server answers on this socket" in str(refused.value.details())
+        assert str(sock) in str(refused.value.details())
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=20) == 0
+        assert (sock.lstat().st_dev, sock.lstat().st_ino) == theirs
+        kubelets[0].hold("pod-a", "afxdp/p", dev)
+        client = UdsClient(sock)
+        try:  # the first one still answers its pod
+            client.connect("pod-a")
+            assert client.version() == "0.1"
+        finally:
+            client.close()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+        for plugin in plugins:
+            plugin.close()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for kubelet in kubelets:
+            kubelet.stop()
+
+
+@pytest.mark.privileged
+def test_a_second_afxdpd_sharing_the_kubelet_dir_leaves_the_first_ones_plugin_socket(
+    tmp_path: Path, lab: Lab
+) -> None:
+    # Another run dir (so no lock stops it), the same kubelet dir and pool name:
+    # both want <kubelet-dir>/device-plugins/afxdp-p.sock.
+    dev, peer = lab.veth(lab.name("kd"), lab.name("ke"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pools": [{"name": "p", "mode": "primary",
+                                          "devices": [{"name": dev}]}]}))  # fmt: skip
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_registration()
+    kubelet.start_pod_resources()
+    first = _afxdpd(tmp_path / "a", kubelet, cfg, "--metrics-address", "",
+                    stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_ready(first, tmp_path / "a" / "run")
+        plugin = kubelet.plugin_dir / "afxdp-p.sock"
+        theirs = (plugin.lstat().st_dev, plugin.lstat().st_ino)
+        second = _afxdpd(tmp_path / "b", kubelet, cfg, "--metrics-address", "",
+                         stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            _out, err = second.communicate(timeout=30)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+        assert second.returncode == Exit.POOL, err
+        assert f"another server answers on this socket: '{plugin}'" in err
+        assert (plugin.lstat().st_dev, plugin.lstat().st_ino) == theirs
+        assert len(kubelet.registrations) == 1, "only the first one registered"
+        client = PluginClient(plugin)
+        try:
+            assert client.allocate([dev]).container_responses  # the first one still serves
+        finally:
+            client.close()
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=20) == 0
     finally:

@@ -36,6 +36,7 @@ from afxdp.errors import AfxdpError, DeviceError
 from afxdp.inventory import NetDev
 from afxdp.pools import Pool, PoolDevice
 from afxdp.secondary import SecondaryDeviceProvider
+from afxdp.sockfile import clear_stale
 from afxdp.state import Allocation, StateStore
 from afxdp.status import AllocationStatus
 from afxdp.uds.handshake import HostCheck
@@ -240,7 +241,10 @@ class Handouts:
     async def forget(self, alloc: Allocation) -> None:
         """Undo what a previous run left for an allocation that is over."""
         sock = socket_path(self.uds_dir, alloc.device)
-        sock.unlink(missing_ok=True)
+        try:
+            clear_stale(sock)  # the last run's; one someone answers on is not ours
+        except OSError as exc:
+            log.warning("%s: socket left in place: %s", alloc.device, exc)
         with suppress(OSError):
             sock.parent.rmdir()
         if alloc.pinned is not None:

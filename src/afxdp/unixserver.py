@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from afxdp.confine import confined
+from afxdp.sockfile import clear_stale, file_id, remove_own
 
 log = logging.getLogger(__name__)
 
@@ -206,20 +206,20 @@ async def serve_unix(
     stats: ServerStats | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``answer`` per connection on ``path`` (mode 0600, stale file replaced);
-    started once listening; the file is removed when serving ends, if it is still
-    the one this server created (a process never removes another's socket)."""
+    """Serve ``answer`` per connection on ``path`` (mode 0600, a stale file
+    replaced, OSError(EADDRINUSE) when another server answers there); started
+    once listening; the file is removed when serving ends, if it is still the
+    one this server created (a process never removes another's socket:
+    ``sockfile``)."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
+    clear_stale(path)
+    # (anyio too removes a socket file it finds at the path, in the same loop
+    # turn as clear_stale: no wider a window than sockfile's own.)
     listener = await anyio.create_unix_listener(path, mode=0o600)
-    ours = os.stat(path).st_ino
+    ours = file_id(path)
     try:
         async with listener:
             task_status.started()
             await serve_listener(listener, answer, name=path.name, limit=limit, stats=stats)
     finally:
-        try:
-            if os.stat(path).st_ino == ours:
-                path.unlink()
-        except FileNotFoundError:
-            pass
+        remove_own(path, ours)

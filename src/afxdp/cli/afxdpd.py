@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -105,19 +106,66 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def lock_run_dir(run_dir: Path) -> int | None:
-    """An exclusive lock on ``<run-dir>/afxdpd.lock``, held while the process lives;
-    None when another afxdpd holds it (one afxdpd per node and run dir)."""
+LOCK_FILE = "afxdpd.lock"
+
+
+def lock_run_dir(run_dir: Path) -> tuple[int, int] | None:
+    """Exclusive locks on the run dir and on ``<run-dir>/afxdpd.lock`` (which
+    then holds our pid), held while the process lives; None when another
+    afxdpd holds either (one afxdpd per node and run dir).
+
+    The lock that counts is on the directory itself: a lock on a file is lost
+    to anyone who unlinks the file (a second afxdpd would create a new one,
+    lock that, and take over the sockets). Checking after the lock that the
+    path still names the locked inode would not help: it stops a race with
+    an unlink, not an unlink while we run. (Whoever removes the directory,
+    our sockets with it, has unplugged us whatever we lock.) The file is
+    locked too for afxdpd versions before this one, which lock only the
+    file: during an upgrade an old and a new afxdpd still exclude each other
+    (a DaemonSet's rolling update stops the old pod before starting the new
+    one; this covers a surge, or one started by hand). A refused afxdpd
+    writes nothing."""
     run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd = os.open(run_dir / "afxdpd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    held: list[int] = []
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+        for path, flags in ((run_dir, os.O_RDONLY | os.O_DIRECTORY),
+                            (run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)):  # fmt: skip
+            # O_CLOEXEC: a child (an IPAM plugin) must not keep the lock after we end.
+            held.append(os.open(path, flags | os.O_CLOEXEC, 0o644))
+            fcntl.flock(held[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException as exc:
+        for fd in held:
+            os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            return None
+        raise
+    dir_fd, file_fd = held
+    os.ftruncate(file_fd, 0)
+    os.write(file_fd, f"{os.getpid()}\n".encode())
+    return dir_fd, file_fd
+
+
+def lock_holder(run_dir: Path) -> str:
+    """Who holds the run dir: the pid the lock file holds, else the pid the
+    kernel lists for the directory's lock (the file may have been removed),
+    else "?" (the holder's pid is not visible from our pid namespace)."""
+    try:
+        if written := (run_dir / LOCK_FILE).read_text().strip():
+            return written
+    except OSError:
+        pass
+    try:
+        st = run_dir.stat()
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return "?"
+    ours = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in locks.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:260072 0 EOF"; "1: -> FLOCK ..." waits.
+        fields = line.split()
+        if fields[1:2] == ["FLOCK"] and fields[5:6] == [ours] and fields[4] != "0":
+            return fields[4]
+    return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot lock the run dir %s: %s", args.run_dir, exc)
         return Exit.POOL
     if lock is None:
-        holder = (args.run_dir / "afxdpd.lock").read_text().strip() or "?"
-        print(f"afxdpd: another afxdpd (pid {holder}) already serves {args.run_dir}; exiting",
-              file=sys.stderr)  # fmt: skip
+        print(f"afxdpd: another afxdpd (pid {lock_holder(args.run_dir)}) already serves "
+              f"{args.run_dir}; exiting", file=sys.stderr)  # fmt: skip
         return Exit.RUNNING
     service = Service(
         loaded.config,
@@ -165,13 +212,29 @@ def main(argv: list[str] | None = None) -> int:
     log.info("fd limit: %d (hard %d)", *service.fd_limit)
     try:
         anyio.run(_main, service, backend_options={"use_uvloop": True})
-    except KindNetError as exc:
-        log.error("kind network: %s", exc)
-        return Exit.KIND
-    except OSError as exc:
-        log.error("start-up failed: %s", exc)
+    except Exception as exc:
+        # A part that fails to start reaches us inside its task groups' groups.
+        failures = list(_leaves(exc))
+        if not all(isinstance(e, KindNetError | OSError) for e in failures):
+            raise
+        for failure in failures:
+            if isinstance(failure, KindNetError):
+                log.error("kind network: %s", failure)
+            else:
+                log.error("start-up failed: %s", failure)
+        if any(isinstance(e, KindNetError) for e in failures):
+            return Exit.KIND
         return Exit.POOL
     return Exit.OK
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The errors inside (nested) exception groups; ``exc`` itself if none."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ registers again. Allocations are ours, not the server's, so they survive.
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
@@ -19,19 +20,13 @@ from grpclib.server import Server
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.v1beta1 import api_grpc
 from afxdp.deviceplugin.v1beta1 import api_pb2 as pb
+from afxdp.sockfile import FileId, clear_stale, file_id, remove_own
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1beta1"
 POLL = 0.1  # seconds between looks at the sockets; re-registration well within 2 s
 RETRY = 0.5
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except FileNotFoundError:
-        return None
 
 
 class Registration:
@@ -49,8 +44,8 @@ class Registration:
         """Serve and stay registered until cancelled; started once first serving."""
         started = False
         while True:
-            server = await self._serve()
-            ours = _inode(self.socket)
+            server = await self._serve(wait=started)
+            ours = file_id(self.socket)
             try:
                 if not started:
                     task_status.started()
@@ -63,25 +58,43 @@ class Registration:
                 server.close()
                 with anyio.CancelScope(shield=True):
                     await server.wait_closed()
-                # grpclib leaves the file; remove it unless it is already another's.
-                if ours is not None and _inode(self.socket) == ours:
-                    self.socket.unlink(missing_ok=True)
+                # grpclib leaves the file; remove it unless it is already another's
+                # (kubelet's next server, another afxdpd sharing the kubelet dir).
+                remove_own(self.socket, ours)
 
-    async def _serve(self) -> Server:
+    async def _serve(self, *, wait: bool) -> Server:
+        """Serve on our socket path, in place of a stale file. A socket someone
+        answers on there is another afxdpd's with a pool of this name, not ours
+        to take: at start an error (afxdpd exits saying so); later (our socket
+        vanished and theirs took its place), with ``wait``, we wait for it to go,
+        unregistered, while the rest of the service (every pod's socket) goes on."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket.unlink(missing_ok=True)  # stale, from a previous run
+        said = False
+        while True:
+            try:
+                clear_stale(self.socket)
+                break
+            except OSError as exc:
+                if not wait or exc.errno != errno.EADDRINUSE:
+                    raise
+                if not said:
+                    log.warning("%s; serving again once it is gone", exc)
+                    said = True
+                await anyio.sleep(RETRY)
+        # (The event loop too removes a socket file it finds at the path, in the
+        # same loop turn as clear_stale: no wider a window than sockfile's own.)
         server = Server([self.plugin])
         await server.start(path=str(self.socket))
         return server
 
-    async def _register(self) -> int | None:
-        """Register (waiting for kubelet as long as it takes); kubelet.sock's inode."""
+    async def _register(self) -> FileId | None:
+        """Register (waiting for kubelet as long as it takes); kubelet.sock's identity."""
         resource = self.plugin.pool.config.resource_name
         said = ""  # the last problem logged: one line per change, not one per retry
         while True:
-            if _inode(self.socket) is None:
+            if file_id(self.socket) is None:
                 return None  # our socket is gone already: start over
-            kubelet_inode = _inode(self.kubelet_socket)
+            kubelet_inode = file_id(self.kubelet_socket, follow_symlinks=True)
             problem = f"waiting for kubelet at {self.kubelet_socket}"
             if kubelet_inode is not None:
                 try:
@@ -113,11 +126,11 @@ class Registration:
         finally:
             channel.close()
 
-    async def _watch(self, our_inode: int | None, kubelet_inode: int | None) -> None:
+    async def _watch(self, our_inode: FileId | None, kubelet_inode: FileId | None) -> None:
         """Return when our socket or kubelet's changes."""
         while (
             our_inode is not None
-            and _inode(self.socket) == our_inode
-            and _inode(self.kubelet_socket) == kubelet_inode
+            and file_id(self.socket) == our_inode
+            and file_id(self.kubelet_socket, follow_symlinks=True) == kubelet_inode
         ):
             await anyio.sleep(POLL)

@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup
 
 from afxdp import contracts
 from afxdp.confine import confined
+from afxdp.sockfile import FileId, clear_stale, file_id, remove_own
 from afxdp.uds import handshake as hs
 from afxdp.unixserver import BACKOFF_MIN, TRANSIENT_ACCEPT_ERRORS, Backoff
 
@@ -235,15 +236,21 @@ class UdsServer:
         self.failed = 0
         self.accept_errors = 0
         self._listener: socket.socket | None = None
+        self._ours: FileId | None = None  # the socket file this server made
         self._closed = False  # closed for good: serve() must not listen again
 
     def listen(self) -> None:
-        """Bind and listen now (blocking, fast): the socket exists when this returns."""
+        """Bind and listen now (blocking, fast): the socket exists when this returns.
+        OSError(EADDRINUSE) when another server answers at the path (``sockfile``)."""
         _private_dir(self.path.parent)
-        self.path.unlink(missing_ok=True)  # stale, from a previous run
+        # A socket someone answers on is another afxdpd's (sharing the UDS dir):
+        # an error. One nobody answers on is stale, from a previous run.
+        clear_stale(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours = None
         try:
             sock.bind(str(self.path))
+            ours = file_id(self.path)
             os.chmod(self.path, 0o600)
             # The pool's user owns the socket and its directory, so a pod running
             # as that user can reach it (as pinning does for a pinned map); a
@@ -254,9 +261,10 @@ class UdsServer:
             sock.setblocking(False)
         except BaseException:
             sock.close()
-            self.path.unlink(missing_ok=True)
+            remove_own(self.path, ours)  # a bind() that failed made no file of ours
             raise
         self._listener = sock
+        self._ours = ours
 
     async def serve(self) -> None:
         """Accept connections until cancelled; then remove the socket. Never
@@ -319,14 +327,17 @@ class UdsServer:
                         self.refused)  # fmt: skip
 
     def close(self, *, keep_dir: bool = False) -> None:
-        """Stop listening and remove the socket file (and the device's directory,
-        unless ``keep_dir``: a pod has that directory bind-mounted, and a restarted
-        afxdpd's new socket must appear in the very same directory). Idempotent."""
+        """Stop listening and remove the socket file if it is still the one this
+        server made (and the device's directory, unless ``keep_dir``: a pod has
+        that directory bind-mounted, and a restarted afxdpd's new socket must
+        appear in the very same directory). Idempotent."""
         self._closed = True
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            self.path.unlink(missing_ok=True)
+            # Only the file this server made: another afxdpd sharing the UDS dir,
+            # or anyone, may have put its own socket at the path meanwhile.
+            remove_own(self.path, self._ours)
         if not keep_dir:  # also after the serving task closed it, keeping the dir
             with suppress(OSError):
                 self.path.parent.rmdir()
