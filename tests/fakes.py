@@ -179,3 +179,109 @@ class FakeDatapath:
     def uds_server(self, *, netdev: str, path: Path, idle_timeout: float | None,
                    **_: Any) -> FakeHandshake:  # fmt: skip
         return FakeHandshake(netdev, path, idle_timeout, self.log)
+
+
+class FakeKernel:
+    """FAKE Datapath that keeps the kernel's view, for the device state machine
+    (test_device_machine.py): which program is attached to which link, which
+    links are in the host's netns, in a pod's, or gone, which maps are pinned
+    and which UDS sockets listen. It outlives an afxdpd (a restart finds what
+    the last run left attached and pinned), as the kernel does.
+
+    ``links``: name -> "up" | "down" (in our netns), "pod" (in a pod's netns),
+    "gone" (no such link). ``on_remove(device, prog_id, how)`` is told each
+    time afxdpd takes a program off a link (replaced, detached), at that very
+    moment. ``delay`` (method name -> extra event-loop turns) is read by the
+    test's stand-in for ``run_sync``, to make a call slow."""
+
+    def __init__(self, links: dict[str, str]) -> None:
+        self.links = links
+        self.attached: dict[str, int] = {}  # link -> program id
+        self.pins: dict[str, int] = {}  # pinned map path -> program id
+        self.listening: dict[str, int] = {}  # link -> UDS servers listening
+        self.delay: dict[str, int] = {}
+        self.on_remove: Any = None
+        self._ids = 0
+
+    def in_host(self, device: str) -> bool:
+        return self.links.get(device) in ("up", "down")
+
+    def _here(self, device: str) -> None:
+        if not self.in_host(device):
+            raise DeviceError(f"{device}: no such netdev in this network namespace (fake)")
+
+    def take_off(self, device: str, how: str) -> int | None:
+        prog = self.attached.pop(device, None)
+        if prog is not None and self.on_remove is not None:
+            self.on_remove(device, prog, how)
+        return prog
+
+    def detach_stale(self, device: str) -> int | None:
+        self._here(device)
+        return self.take_off(device, "detach_stale")
+
+    def attach(self, device: str) -> KernelProgram:
+        self._here(device)
+        replaced = self.take_off(device, "replaced by attach")
+        self._ids += 1
+        self.attached[device] = self._ids
+        return KernelProgram(self, device, self._ids, replaced)
+
+    def adopt(self, device: str, prog_id: int) -> KernelProgram:
+        if prog_id not in self.attached.values():
+            raise DeviceError(f"program {prog_id} is gone (fake)")
+        return KernelProgram(self, device, prog_id, None, adopted=True)
+
+    def pin(self, program: Any, path: Path, uid: int) -> None:
+        self.pins[str(path)] = program.prog_id
+
+    def unpin(self, path: Path) -> None:
+        self.pins.pop(str(path), None)
+
+    def uds_server(self, *, netdev: str, path: Path, idle_timeout: float | None,
+                   **_: Any) -> KernelHandshake:  # fmt: skip
+        return KernelHandshake(self, netdev, path, idle_timeout)
+
+
+class KernelProgram:
+    """FAKE Program on a FakeKernel. ``detach`` takes it off only when it is
+    still the one attached and its link is in our netns (as the kernel's
+    expected-fd detach); an adopted one's detach is ``detach_stale`` by the
+    link's name, as the real ``_Adopted`` does."""
+
+    def __init__(self, kernel: FakeKernel, device: str, prog_id: int, replaced: int | None,
+                 *, adopted: bool = False) -> None:  # fmt: skip
+        self.kernel, self.device, self.prog_id, self.replaced = kernel, device, prog_id, replaced
+        self.adopted = adopted
+        self.map_fd = 1000 + prog_id
+        self.mode_name = "adopted" if adopted else "native"
+
+    def detach(self) -> None:
+        if not self.kernel.in_host(self.device):
+            return  # the real one's DeviceError is swallowed: nothing of ours to reach
+        if self.adopted:
+            self.kernel.take_off(self.device, "adopted program's detach (by name)")
+        elif self.kernel.attached.get(self.device) == self.prog_id:
+            self.kernel.take_off(self.device, "detach")
+
+    def abandon(self) -> None:
+        pass  # stays attached: the kernel keeps it
+
+
+class KernelHandshake(FakeHandshake):
+    """FAKE UDS server that counts, per link, the servers listening."""
+
+    def __init__(self, kernel: FakeKernel, netdev: str, path: Path,
+                 idle_timeout: float | None) -> None:  # fmt: skip
+        super().__init__(netdev, path, idle_timeout, [])
+        self.kernel = kernel
+        self.open = False
+
+    def listen(self) -> None:
+        self.open = True
+        self.kernel.listening[self.netdev] = self.kernel.listening.get(self.netdev, 0) + 1
+
+    def close(self, *, keep_dir: bool = False) -> None:
+        if self.open:
+            self.open = False
+            self.kernel.listening[self.netdev] -= 1
