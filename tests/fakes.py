@@ -199,9 +199,17 @@ class FakeKernel:
         self.attached: dict[str, int] = {}  # link -> program id
         self.pins: dict[str, int] = {}  # pinned map path -> program id
         self.listening: dict[str, int] = {}  # link -> UDS servers listening
+        # link -> its ifindex; a link re-created under its name gets a new one
+        self.ifindexes: dict[str, int] = {name: n for n, name in enumerate(links, 1)}
         self.delay: dict[str, int] = {}
         self.on_remove: Any = None
         self._ids = 0
+
+    def recreate(self, device: str) -> int:
+        """A new link under ``device``'s name: a new ifindex, nothing attached."""
+        self.attached.pop(device, None)
+        self.ifindexes[device] = max(self.ifindexes.values(), default=0) + 1
+        return self.ifindexes[device]
 
     def in_host(self, device: str) -> bool:
         return self.links.get(device) in ("up", "down")
@@ -232,6 +240,9 @@ class FakeKernel:
             raise DeviceError(f"program {prog_id} is gone (fake)")
         return KernelProgram(self, device, prog_id, None, adopted=True)
 
+    def ours(self, device: str) -> int | None:
+        return self.attached.get(device) if self.in_host(device) else None
+
     def pin(self, program: Any, path: Path, uid: int) -> None:
         self.pins[str(path)] = program.prog_id
 
@@ -255,6 +266,25 @@ class KernelProgram:
         self.adopted = adopted
         self.map_fd = 1000 + prog_id
         self.mode_name = "adopted" if adopted else "native"
+        # The link it is on (0: not known, as an adopted one's until asked).
+        self.ifindex = 0 if adopted else kernel.ifindexes[device]
+
+    def ensure_attached(self, *, ask: bool = False) -> bool:
+        """As the real one: on its link already, or attached again on a link
+        re-created under the name; another program there is refused."""
+        kernel = self.kernel
+        if not ask and self.ifindex and kernel.ifindexes.get(self.device) == self.ifindex:
+            return False
+        kernel._here(self.device)
+        on = kernel.attached.get(self.device)
+        if on == self.prog_id:
+            self.ifindex = kernel.ifindexes[self.device]
+            return False
+        if on is not None:
+            raise DeviceError(f"{self.device}: another program ({on}) is attached (fake)")
+        kernel.attached[self.device] = self.prog_id
+        self.ifindex = kernel.ifindexes[self.device]
+        return True
 
     def detach(self) -> None:
         if not self.kernel.in_host(self.device):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -714,26 +714,38 @@ async def _recorded(n: Node, *allocations: Allocation) -> Record:
     return store.record
 
 
-async def test_a_restart_cleans_up_what_no_pool_has_any_more_saying_why(
+async def test_a_restart_keeps_what_the_config_moved_or_dropped_until_kubelet_says_it_ended(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Issue 19 (state machine): only kubelet's word ends an allocation, not the
+    config a restart reads. Kept: one of a pool the config has no more (drained)
+    and one of a device its pool no longer takes (leaving); the pool the config
+    put the device in waits for it, then takes it free."""
     caplog.set_level(logging.INFO, logger=LOGGER)
-    pool = _named("p", "a")
-    async with running(pool, _named("q", "c"), tmp_path=tmp_path) as n:
+    p = _named("p", "a")
+    async with running(p, _named("q", "c"), tmp_path=tmp_path) as n:
         record = await _recorded(
             n,
             Allocation(pool="old", device="a", prog_id=5),  # a is in pool p now
-            Allocation(pool="p", device="zz", prog_id=6),  # no pool has zz
+            Allocation(pool="p", device="zz", prog_id=6),  # p no longer takes zz
         )
-        n.datapath.stale.update({"a": 5})
-        assert await n.devices.restore(record, None) == []
-        assert _said(caplog) == [
-            "a: handed out before this start, but pool old no longer has it; cleaned up",
-            "zz: handed out before this start, but pool p no longer has it; cleaned up",
-        ]
-        assert n.datapath.log == ["detach_stale a"]
-        assert _states(pool) == {"a": "free"}
-        assert (n.version("p"), n.version("q")) == (1, 1)  # every list is sent again
+        n.datapath.stale.update({"a": 5, "zz": 6})
+        assert await n.devices.restore(record, None) == ["a", "zz"]
+        assert n.datapath.log == ["adopt a", "listen a", "adopt zz", "listen zz"]
+        assert n.devices.draining == {"old"} and n.devices.leaving == {"p": {"zz"}}
+        assert n.devices.find("a") == (n.devices.pools["old"], n.devices.pools["old"].devices["a"])
+        assert _states(n.devices.pools["old"]) == {"a": "allocated"}
+        assert _states(p) == {"a": "unhealthy", "zz": "allocated"}
+        assert p.devices["a"].summary()["fault"] == "a pod of pool old holds it"
+        with pytest.raises(DeviceError, match="a: a pod of pool old holds it"):
+            await n.devices.allocate("p", ["a"])
+        # Kubelet says no pod holds them: a joins p (free, prepared), zz leaves p.
+        assert sorted(await n.devices.reconcile(grace=0.0)) == ["a", "zz"]
+        await n.settle()
+        assert "old" not in n.devices.pools and not n.devices.draining
+        assert _states(p) == {"a": "free"}
+        assert "a" in n.devices.handouts.prepared
+        assert "pool old is no longer in the config; kept draining" in caplog.text
     assert StateStore(tmp_path / "state").load().allocations == {}
 
 
@@ -756,7 +768,7 @@ async def test_a_restart_cleaning_up_leaves_a_socket_someone_answers_on(
             other.bind(str(live))
             other.listen(1)
             theirs = file_id(live)
-            assert await n.devices.restore(record, None) == []
+            assert await n.devices.restore(record, {}) == []  # kubelet: no pod holds them
             assert file_id(live) == theirs
         assert not stale.parent.exists(), "the last run's socket and directory are gone"
         assert (
@@ -775,7 +787,7 @@ async def test_a_restart_keeps_only_what_kubelet_says_a_pod_holds(
             n, Allocation(pool="p", device="a", prog_id=5), Allocation(pool="p", device="b")
         )
         pool.devices["a"].healthy = False  # its link is in its pod's netns
-        assert await n.devices.restore(record, {"afxdp/p": {"a"}, "afxdp/x": {"b"}}) == ["a"]
+        assert await n.devices.restore(record, {"afxdp/p": {"a"}, "other/x": {"b"}}) == ["a"]
         assert _said(caplog) == [
             "a: kept from before this start (held by a pod)",
             "b: handed out before this start, but no pod holds it (kubelet); cleaned up",
@@ -795,6 +807,8 @@ async def test_a_restart_keeps_only_what_kubelet_says_a_pod_holds(
 async def test_a_restart_without_kubelet_keeps_the_records_view_saying_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Also an allocation whose program is gone (issue 19, state machine): only
+    kubelet's word ends it; it is kept, its setup unknown, until kubelet answers."""
     caplog.set_level(logging.INFO, logger=LOGGER)
     pool = _named("p", "a", "b", udsServerDisable=True, bpfMapPinningEnable=True)
     pinned = pinning.map_path(tmp_path / "pins", "p", "a")
@@ -810,17 +824,47 @@ async def test_a_restart_without_kubelet_keeps_the_records_view_saying_so(
             ),
         )
         n.datapath.gone.add(6)
-        assert await n.devices.restore(record, None) == ["a"]
+        assert await n.devices.restore(record, None) == ["a", "b"]
         assert _said(caplog) == [
             "a: kept from before this start (kubelet not reachable yet)",
-            "b: handed out before this start, but its program is gone "
-            "(program 6 is gone (fake)); cleaned up",
+            "b: its program 6 is gone (program 6 is gone (fake)); kept allocated, setup unknown",
+            "b: kept from before this start (kubelet not reachable yet)",
         ]
         assert n.devices.handouts.handouts["a"].mounts == [(str(pinned.parent), "/tmp/afxdp_dp/a")]
-        assert n.datapath.log == ["adopt a", "unpin b"]  # a pinned map: no socket to serve
-        assert _states(pool) == {"a": "allocated", "b": "free"}
+        b = n.devices.handouts.handouts["b"]
+        assert (b.xdp, b.setup_unknown) == (None, True)
+        assert n.datapath.log == ["adopt a"]  # a pinned map: no socket to serve
+        assert _states(pool) == {"a": "allocated", "b": "allocated"}
+        assert (
+            StateStore(tmp_path / "state", tmp_path / "pins").load().allocations["b"].setup_unknown
+        )
         # The periodic reconcile settles it once kubelet answers.
-        assert await n.devices.reconcile() == ["a"]
+        assert await n.devices.reconcile() == ["a", "b"]
+
+
+async def test_a_restart_takes_over_what_kubelet_lists_and_the_record_lacks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record cut short (its last lines lost) is readable: kubelet's word still
+    counts for what it lacks, so a device a pod holds is never free (state machine)."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    pool = _named("p", "a", "b")
+    async with running(pool, tmp_path=tmp_path) as n:
+        n.datapath.stale.update({"a": 7})  # the pod's program, on its link here
+        assert await n.devices.start(Record(), unreadable=False, ask=_answer({"afxdp/p": {"a"}}))
+        assert _states(pool) == {"a": "allocated", "b": "free"}
+        assert n.devices.handouts.handouts["a"].xdp is not None
+        assert n.datapath.log == ["adopt a", "listen a"]
+        assert "a: a pod holds it (kubelet), the state record does not have it" in caplog.text
+
+
+def _answer(
+    held: dict[str, set[str]] | None,
+) -> Callable[[], Awaitable[dict[str, set[str]] | None]]:
+    async def ask() -> dict[str, set[str]] | None:
+        return held
+
+    return ask
 
 
 # -- a reload never changes who holds a device (issue 19, attack 1) ------------------------
@@ -869,6 +913,44 @@ async def test_a_reload_during_an_allocate_never_frees_what_it_hands_out(tmp_pat
             await n.devices.allocate("p", ["a"])
         assert sorted(n.devices.handouts.handouts) == ["a"]
         assert waited  # the reload applied after the Allocate under way, not in its wait
+
+
+async def test_a_device_a_reload_moves_to_another_pool_while_held_is_not_free_there(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 (state machine, finding 3): a reload that puts an allocated
+    device in another pool must not offer it free there (kubelet would hand it
+    to a second pod); that pool takes it when its pod's allocation ends."""
+    async with running(_named("p", "a", "b"), _named("q", "c"), tmp_path=tmp_path) as n:
+        [first] = await n.devices.allocate("p", ["a"])
+        n.kubelet.held.add("a")
+        await n.devices.replace_pools([_named("p", "b"), _named("q", "a", "c")])
+        await n.settle()
+        p, q = n.devices.pools["p"], n.devices.pools["q"]
+        assert _states(p) == {"a": "allocated", "b": "free"}
+        assert _states(q) == {"a": "unhealthy", "c": "free"}  # kubelet: not allocatable
+        assert n.devices.device_allocated("a") is True
+        with pytest.raises(DeviceError, match="a: a pod of pool p holds it"):
+            await n.devices.allocate("q", ["a"])
+        assert n.devices.handouts.handouts["a"] is first
+        # Its pod ends: it leaves p and q may hand it out.
+        n.kubelet.held.clear()
+        assert await n.devices.reconcile(grace=0.0) == ["a"]
+        await n.settle()
+        assert _states(p) == {"b": "free"}
+        assert _states(q) == {"a": "free", "c": "free"}
+        [second] = await n.devices.allocate("q", ["a"])
+        assert second.pool == "q"
+
+
+async def test_handouts_refuse_to_start_a_device_already_handed_out(tmp_path: Path) -> None:
+    """Defence in depth under Devices: Handouts never replaces a live handout."""
+    pool = _named("p", "a")
+    async with running(pool, tmp_path=tmp_path) as n:
+        [first] = await n.devices.allocate("p", ["a"])
+        with pytest.raises(DeviceError, match="a: already handed out"):
+            await n.devices.handouts.start(pool, ["a"])
+        assert n.devices.handouts.handouts["a"] is first
 
 
 async def test_an_allocate_queued_behind_another_marks_the_pool_a_reload_left(
@@ -951,7 +1033,7 @@ async def test_an_untrusted_record_leaves_every_device_unknown_until_kubelet_say
         assert n.datapath.log == [] and n.handouts.prepared == {}  # no program touched
         assert _states(pool) == dict.fromkeys("abc", "unknown")
 
-        assert await n.devices.settle({"afxdp/p": {"a", "b"}, "afxdp/q": {"c"}}) == ["a", "b"]
+        assert await n.devices.settle({"afxdp/p": {"a", "b"}, "other/q": {"c"}}) == ["a", "b"]
         assert _states(pool) == {"a": "allocated", "b": "allocated", "c": "free"}
         # a: the pod's program adopted, its socket served again; b: kept as it is.
         assert n.datapath.log == ["adopt a", "listen a"]

@@ -201,17 +201,21 @@ async def test_a_restart_takes_over_what_kubelet_lists_and_cleans_up_the_rest(
         datapath.gone.add(prog_b)  # b's program did not survive (say, a reboot)
         datapath.stale.update({"b": prog_b, "c": 3})
         kept = await devices.restore(record, {"afxdp/p": {"a", "b"}})
-        assert kept == ["a"]
-        assert [d.state.value for d in fresh.devices.values()] == ["allocated", "free", "free"]
-        # a: its program adopted and its socket served again; b and c cleaned up.
-        assert datapath.log == ["adopt a", "listen a", "detach_stale b", "detach_stale c"]
-        assert sorted(StateStore(tmp_path / "state").load().allocations) == ["a"]
+        assert kept == ["a", "b"]
+        assert [d.state.value for d in fresh.devices.values()] == [
+            "allocated", "allocated", "free"
+        ]  # fmt: skip
+        # a: its program adopted and its socket served again; b: a pod holds it
+        # (kubelet), its program gone: kept, its setup unknown; c cleaned up.
+        assert datapath.log == ["adopt a", "listen a", "detach_stale c"]
+        assert devices.handouts.handouts["b"].setup_unknown
+        assert sorted(StateStore(tmp_path / "state").load().allocations) == ["a", "b"]
     # kubelet not reachable at start: the record's view is kept.
     again = _pool("a", "b", "c")
     async with node(again, tmp_path) as (devices, datapath, _):
         store = devices.handouts.store = StateStore(tmp_path / "state")
         kept = await devices.restore(store.load(), None)
-        assert kept == ["a"] and again.devices["a"].allocated
+        assert kept == ["a", "b"] and again.devices["a"].allocated
         assert datapath.log == ["adopt a", "listen a"]
 
 

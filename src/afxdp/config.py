@@ -109,7 +109,7 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
     @property
     def resource_name(self) -> str:
-        return f"{contracts.RESOURCE_PREFIX}{self.name}"
+        return contracts.resource_name(self.name)
 
     @property
     def env_var(self) -> str:

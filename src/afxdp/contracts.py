@@ -22,5 +22,15 @@ def pod_device_dir(netdev: str) -> Path:
     return POD_DIR / netdev
 
 
+def resource_name(pool: str) -> str:
+    """The kubelet resource of a pool."""
+    return f"{RESOURCE_PREFIX}{pool}"
+
+
+def pool_of(resource: str) -> str | None:
+    """The pool of a kubelet resource; None when it is not one of ours."""
+    return resource.removeprefix(RESOURCE_PREFIX) if resource.startswith(RESOURCE_PREFIX) else None
+
+
 def env_var(pool: str) -> str:
     return f"{ENV_PREFIX}{pool.upper()}"

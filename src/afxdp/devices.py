@@ -12,7 +12,8 @@ Rules, in order:
    devices set up, or none) and ends when kubelet's PodResources no longer
    lists a pod holding the device: found by ``reconcile`` (allocations older
    than a grace period) or at an Allocate naming a device we still count as
-   allocated. Never at a CNI DEL: that only brings the device home.
+   allocated. Never at a CNI DEL: that only brings the device home; nor by
+   the config a reload or a restart brings (rule 6).
 2. One Allocate per pool at a time (kubelet admits pods one by one; this keeps
    two kubelets, or two pools' calls on a shared device, from interleaving).
 3. An allocated device's link belongs to its pod: link events for it are
@@ -27,6 +28,12 @@ Rules, in order:
    gets the pod's program back, the same one, so the map the pod was or will
    be given: as soon as the link appears, and at the latest before the ADD
    moves it (``ensure_program``), which fails when it cannot be done.
+6. A device is allocated in one pool at a time, whatever the config says
+   now: an allocation of a pool the config no longer has keeps that pool
+   (draining); of a device its pool no longer takes, keeps it there (leaving),
+   and a pool the config moved it to waits (``held_by``, Unhealthy to
+   kubelet) until that allocation ends. The same at a restart, from the
+   record and from kubelet's word (what kubelet lists is never free).
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ from typing import Any, Protocol
 import anyio
 import msgspec
 
+from afxdp import config, contracts
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.handouts import Handout, Handouts, loads_program
 from afxdp.inventory import NetDev
+from afxdp.netdev import name_problem
 from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import DeviceState, Pool, PoolDevice
-from afxdp.state import Record
+from afxdp.state import Allocation, Record
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +135,17 @@ class Devices:
     # -- lookups --------------------------------------------------------------
 
     def find(self, device: str) -> tuple[Pool, PoolDevice] | None:
+        """The pool ``device`` is allocated in, else the one that has it free.
+        A device is in two pools only when a reload moved it while a pod held
+        it: the one it is allocated in holds it (``held_by`` in the other)."""
+        found = None
         for pool in self.pools.values():
             dev = pool.devices.get(device)
-            if dev is not None:
+            if dev is not None and dev.allocated:
                 return pool, dev
-        return None
+            if dev is not None and found is None:
+                found = pool, dev
+        return found
 
     def device_allocated(self, device: str) -> bool | None:
         """Whether ``device`` is allocated; None when no pool has it."""
@@ -221,7 +236,10 @@ class Devices:
             self.leaving[pool.name].discard(device)
             del pool.devices[device]
             self.changes[pool.name].bump()
+            await self._hand_over(device, pool.name)
             return
+        if pool.name in self.draining:
+            await self._hand_over(device, pool.name)
         dev = pool.devices[device]
         await self._read_health(pool, dev.parent or dev.id)
         self.changes[pool.name].bump()
@@ -231,10 +249,25 @@ class Devices:
             # inline, under the device's lock).
             self.handouts.spawn(self._prepare, pool, dev)
 
+    async def _hand_over(self, device: str, holder: str) -> None:
+        """The allocation pool ``holder`` kept of ``device`` after a reload moved
+        it to another pool has ended: that pool may hand it out now."""
+        for pool in list(self.pools.values()):
+            dev = pool.devices.get(device)
+            if dev is None or dev.held_by != holder:
+                continue
+            dev.held_by = None
+            log.info("%s: %s joins the pool now that its pod of pool %s is gone",
+                     pool.name, device, holder)  # fmt: skip
+            await self._read_health(pool, dev.parent or dev.id)
+            self.changes[pool.name].bump()
+            if pool.name not in self.draining:
+                self.handouts.spawn(self._prepare, pool, dev)
+
     async def _prepare(self, pool: Pool, dev: PoolDevice) -> None:
         """Attach a program to a free device ahead of Allocate; one that cannot
         get one is Unhealthy, with the reason in status, until it can."""
-        if dev.unknown:  # its program may be a pod's
+        if dev.unknown or dev.held_by is not None or dev.allocated:  # a pod's
             return
         fault = await self.handouts.prepare(pool, dev)
         if fault != dev.fault:
@@ -255,7 +288,7 @@ class Devices:
             for dev in pool.devices.values():
                 if loads_program(pool.config):
                     loading.add(dev.id)
-                if not dev.allocated and dev.healthy:
+                if not dev.allocated and dev.healthy and dev.held_by is None:
                     self.handouts.spawn(self._prepare, pool, dev)
         ours = set(self.handouts.prepared) | self.handouts.swap_pending
         for device in sorted(ours - loading):
@@ -270,6 +303,18 @@ class Devices:
         found = self.find(device)
         if found is not None:
             await self._read_health(found[0], found[1].parent or found[1].id)
+        if found is not None and found[1].allocated:
+            return
+        # Its allocation ended while it was in its pod, out of reach: the pod's
+        # program came home on it. A pool that loads one replaces it (prepare,
+        # on the link's event); with none to, it is taken off here.
+        if device in self.handouts.swap_pending and (
+            found is None
+            or found[0].name in self.draining
+            or not loads_program(found[0].config)
+            or found[1].held_by is not None
+        ):
+            self.handouts.spawn(self.handouts.unprepare, device)
 
     async def reconcile(self, grace: float = RECONCILE_GRACE) -> list[str]:
         """Release allocated devices that no pod holds (kubelet's word); returns them.
@@ -334,12 +379,19 @@ class Devices:
 
     def _replace_pools(self, new: Sequence[Pool]) -> tuple[list[str], list[str]]:
         new_by_name = {p.name: p for p in new}
+        # Who holds what, across pools: a device a pod of one pool holds is
+        # never free in another, whatever pool the new config puts it in.
+        holders = {d.id: name for name, p in self.pools.items()
+                   for d in p.devices.values() if d.allocated}  # fmt: skip
         for pool in new:
             old = self.pools.get(pool.name)
             self.leaving.pop(pool.name, None)
-            if self.distrusted:  # kubelet has still not said who holds what
-                for dev in pool.devices.values():
+            for dev in pool.devices.values():
+                if self.distrusted:  # kubelet has still not said who holds what
                     dev.unknown = True
+                holder = holders.get(dev.id)
+                if holder is not None and holder != pool.name:
+                    dev.held_by = holder
             if old is None:
                 continue
             for dev_id, dev in old.devices.items():
@@ -375,41 +427,90 @@ class Devices:
 
     # -- restart and shutdown ---------------------------------------------------
 
+    async def start(self, record: Record, *, unreadable: bool, ask: HeldFinder) -> list[str]:
+        """At start, take over what the last run handed out: from its durable
+        ``record`` with kubelet's word (``restore``), or, when the record could
+        not be trusted (``unreadable``), from kubelet's word alone, every device
+        unknown until kubelet answers (rule 4: asked again in the background
+        while it does not). Returns the devices kept."""
+        if unreadable:
+            self.distrust()
+            held = await ask()
+            if held is None:
+                self.handouts.spawn(self.settle_forever, ask)
+            return await self.settle(held)
+        return await self.restore(record, await ask())
+
     async def restore(self, record: Record, held: dict[str, set[str]] | None) -> list[str]:
         """Take over what a previous run handed out (its durable ``record``),
         with kubelet's word (``held``: device IDs pods hold, by resource; None
         when kubelet cannot be asked: then the record's view is kept and the
         periodic reconcile settles it once kubelet answers). Returns the devices
-        kept; the others are cleaned up."""
+        kept; the others are cleaned up.
+
+        Only kubelet's word ends an allocation (rule 1), not the config this
+        start read: one of a pool the config no longer has is kept in that pool,
+        draining; one of a device the config moved elsewhere stays in its pool,
+        leaving, and the new pool waits for it (``held_by``); one whose program
+        is gone (a pod's program, or the link with it) is kept with its setup
+        unknown, as a device taken over from kubelet's word alone."""
         kept = []
         for alloc in list(record.allocations.values()):
-            found = self.find(alloc.device)
-            pool = found[0] if found and found[0].name == alloc.pool else None
-            reason = ""
-            if pool is None:
-                reason = f"pool {alloc.pool} no longer has it"
-            elif held is not None and alloc.device not in held.get(
-                pool.config.resource_name, set()
-            ):
-                reason = "no pod holds it (kubelet)"
-            else:
-                try:
-                    await self.handouts.adopt(pool, alloc)
-                except (AfxdpError, OSError) as exc:
-                    reason = f"its program is gone ({exc})"
-            if reason or pool is None:
-                log.info("%s: handed out before this start, but %s; cleaned up",
-                         alloc.device, reason)  # fmt: skip
+            resource = contracts.resource_name(alloc.pool)
+            if held is not None and alloc.device not in held.get(resource, set()):
+                log.info("%s: handed out before this start, but no pod holds it (kubelet); "
+                         "cleaned up", alloc.device)  # fmt: skip
                 await self.handouts.forget(alloc)
                 continue
-            dev = pool.devices[alloc.device]
+            pool, dev = self._holding(alloc.pool, alloc.device, alloc)
+            try:
+                await self.handouts.adopt(pool, alloc)
+            except (AfxdpError, OSError) as exc:
+                log.warning("%s: its program %s is gone (%s); kept allocated, setup unknown",
+                            alloc.device, alloc.prog_id, exc)  # fmt: skip
+                lost = msgspec.structs.replace(alloc, prog_id=None, setup_unknown=True)
+                await self.handouts.adopt(pool, lost)
+                await self.handouts.store.put([lost])
             dev.allocated, dev.healthy = True, True  # its link is its pod's to see
             kept.append(alloc.device)
             why = "held by a pod" if held is not None else "kubelet not reachable yet"
             log.info("%s: kept from before this start (%s)", alloc.device, why)
-        for name in self.pools:
-            self.changes[name].bump()
+        # What kubelet lists that the record lacks (a record cut short) is a
+        # pod's all the same: never free.
+        kept += await self._take_over_held(held or {}, "the state record does not have it")
         return kept
+
+    def _holding(self, name: str, device: str, alloc: Allocation | None = None
+                 ) -> tuple[Pool, PoolDevice]:  # fmt: skip
+        """The pool and device an allocation that goes on counts in (kubelet's
+        word, a kept record): its own pool, made draining when the config has
+        it no more, the device added as leaving when the pool no longer takes
+        it; any other pool that takes it waits for it (``held_by``). A draining
+        pool made here serves as the record says (default settings else)."""
+        pool = self.pools.get(name)
+        if pool is None:
+            pool = Pool(config.Pool(
+                name=name,
+                mode="primary",
+                uds_server_disable=alloc is not None
+                and (alloc.prog_id is None or alloc.pinned is not None),
+                bpf_map_pinning_enable=alloc is not None and alloc.pinned is not None,
+            ))  # fmt: skip
+            self.pools[name] = pool
+            self.changes[name] = Changes()
+            self._allocating[name] = anyio.Lock()
+            self.draining.add(name)
+            log.warning("%s: pool %s is no longer in the config; kept draining until kubelet "
+                        "says no pod holds it", device, name)  # fmt: skip
+        dev = pool.devices.get(device)
+        if dev is None:
+            dev = pool.devices[device] = PoolDevice(device)
+            if name not in self.draining:
+                self.leaving.setdefault(name, set()).add(device)
+        for other in self.pools.values():
+            if other is not pool and device in other.devices:
+                other.devices[device].held_by = name
+        return pool, dev
 
     def distrust(self) -> None:
         """The durable record could not be trusted: every device is unknown
@@ -433,44 +534,59 @@ class Devices:
         # ones not settled yet, and free one a pod holds.
         async with self._every_pool_locked():
             self.distrusted = False  # what a reload brings from now on is known
-            for name, pool in list(self.pools.items()):
-                mine = held.get(pool.config.resource_name, set())
-                for dev in list(pool.devices.values()):
-                    if not dev.unknown:
-                        continue
+            for pool in self.pools.values():
+                for dev in pool.devices.values():
                     dev.unknown = False
-                    if dev.id not in mine:
-                        continue
-                    dev.allocated, dev.healthy = True, True  # its link is its pod's to see
-                    taken.append(dev.id)
-                    try:
-                        handout = await self.handouts.take_over(pool, dev)
-                    except Exception:  # allocated all the same: it is the pod's
-                        log.exception("%s: taking over its allocation failed", dev.id)
-                        continue
-                    if handout.setup_unknown:
-                        how = "no program of ours on it here (in its pod's netns?): setup unknown"
-                    else:
-                        how = "its program adopted" if handout.xdp else "nothing to adopt"
-                    log.warning("%s: a pod holds it (kubelet), the state record was lost; "
-                                "kept allocated, %s", dev.id, how)  # fmt: skip
-                unpooled = sorted(mine - pool.devices.keys())
-                if unpooled:
-                    log.warning("%s: kubelet says pods hold %s, which no pool here has (not in "
-                                "afxdpd's netns and no record describes them)",
-                                pool.config.resource_name, ", ".join(unpooled))  # fmt: skip
-                self.changes[name].bump()
+            taken = await self._take_over_held(held, "the state record was lost")
         return taken
+
+    async def _take_over_held(self, held: dict[str, set[str]], why: str) -> list[str]:
+        """Every device kubelet says a pod holds (``held``, by resource) that is
+        not allocated here yet: allocated in its pool (``_holding``) and taken
+        over. Returns them."""
+        taken = []
+        for resource, ids in sorted(held.items()):
+            name = contracts.pool_of(resource)
+            for dev_id in sorted(ids):
+                if name is None or name_problem(dev_id):
+                    continue  # not ours to hold
+                pool, dev = self._holding(name, dev_id)
+                if not dev.allocated:
+                    taken.append(dev.id)
+                    await self._take_over(pool, dev, why)
+        for name in self.pools:
+            self.changes[name].bump()
+        return taken
+
+    async def _take_over(self, pool: Pool, dev: PoolDevice, why: str) -> None:
+        """Count ``dev`` allocated on kubelet's word alone (a pod holds it and
+        no record says how it was set up), and take over what is on it."""
+        dev.allocated, dev.healthy = True, True  # its link is its pod's to see
+        try:
+            handout = await self.handouts.take_over(pool, dev)
+        except Exception:  # allocated all the same: it is the pod's
+            log.exception("%s: taking over its allocation failed", dev.id)
+            return
+        if handout.setup_unknown:
+            how = "no program of ours on it here (in its pod's netns?): setup unknown"
+        else:
+            how = "its program adopted" if handout.xdp else "nothing to adopt"
+        log.warning("%s: a pod holds it (kubelet), %s; kept allocated, %s", dev.id, why, how)
 
     async def settle_forever(self, ask: HeldFinder, retry: float = SETTLE_RETRY) -> None:
         """Ask kubelet every ``retry`` seconds until it answers, then ``settle``
         and prepare the free devices (kubelet was not reachable at start)."""
         while self.distrusted:
             await anyio.sleep(retry)
-            held = await ask()
-            if held is not None:
-                await self.settle(held)
-                self.prepare_all()
+            await self.ask_again(ask)
+
+    async def ask_again(self, ask: HeldFinder) -> None:
+        """One more question to kubelet for the unknown devices: ``settle`` and
+        prepare the free ones when it answers."""
+        held = await ask()
+        if held is not None:
+            await self.settle(held)
+            self.prepare_all()
 
     async def shutdown(self) -> None:
         """Stop: end the allocations kubelet says no pod holds (so nothing is left
@@ -501,7 +617,7 @@ class Devices:
             if pool.set_link(event.name, event.change is Change.UP):
                 log.info("%s: %s -> %s", pool.name, event.name, event.change.value)
                 self.changes[pool.name].bump()
-            if dev is None or dev.allocated:
+            if dev is None or dev.allocated or dev.held_by is not None:
                 continue
             if event.change is Change.REMOVED:  # its program went with the link
                 self.handouts.forget_prepared(dev.id)

@@ -143,6 +143,9 @@ class Handouts:
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
         done: list[Handout] = []
+        taken = [d for d in ids if self._taken(d)]
+        if taken:  # Devices never asks this; a bug there must not hand one out twice
+            raise DeviceError(f"{', '.join(taken)}: already handed out")
         self._starting.update(ids)
         try:
             for dev_id in ids:
@@ -214,9 +217,10 @@ class Handouts:
         keeps whatever it carries, unknown to us (``setup_unknown``); a
         program of ours on it is replaced when the allocation ends, as any."""
         cfg = pool.config
-        prog_id = None
-        if loads_program(cfg):
-            prog_id = await run_sync(Work.DEVICES, self.datapath.ours, dev.id)
+        # Whatever the pool's config says now: the pod was handed the device
+        # under the config of its Allocate, which may have loaded a program.
+        prog_id = await run_sync(Work.DEVICES, self.datapath.ours, dev.id)
+        in_host = await run_sync(Work.DEVICES, self.datapath.in_host, dev.id)
         netdev = self._netdev_of(dev.id)
         alloc = Allocation(
             pool=pool.name,
@@ -227,7 +231,10 @@ class Handouts:
             else None,
             secondary=dev.parent is not None,  # Allocate made it (kubelet lists no failed one)
             netdev=msgspec.to_builtins(netdev) if netdev else {},
-            setup_unknown=loads_program(cfg) and prog_id is None,
+            # No program of ours where the pool loads one (its link was re-created,
+            # or it is in its pod's netns, out of our sight), or out of our sight:
+            # what the pod has on it is not known.
+            setup_unknown=prog_id is None and (loads_program(cfg) or not in_host),
         )
         try:
             handout = await self.adopt(pool, alloc)
@@ -343,6 +350,10 @@ class Handouts:
                 elif device in self.swap_pending:
                     await run_sync(Work.DEVICES, self.datapath.detach_stale, device)
             except AfxdpError as exc:
+                if not await run_sync(Work.DEVICES, self.datapath.in_host, device):
+                    # In a pod's netns still: taken off when it comes home (came_home).
+                    log.info("%s: its last pod's program goes when it comes home", device)
+                    return
                 log.error("%s: detaching the prepared program failed: %s", device, exc)
             self.swap_pending.discard(device)
 
@@ -445,6 +456,11 @@ class Handouts:
                 await run_sync(Work.DEVICES, handout.xdp.detach)
             except AfxdpError as exc:
                 log.error("%s: detaching XDP failed: %s", handout.device, exc)
+            if not await run_sync(Work.DEVICES, self.datapath.in_host, handout.device):
+                # Out of reach in its pod's netns, the program stays on it and
+                # comes home with it (a DEL): taken off then (``Devices.came_home``),
+                # or replaced by a fresh one, as a swap that did not come.
+                self.swap_pending.add(handout.device)
         elif handout.setup_unknown and not keep_xdp:  # whatever of ours it came home with
             try:
                 await run_sync(Work.DEVICES, self.datapath.detach_stale, handout.device)

@@ -68,11 +68,15 @@ class PoolDevice:
     # trusted and kubelet's PodResources has not answered yet. Never handed
     # out, prepared or released meanwhile; kubelet is told it is Unhealthy.
     unknown: bool = False
+    # The pool whose pod holds it: a reload moved it into this pool while it
+    # was allocated in that one. Not this pool's to hand out until that
+    # allocation ends; kubelet is told it is Unhealthy meanwhile.
+    held_by: str | None = None
 
     @property
     def usable(self) -> bool:
         """What kubelet is told: Healthy or Unhealthy."""
-        return self.healthy and self.fault is None and not self.unknown
+        return self.healthy and self.fault is None and not self.unknown and self.held_by is None
 
     @property
     def state(self) -> DeviceState:
@@ -89,7 +93,8 @@ class PoolDevice:
             "state": self.state.value,
             "numa": self.numa_node,
             "parent": self.parent,
-            "fault": self.fault,
+            "fault": self.fault
+            or (f"a pod of pool {self.held_by} holds it" if self.held_by else None),
         }
 
 
@@ -115,6 +120,8 @@ class Pool:
                 problems.append(f"{dev_id}: requested {count} times")
             elif dev.unknown:
                 problems.append(f"{dev_id}: {UNKNOWN_HOLDER}")
+            elif dev.held_by is not None:
+                problems.append(f"{dev_id}: a pod of pool {dev.held_by} holds it")
             elif dev.state is not DeviceState.FREE:
                 problems.append(f"{dev_id}: {dev.state.value}")
         if problems:

@@ -237,20 +237,9 @@ class Service:
                                      pin_dir=self.paths.pin_dir)  # fmt: skip
                 await specs.start(self.config.pools)
             try:
-                if state.unreadable:
-                    # Kubelet's word alone says who holds what; until it answers,
-                    # no device is handed out, prepared or released.
-                    devs.distrust()
-                    held = await pod_resources.held()
-                    if held is None:
-                        handouts.spawn(devs.settle_forever, pod_resources.held)
-                    kept = await devs.settle(held)
-                    self.metrics.restarts_reconciled.inc(len(kept))
-                elif record.allocations:
-                    # Kubelet is the source of truth; the record says how we set
-                    # up what kubelet still lists.
-                    kept = await devs.restore(record, await pod_resources.held())
-                    self.metrics.restarts_reconciled.inc(len(kept))
+                kept = await devs.start(record, unreadable=state.unreadable,
+                                        ask=pod_resources.held)  # fmt: skip
+                self.metrics.restarts_reconciled.inc(len(kept))
                 devs.prepare_all()  # fresh programs on free devices: Allocate need not wait
                 self._tg, self._specs = tg, specs
                 for pool in assembly.pools:
