@@ -38,6 +38,23 @@ def test_invalid_config_exits_1_naming_every_error(tmp_path: Path) -> None:
     assert "pools[0].mode: must be one of primary, cdq" in done.stderr
 
 
+def test_no_pinned_maps_refuses_a_pinned_map_pool_at_start_naming_it(tmp_path: Path) -> None:
+    # The capabilities DaemonSet: its pin dir cannot reach kubelet, so a
+    # pinned-map pool must stop afxdpd, not serve pods an empty directory.
+    cfg = tmp_path / "config.json"
+    pinned = {"name": "pinned", "mode": "primary", "drivers": [{"name": "ice"}],
+              "udsServerDisable": True, "bpfMapPinningEnable": True}  # fmt: skip
+    plain = {"name": "plain", "mode": "primary", "drivers": [{"name": "i40e"}]}
+    cfg.write_text(json.dumps({"pools": [plain, pinned]}))
+    done = subprocess.run(afxdpd("--config", str(cfg), "--no-pinned-maps",
+                                 "--run-dir", str(tmp_path / "run")),
+                          capture_output=True, text=True, env=ENV, check=False, timeout=30)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "pools[1].bpfMapPinningEnable: pool 'pinned' wants pinned maps" in done.stderr
+    assert "--no-pinned-maps" in done.stderr and "plain" not in done.stderr
+    assert not (tmp_path / "run").exists()  # refused before it touched anything
+
+
 def test_unusable_log_dir_exits_2_saying_why(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text(

@@ -26,17 +26,23 @@ from afxdp import config as afxdp_config
 from afxdp import contracts, metrics
 from afxdp.cli import afxdpd
 from afxdp.cni import ethtool, netconf, shim
+from afxdp.errors import ConfigError
 from afxdp.metrics import parse_address, route
 from afxdp.service import Paths
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-KUSTOMIZATIONS = [DEPLOY, DEPLOY / "kind"]
-DAEMONSETS = [DEPLOY / "daemonset.yaml", DEPLOY / "kind" / "daemonset.yaml"]
-NOT_K8S = {"kustomization.yaml", "cluster.yaml"}  # kustomize's and kind's own files
 CNI_DATA_DIR = "/var/lib/cni"  # host-local's default dataDir is /var/lib/cni/networks
+DEPLOY = ROOT / "deploy"
+CAPABILITIES = DEPLOY / "capabilities"
+KUSTOMIZATIONS = [DEPLOY, DEPLOY / "kind", CAPABILITIES]
+DAEMONSETS = [DEPLOY / "daemonset.yaml", DEPLOY / "kind" / "daemonset.yaml",
+              CAPABILITIES / "daemonset.yaml"]  # fmt: skip
+# What an IPAM plugin run by afxdpd finds at the host's paths: host-local's
+# leases, whereabouts' config dir, the dhcp daemon's socket dir.
+IPAM_HOST_DIRS = {CNI_DATA_DIR: False, "/etc/cni/net.d": True, "/run/cni": True}  # -> readOnly
+NOT_K8S = {"kustomization.yaml", "cluster.yaml"}  # kustomize's and kind's own files
 
 
 def docs(path: Path) -> list[dict[str, Any]]:
@@ -112,6 +118,9 @@ class TestDaemonSetMounts:
             assert getattr(args, dest) == action.default, option
             if dest == "kubelet_dir":
                 continue  # its subdirectories are mounted, below
+            if dest == "pin_dir" and args.no_pinned_maps:
+                assert str(args.pin_dir) not in mounts(ds)  # nothing is pinned there
+                continue
             host_mount(ds, str(getattr(args, dest)))
 
     def test_kubelet_sockets_dirs_are_mounted(self, path: Path) -> None:
@@ -126,11 +135,18 @@ class TestDaemonSetMounts:
         assert not host_mount(ds, str(registration)).get("readOnly")
         host_mount(ds, str(Path(args.kubelet_dir) / "pod-resources"))
 
-    def test_pin_dir_is_bidirectional_and_privileged(self, path: Path) -> None:
+    def test_pin_dir_is_bidirectional_and_privileged_or_pinned_maps_are_refused(
+        self, path: Path
+    ) -> None:
         ds = daemonset(path)
         args, _ = afxdpd_args(ds)
-        assert host_mount(ds, str(args.pin_dir)).get("mountPropagation") == "Bidirectional"
         c = container(ds["spec"]["template"]["spec"], "afxdpd")
+        if args.no_pinned_maps:  # the capabilities variant
+            assert c["securityContext"]["privileged"] is False
+            assert not any(m.get("mountPropagation") == "Bidirectional"
+                           for m, _ in mounts(ds).values())  # fmt: skip
+            return
+        assert host_mount(ds, str(args.pin_dir)).get("mountPropagation") == "Bidirectional"
         assert c["securityContext"]["privileged"] is True  # Bidirectional requires it
 
     def test_run_dir_is_where_the_shim_looks(self, path: Path) -> None:
@@ -162,8 +178,24 @@ class TestDaemonSetMounts:
         assert mount.get("readOnly") is True
         assert mount["name"] == volume_name
 
-    def test_cni_data_dir_is_mounted(self, path: Path) -> None:
-        assert not host_mount(daemonset(path), CNI_DATA_DIR).get("readOnly")
+    def test_ipam_host_dirs_are_mounted(self, path: Path) -> None:
+        # tests/test_ipam_paths.py runs real plugins in these mounts.
+        for host_dir, read_only in IPAM_HOST_DIRS.items():
+            assert bool(host_mount(daemonset(path), host_dir).get("readOnly")) is read_only
+
+    def test_install_cni_is_unprivileged_and_bounded(self, path: Path) -> None:
+        install = container(daemonset(path)["spec"]["template"]["spec"], "install-cni")
+        # tests/test_capabilities.py installs the shim with no capability at all.
+        assert install["securityContext"] == {
+            "runAsUser": 0,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert set(install["resources"]) == {"requests", "limits"}
+        for kind in ("requests", "limits"):
+            assert set(install["resources"][kind]) == {"cpu", "memory"}
 
     def test_every_host_mount_is_at_its_host_path(self, path: Path) -> None:
         # Nothing is mounted elsewhere than the host keeps it (the install-cni
@@ -265,7 +297,7 @@ def _strip_kind_differences(ds: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_kind_daemonset_differs_only_where_documented() -> None:
-    base, kind = (daemonset(p) for p in DAEMONSETS)
+    base, kind = (daemonset(p) for p in DAEMONSETS[:2])
     assert _strip_kind_differences(base) == _strip_kind_differences(kind)
     spec = kind["spec"]["template"]["spec"]
     assert all(c["imagePullPolicy"] == "Never" for c in spec["containers"] + spec["initContainers"])
@@ -276,6 +308,32 @@ def test_kind_daemonset_differs_only_where_documented() -> None:
     ]
     assert labelled, "no kind node matches the kind DaemonSet's nodeSelector"
     assert all(n["role"] == "worker" for n in labelled)
+
+
+def _strip_capabilities_differences(ds: dict[str, Any]) -> dict[str, Any]:
+    ds = json.loads(json.dumps(ds))
+    spec = ds["spec"]["template"]["spec"]
+    c = container(spec, "afxdpd")
+    c.pop("securityContext")
+    c["args"] = [a for a in c["args"] if a != "--no-pinned-maps"]
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "pins"]
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "pins"]
+    return ds
+
+
+def test_capabilities_daemonset_differs_only_where_documented() -> None:
+    base, capabilities = daemonset(DAEMONSETS[0]), daemonset(DAEMONSETS[2])
+    assert _strip_capabilities_differences(base) == _strip_capabilities_differences(capabilities)
+    for name in ("config.json", "network-attachment-definition.yaml"):
+        assert (CAPABILITIES / name).read_text() == (DEPLOY / name).read_text(), name
+
+
+def test_capabilities_config_has_no_pinned_map_pool() -> None:
+    loaded = afxdp_config.load_config((CAPABILITIES / "config.json").read_bytes())
+    afxdp_config.refuse_pinned_maps(loaded.config)  # what afxdpd --no-pinned-maps does
+    pinned = afxdp_config.load_config((DEPLOY / "examples" / "config-pinned.json").read_bytes())
+    with pytest.raises(ConfigError, match="bpfMapPinningEnable"):
+        afxdp_config.refuse_pinned_maps(pinned.config)
 
 
 # --- (b) every manifest validates --------------------------------------------

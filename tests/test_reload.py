@@ -79,6 +79,28 @@ async def test_a_bad_config_is_refused_and_a_good_one_applied_under_a_running_po
 
 
 @pytest.mark.anyio
+async def test_without_pinned_maps_a_reload_adding_a_pinned_map_pool_is_refused(
+    tmp_path: Path, lab: Lab, devices: list[str]
+) -> None:
+    d0, d1, _ = devices
+    node = NodeUnderTest(tmp_path, lab, [d0], {"pools": [_pool("pool1", [d0])]})
+    cfg = tmp_path / "config.json"
+    async with running(node):
+        svc = node.service
+        assert svc is not None and svc.devices is not None
+        svc.config_path = cfg
+        svc.pinned_maps = False  # afxdpd --no-pinned-maps
+        pinned = _pool("pinned", [d1], udsServerDisable=True, bpfMapPinningEnable=True)
+        cfg.write_text(json.dumps({"pools": [_pool("pool1", [d0]), pinned]}))
+        assert await svc.reload() is False
+        assert list(svc.devices.pools) == ["pool1"]
+        assert svc.metrics.config_invalid._value.get() == 1
+        svc.pinned_maps = True  # the same file, where pinned maps can reach kubelet
+        assert await svc.reload() is True
+        assert list(svc.devices.pools) == ["pool1", "pinned"]
+
+
+@pytest.mark.anyio
 async def test_a_removed_pool_stops_advertising_and_drains_its_allocations(
     tmp_path: Path, lab: Lab, devices: list[str]
 ) -> None:

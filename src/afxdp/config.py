@@ -247,6 +247,28 @@ def load_config_file(path: str | Path) -> LoadedConfig:
     return load_config(read_config_file(path))
 
 
+def refuse_pinned_maps(config: Config) -> None:
+    """ConfigError naming every pool with ``bpfMapPinningEnable``, for an
+    afxdpd started with ``--no-pinned-maps`` (the capabilities DaemonSet).
+
+    A pinned map reaches a pod only through a bpffs that afxdpd mounts in its
+    pin dir and kubelet sees, which takes Bidirectional mount propagation, which
+    Kubernetes grants privileged containers only. Without it afxdpd would pin
+    maps into a mount nobody else sees and hand pods an empty directory: the
+    pool is refused instead of half served."""
+    why = (
+        "wants pinned maps, and this afxdpd runs with --no-pinned-maps: its pin dir "
+        "cannot reach kubelet (that needs a privileged container, deploy/daemonset.yaml)"
+    )
+    issues = [
+        ConfigIssue(f"pools[{i}].bpfMapPinningEnable", f"pool {pool.name!r} {why}")
+        for i, pool in enumerate(config.pools)
+        if pool.bpf_map_pinning_enable
+    ]
+    if issues:
+        raise ConfigError(issues)
+
+
 def parse_mac(text: str) -> str | None:
     """Parse a MAC as Go's net.ParseMAC does (EUI-48/64/IPoIB, ``:``, ``-`` or ``.``).
 

@@ -32,7 +32,7 @@ from afxdp.cni.errors import TRY_AGAIN_LATER, CniError
 from afxdp.cni.frame import Request
 from afxdp.cni.handler import CniHandler
 from afxdp.cni.netconf import peek_version
-from afxdp.config import Config, LoadedConfig, load_config_file
+from afxdp.config import Config, LoadedConfig, load_config_file, refuse_pinned_maps
 from afxdp.datapath import KernelDatapath
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
@@ -139,6 +139,9 @@ class Service:
     servers: dict[str, ServerStats] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
     config_path: Path | None = None  # re-read on SIGHUP and when it changes
+    # False (afxdpd --no-pinned-maps): a config with a pinned-map pool is
+    # refused, at a reload as at the start (config.refuse_pinned_maps).
+    pinned_maps: bool = True
     # Freeze the start-up heap once ready (afxdpd does; a test that runs services
     # in its own process must not: its garbage would stay).
     freeze_heap: bool = False
@@ -376,7 +379,10 @@ class Service:
 
             def read() -> LoadedConfig:
                 try:
-                    return load_config_file(path)
+                    loaded = load_config_file(path)
+                    if not self.pinned_maps:
+                        refuse_pinned_maps(loaded.config)
+                    return loaded
                 finally:
                     done.set()
 

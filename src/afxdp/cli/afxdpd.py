@@ -18,7 +18,7 @@ import anyio
 from afxdp import __version__, logsetup
 from afxdp.cli.common import Exit, default_node_name, load_or_report
 from afxdp.cli.heap import use_system_malloc
-from afxdp.config import LOG_DIR
+from afxdp.config import LOG_DIR, refuse_pinned_maps
 from afxdp.kindnet import KindNetError
 from afxdp.metrics import DEFAULT_ADDRESS, parse_address
 from afxdp.secondary import DevlinkSubfunctions
@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
                     help=f"the per-device UDS sockets (default: {d.uds_dir})")  # fmt: skip
     ap.add_argument("--pin-dir", type=Path, default=d.pin_dir,
                     help=f"bpffs for pinned maps (default: {d.pin_dir})")  # fmt: skip
+    ap.add_argument("--no-pinned-maps", action="store_true",
+                    help="refuse pools with bpfMapPinningEnable: the pin dir does not reach "
+                         "kubelet (an unprivileged afxdpd, deploy/capabilities/)")  # fmt: skip
     ap.add_argument("--run-dir", type=Path, default=d.run_dir,
                     help=f"control socket and CNI socket (default: {d.run_dir})")  # fmt: skip
     ap.add_argument("--cdi-dir", type=Path, default=CDI_DIR,
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_address(args.metrics_address)
         except ValueError as exc:
             ap.error(f"--metrics-address: {exc}")
-    loaded = load_or_report(args.config)
+    loaded = load_or_report(args.config, None if not args.no_pinned_maps else refuse_pinned_maps)
     if loaded is None:
         return Exit.CONFIG
     try:
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         DevlinkSubfunctions(),
         metrics_address=args.metrics_address,
         config_path=args.config,
+        pinned_maps=not args.no_pinned_maps,
         freeze_heap=True,
     )
     service.fd_limit = raise_fd_limit()

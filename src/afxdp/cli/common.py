@@ -6,9 +6,10 @@ import enum
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from afxdp.config import LoadedConfig, load_config_file
+from afxdp.config import Config, LoadedConfig, load_config_file
 from afxdp.errors import ConfigError
 
 
@@ -29,10 +30,16 @@ def default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
-def load_or_report(path: Path) -> LoadedConfig | None:
-    """The config at ``path``, or None after printing every error to stderr."""
+def load_or_report(
+    path: Path, check: Callable[[Config], None] | None = None
+) -> LoadedConfig | None:
+    """The config at ``path`` (and passing ``check``, which raises ConfigError),
+    or None after printing every error to stderr."""
     try:
-        return load_config_file(path)
+        loaded = load_config_file(path)
+        if check is not None:
+            check(loaded.config)
+        return loaded
     except ConfigError as exc:
         print(f"{path}: invalid, {len(exc.issues)} error(s):", file=sys.stderr)
         for issue in exc.issues:
