@@ -213,6 +213,7 @@ class Summary:
     reloads_applied: int = 0
     reloads_refused: int = 0
     reloads_by_watch: int = 0  # begun by afxdpd's file watch, seeing the writes
+    reloads_torn: dict[str, int] = field(default_factory=dict)  # of the torn steps, by result
     reload_problems: list[str] = field(default_factory=list)
     scrapes: int = 0  # of /metrics, by the reloader, to be answered as the probes are
     scrape_failures: list[str] = field(default_factory=list)  # the first 10
@@ -428,6 +429,8 @@ class Reloader:
         self.sent = 0  # SIGHUPs
         self.written = dict.fromkeys(RELOAD_KINDS, 0)  # SIGHUPs by what was written
         self.problems: list[str] = []
+        # What afxdpd made of the torn steps' reloads: refused ones read a half file.
+        self.torn = {"applied": 0, "refused": 0}
         self.scrapes = 0
         self.scrape_failures: list[str] = []  # the first 10
         self.scrape_failure_count = 0
@@ -469,6 +472,9 @@ class Reloader:
         self.written[kind] += 1
         after = await self.settled()
         self.problems += reload_problems(kind, why, before, after)
+        if kind == "valid, torn":
+            self.torn["applied"] += after.applied - before.applied
+            self.torn["refused"] += after.refused - before.refused
 
     def _sighup(self) -> None:
         os.kill(self.pid, signal.SIGHUP)
@@ -1011,6 +1017,7 @@ class Soak:
         summary.reloads, summary.reloads_written = reloader.sent, reloader.written
         summary.reloads_applied, summary.reloads_refused = final.applied, final.refused
         summary.reloads_by_watch = final.watched
+        summary.reloads_torn = reloader.torn
         summary.reload_problems = reloader.problems[:10]
         if len(reloader.problems) > 10:
             summary.reload_problems.append(f"... {len(reloader.problems)} in all")
