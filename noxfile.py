@@ -197,9 +197,11 @@ def _rate(stats: dict[str, int]) -> str:
 
 @nox.session(python="3.11")
 def soak(session: nox.Session) -> None:
-    """1,000 pod lifecycles at concurrency 8 through afxdpd (root): zero leaks, flat
-    fds, threads and RSS. Not part of the default run; tests/test_soak.py is its
-    short version in the suite."""
+    """1,000 pod lifecycles at concurrency 8 through afxdpd (root), with slowloris
+    clients on the metrics port and config reloads (valid and invalid) meanwhile:
+    zero leaks, flat fds, threads and RSS, every probe answered, no device with two
+    pods. Not part of the default run; tests/test_soak.py is its short version in
+    the suite."""
     install_locked(session, "tests")
     session.run(
         "python", "-m", "tests.soak", "--lifecycles", "1000", "--concurrency", "8",

@@ -49,9 +49,12 @@ class Slowloris:
             await anyio.sleep(self.comeback)  # back at once, but without spinning
 
 
-async def probe(host: str, port: int, path: str, deadline: float = PROBE_DEADLINE) -> str:
-    """One httpGet probe of ``path``: its status ("200"), or what went wrong
-    instead (no reply in time, a refusal, a reply cut short)."""
+async def get(
+    host: str, port: int, path: str, deadline: float = PROBE_DEADLINE
+) -> tuple[str, bytes]:
+    """One GET of ``path`` on a connection of its own, the whole reply within
+    ``deadline``: its status ("200") and body, or what went wrong instead (no
+    reply in time, a refusal, a reply cut short) and no body."""
     try:
         with anyio.fail_after(deadline):
             async with await anyio.connect_tcp(host, port) as s:
@@ -62,19 +65,25 @@ async def probe(host: str, port: int, path: str, deadline: float = PROBE_DEADLIN
                     while True:
                         reply += await s.receive()
     except TimeoutError:
-        return f"no reply within {deadline:g} s"
+        return f"no reply within {deadline:g} s", b""
     except (OSError, anyio.BrokenResourceError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}", b""
     if not reply:
-        return "closed without a reply"
+        return "closed without a reply", b""
     head, _, body = reply.partition(b"\r\n\r\n")
     status = re.match(rb"HTTP/1\.[01] (\d{3}) ", head)
     length = re.search(rb"\r\ncontent-length: *(\d+)\r", head + b"\r", re.I)
     if status is None or length is None:
-        return f"not HTTP: {reply[:200]!r}"
+        return f"not HTTP: {reply[:200]!r}", b""
     if int(length[1]) != len(body):
-        return f"a reply cut short: {reply[:200]!r}"
-    return status[1].decode()
+        return f"a reply cut short: {reply[:200]!r}", b""
+    return status[1].decode(), body
+
+
+async def probe(host: str, port: int, path: str, deadline: float = PROBE_DEADLINE) -> str:
+    """One httpGet probe of ``path``: its status ("200"), or what went wrong
+    instead (``get``)."""
+    return (await get(host, port, path, deadline))[0]
 
 
 @dataclass

@@ -29,8 +29,21 @@ soak. The clients leave for each sample (so afxdpd's fds are counted without
 them) and afxdpd must have closed its side of every one of their connections
 within 5 s; then they come back, all of them, before a probe is made again.
 
-usage: python -m tests.soak [--lifecycles N] [--concurrency C] [--slowloris N];
-prints a JSON summary.
+Who holds what (issue 19, attack 1): in each lifecycle a second Allocate of the
+device, while kubelet lists its pod, must be refused; and afxdpd's status, read
+every 0.2 s throughout, may never show a device with a pod the soak did not
+hand it to, nor free while kubelet lists its pod, nor the pool changed.
+
+With ``--reloads-per-second R`` (10 by default; 0: none) a reloader rewrites
+the config and sends afxdpd SIGHUP meanwhile, up to R times a second, one
+reload at a time: valid configs (the same pool and devices, all else at
+random), renamed into place or written in place, sometimes torn (truncated,
+SIGHUP, then written), and invalid ones (not JSON, not UTF-8, a bad value at a
+JSON path, no file). After a valid one no reload may be refused, after an
+invalid one none applied (see "reloads while pods come and go" below).
+
+usage: python -m tests.soak [--lifecycles N] [--concurrency C] [--slowloris N]
+[--reloads-per-second R] [--seed S]; prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ import ipaddress
 import json
 import math
 import os
+import random
 import re
 import secrets
 import shutil
@@ -49,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -57,19 +71,23 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
+import grpc
 from anyio.abc import Process, TaskGroup, TaskStatus
 
-from afxdp import metrics
+from afxdp import config, metrics
 from afxdp.bpf import libbpf, pinning
 from afxdp.cni import shim
 from afxdp.cni.attachments import AttachmentStore
+from afxdp.control import fetch_status
 from afxdp.demo.lab import LabError, ip, wait_for
 from afxdp.demo.story import cleanup_stack
 from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
+from afxdp.errors import ConfigError
+from afxdp.status import Status
 from afxdp.uds.client import AsyncUdsClient, Request, pod_socket_path
 from afxdp.workers import Work, run_program, run_sync
 from tests.kubelet import FakeKubelet, PluginClient
-from tests.slowloris import Prober, Slowloris
+from tests.slowloris import Prober, Slowloris, get
 
 POOL = "soak"
 RESOURCE = f"afxdp/{POOL}"
@@ -82,6 +100,15 @@ CNI_TIMEOUT = 30.0  # one shim call (afxdpd's own IPAM limit is 60 s)
 UDS_TIMEOUT = 10.0  # one handshake reply (afxdpd asks kubelet with a 5 s timeout)
 PHASES = 10  # samples after every 10 % of the lifecycles
 SLOWLORIS = metrics.MAX_CLIENTS + 8  # the clients of the report (issue 19)
+
+
+RELOADS_PER_SECOND = 10.0  # the reloader's pace: a SIGHUP every 50 to 150 ms
+RELOAD_TIMEOUT = 15.0  # every reload under way answered (one waits for an Allocate)
+HOLDERS_EVERY = 0.2  # seconds between two reads of the status, to check its holders
+# What a pool's udsTimeout may be in the valid configs (seconds; -1: no
+# timeout, 0: the default), and so the only idle timeouts a handout may get.
+UDS_TIMEOUTS = (-1, 0, 30, 60, 300)
+IDLE_TIMEOUTS = {None, float(config.UDS_TIMEOUT_DEFAULT), 30.0, 60.0, 300.0}
 
 
 class SoakError(Exception):
@@ -169,6 +196,28 @@ class Summary:
     probes_failed: list[str] = field(default_factory=list)  # the first 10
     probe_failures: int = 0
     slowest_probe_s: float = 0.0
+    # Who held what (issue 19): each lifecycle's Allocate and ADD answered OK,
+    # and a second Allocate of its device, while its pod held it, refused.
+    allocates_ok: int = 0
+    adds_ok: int = 0
+    second_allocates_refused: int = 0
+    allocate_results: dict[str, int] = field(default_factory=dict)  # afxdpd's count, by result
+    holder_checks: int = 0  # status documents checked against the soak's record
+    holder_problem_count: int = 0
+    holder_problems: list[str] = field(default_factory=list)  # the first 10
+    # The reloads: SIGHUPs sent (by what was written before), and afxdpd's counts.
+    seed: int = 0  # of the reloader's choices
+    reloads_per_second: float = 0.0  # the pace asked for
+    reloads: int = 0
+    reloads_written: dict[str, int] = field(default_factory=dict)
+    reloads_applied: int = 0
+    reloads_refused: int = 0
+    reloads_by_watch: int = 0  # begun by afxdpd's file watch, seeing the writes
+    reloads_torn: dict[str, int] = field(default_factory=dict)  # of the torn steps, by result
+    reload_problems: list[str] = field(default_factory=list)
+    scrapes: int = 0  # of /metrics, by the reloader, to be answered as the probes are
+    scrape_failures: list[str] = field(default_factory=list)  # the first 10
+    scrape_failure_count: int = 0
     afxdpd_exit: int | None = None
     leaks: list[str] = field(default_factory=list)
     growth: list[str] = field(default_factory=list)
@@ -210,10 +259,356 @@ def host_socket(answer: dp.ContainerAllocateResponse, device: str) -> Path:
     raise SoakError(f"Allocate of {device} mounts nothing at {inside}: {list(answer.mounts)}")
 
 
+# --- reloads while pods come and go (issue 19) ------------------------------
+#
+# A reload must never change who holds a device (only kubelet's word does), and
+# one afxdpd refuses keeps the running config. The reloader rewrites the config
+# file and sends SIGHUP, one reload at a time, as fast as afxdpd answers up to
+# its pace: valid configs (the soak's pool and devices, all else at random:
+# udsTimeout, logLevel, the devices' order, how keys are spelled, an unknown
+# key, the layout), written as an operator's tool does (a rename) or in place
+# (truncate and write), and invalid ones (not JSON, cut short, not UTF-8, a bad
+# value at a JSON path, no file at all). A "torn" write truncates the file,
+# sends SIGHUP and then writes: the reload may read it empty, half or whole,
+# and must refuse or apply it cleanly.
+#
+# afxdpd's file watch reloads too when it sees the file change. To know what
+# each reload read, the reloader waits before and after each SIGHUP until every
+# reload begun has been answered: afxdpd logs "SIGHUP: reloading" or "...
+# changed; reloading" before a reload and counts it (afxdp_config_reloads_total,
+# ok or invalid) when done, so "answered == SIGHUPs sent + watch lines logged"
+# (the counters read first, then the log) means none is under way. Every reload
+# answered between the two waits read what the reloader wrote: after a valid
+# write none may be refused, after an invalid one none applied.
+
+RELOAD_KINDS = {  # what a reloader step writes, and how often
+    "valid, renamed": 4,
+    "valid, in place": 2,
+    "valid, torn": 2,
+    "invalid": 5,
+    "missing": 1,
+}
+
+
+def _spell(rng: random.Random, key: str) -> str:
+    """``key`` as a user may spell it: afxdpd matches keys case-insensitively."""
+    return rng.choice([key, key[0].upper() + key[1:], key.lower()])
+
+
+def _set(obj: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` however ``obj`` spells it (else add it)."""
+    found = [k for k in obj if k.lower() == key.lower()]
+    obj[found[0] if found else key] = value
+
+
+def valid_config(rng: random.Random, devices: Sequence[str]) -> dict[str, Any]:
+    """A config afxdpd must apply without changing who holds what: the soak's
+    pool with its devices; what it sets at random decides nothing about holders."""
+    pool: dict[str, Any] = {
+        _spell(rng, "name"): POOL,
+        _spell(rng, "mode"): "primary",
+        _spell(rng, "devices"): [{"name": d} for d in rng.sample(list(devices), len(devices))],
+    }
+    if rng.random() < 0.8:
+        pool[_spell(rng, "udsTimeout")] = rng.choice(UDS_TIMEOUTS)
+    doc: dict[str, Any] = {_spell(rng, "pools"): [pool]}
+    if rng.random() < 0.8:
+        # Levels that keep afxdpd's info lines: the reloader counts its "reloading" lines.
+        doc[_spell(rng, "logLevel")] = rng.choice(["info", "debug"])
+    if rng.random() < 0.2:
+        doc["soakNote"] = rng.randrange(1000)  # an unknown key: a warning, no more
+    return doc
+
+
+def _encode(rng: random.Random, doc: Any) -> bytes:
+    return json.dumps(doc, indent=rng.choice([None, 2])).encode()
+
+
+def invalid_config(rng: random.Random, devices: Sequence[str]) -> tuple[str, bytes]:
+    """A config afxdpd must refuse, keeping the running one: what is wrong with
+    it, and its bytes."""
+    doc = valid_config(rng, devices)
+    (pool,) = next(v for k, v in doc.items() if k.lower() == "pools")
+    text = _encode(rng, doc)
+    device = rng.choice(list(devices))
+    wrong: list[tuple[str, Callable[[], bytes]]] = [
+        ("not JSON: cut short", lambda: text[: rng.randrange(1, len(text))]),
+        ("not JSON: empty", lambda: b""),
+        ("not UTF-8", lambda: text.replace(device.encode(), device.encode() + b"\xff", 1)),
+        ("not an object", lambda: _encode(rng, [doc])),
+    ]
+    bad_values: list[tuple[str, Any]] = [
+        ("udsTimeout", rng.choice([1, 29, 301, "60", True, 2.5])),
+        ("mode", rng.choice(["secondary", "", None, 1])),
+        ("name", rng.choice(["soak-pool", "", "x" * 21])),
+        ("uid", rng.choice([1, 999, 256001])),
+        ("bpfMapPinningEnable", True),  # without udsServerDisable
+        ("devices", {"name": device}),
+    ]
+    for key, value in bad_values:
+
+        def bad(key: str = key, value: Any = value) -> bytes:
+            _set(pool, key, value)
+            return _encode(rng, doc)
+
+        wrong.append((f"pools[0].{key}: {value!r}", bad))
+
+    def bad_device() -> bytes:
+        _set(pool, "devices", [{"name": device, "mac": "02:00:00:00:00:01"}])
+        return _encode(rng, doc)
+
+    def bad_level() -> bytes:
+        _set(doc, "logLevel", rng.choice(["verbose", 3, "INFO "]))
+        return _encode(rng, doc)
+
+    wrong += [("pools[0].devices[0]: both name and mac", bad_device), ("logLevel", bad_level)]
+    why, make = rng.choice(wrong)
+    return why, make()
+
+
+def check_config(data: bytes, devices: Sequence[str], valid: bool) -> None:
+    """That afxdpd's own loader takes ``data`` as the soak means it: a valid
+    config with the soak's pool and devices as they are, or an invalid one."""
+    try:
+        loaded = config.load_config(data)
+    except ConfigError as exc:
+        if valid:
+            raise SoakError(f"the soak's valid config is refused: {exc}: {data!r}") from None
+        return
+    if not valid:
+        raise SoakError(f"the soak's invalid config is valid: {data!r}")
+    pools = [(p.name, p.mode, sorted(d.name or "" for d in p.devices)) for p in loaded.config.pools]
+    if pools != [(POOL, "primary", sorted(devices))]:
+        raise SoakError(f"the soak's valid config changes the pools: {pools}")
+
+
+@dataclass(frozen=True)
+class Reloads:
+    """afxdpd's reload counts when none was under way."""
+
+    applied: int
+    refused: int
+    watched: int  # begun by afxdpd's file watch
+    invalid: bool  # afxdp_config_invalid: the last read was refused
+
+
+def reload_problems(kind: str, why: str, before: Reloads, after: Reloads) -> list[str]:
+    """What is wrong with what afxdpd made of one step's config (``kind`` of
+    RELOAD_KINDS; ``why`` an invalid one is), from its counts around the step."""
+    applied, refused = after.applied - before.applied, after.refused - before.refused
+    what = f"{kind} ({why})" if why else kind
+    if applied + refused < 1:
+        return [f"{what}: the SIGHUP was not answered"]
+    if kind.startswith("valid") and kind != "valid, torn" and (refused or after.invalid):
+        return [f"{what}: refused ({refused} of {applied + refused} reloads)"]
+    if kind in ("invalid", "missing") and (applied or not after.invalid):
+        return [f"{what}: applied ({applied} of {applied + refused} reloads)"]
+    return []
+
+
+def parse_metric(body: bytes, name: str, labels: str = "") -> float:
+    """A sample's value in Prometheus text (0 when absent: a labelled
+    counter appears only once counted)."""
+    found = re.search(rb"^%s%s (\S+)$" % (re.escape(name.encode()), re.escape(labels.encode())),
+                      body, re.M)  # fmt: skip
+    return float(found[1]) if found else 0.0
+
+
+class Reloader:
+    """Rewrites afxdpd's config and sends it SIGHUP (see above), until cancelled;
+    holds ``pause`` for each step, so the soak can sample between steps."""
+
+    def __init__(self, soak: Soak, rate: float, seed: int) -> None:
+        assert soak.afxdpd is not None and soak.metrics_port is not None
+        self.soak = soak
+        self.pid = soak.afxdpd.pid
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.path = soak.config_path
+        self.pause = anyio.Lock()
+        self.sent = 0  # SIGHUPs
+        self.written = dict.fromkeys(RELOAD_KINDS, 0)  # SIGHUPs by what was written
+        self.problems: list[str] = []
+        # What afxdpd made of the torn steps' reloads: refused ones read a half file.
+        self.torn = {"applied": 0, "refused": 0}
+        self.scrapes = 0
+        self.scrape_failures: list[str] = []  # the first 10
+        self.scrape_failure_count = 0
+        self.sighups_logged = 0  # afxdpd's "SIGHUP: reloading" lines
+        self._log_at = 0
+        self._log_lines = {b"SIGHUP: reloading": 0, b" changed; reloading": 0}
+
+    async def run(self) -> None:
+        while True:
+            # Paced by the steps' starts: a step that took longer than the
+            # interval (afxdpd slow to answer) is followed by the next at once.
+            due = anyio.current_time() + self.rng.uniform(0.5, 1.5) / self.rate
+            async with self.pause:
+                await self.step()
+            await anyio.sleep(max(0.0, due - anyio.current_time()))
+
+    async def step(self) -> None:
+        kinds, weights = zip(*RELOAD_KINDS.items(), strict=True)
+        (kind,) = self.rng.choices(kinds, weights)
+        why, data = "", b""
+        if kind == "invalid":
+            why, data = invalid_config(self.rng, self.soak.devices)
+        elif kind != "missing":
+            data = _encode(self.rng, valid_config(self.rng, self.soak.devices))
+        check_config(data, self.soak.devices, valid=kind.startswith("valid"))
+        if kind == "missing":
+            await run_sync(Work.DISK, partial(self.path.unlink, missing_ok=True))
+        elif kind == "valid, torn":
+            pass  # written after the SIGHUP
+        elif kind == "valid, renamed" or self.rng.random() < 0.5:
+            await run_sync(Work.DISK, self._rename, data)
+        else:
+            await run_sync(Work.DISK, self._in_place, data)
+        before = await self.settled()
+        if kind == "valid, torn":
+            await run_sync(Work.DISK, self._torn, data, self.rng.uniform(0, 0.01))
+        else:
+            self._sighup()
+        self.written[kind] += 1
+        after = await self.settled()
+        self.problems += reload_problems(kind, why, before, after)
+        if kind == "valid, torn":
+            self.torn["applied"] += after.applied - before.applied
+            self.torn["refused"] += after.refused - before.refused
+
+    def _sighup(self) -> None:
+        os.kill(self.pid, signal.SIGHUP)
+        self.sent += 1  # at once: ``settled`` waits for as many answers
+
+    def _rename(self, data: bytes) -> None:
+        """As an operator's tool writes: the whole file under another name, then renamed."""
+        part = self.path.with_name(self.path.name + ".new")
+        part.write_bytes(data)
+        os.replace(part, self.path)
+
+    def _in_place(self, data: bytes) -> None:
+        with self.path.open("wb") as f:  # truncated, then written: a reload may see either
+            f.write(data)
+
+    def _torn(self, data: bytes, pause: float) -> None:
+        """Truncate, SIGHUP, then write in two halves ``pause`` apart: the
+        reload reads the file empty, half written or whole."""
+        with self.path.open("wb") as f:
+            self._sighup()
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            time.sleep(pause)  # not a wait for anything: the window a reader may fall in
+            f.write(data[half:])
+
+    async def settled(self) -> Reloads:
+        """afxdpd's counts once every reload begun has been answered."""
+
+        async def answered() -> Reloads | None:
+            body = await self.scrape("/metrics")  # first: a reload is logged before it counts
+            self.sighups_logged, watched = await run_sync(Work.DISK, self._logged)
+            counted = partial(parse_metric, body, "afxdp_config_reloads_total")
+            found = Reloads(
+                applied=int(counted('{result="ok"}')),
+                refused=int(counted('{result="invalid"}')),
+                watched=watched,
+                invalid=parse_metric(body, "afxdp_config_invalid") == 1,
+            )
+            begun = self.sent + watched
+            if found.applied + found.refused > begun:
+                raise SoakError(f"afxdpd answered {found.applied + found.refused} reloads, but "
+                                f"only {begun} were begun: {found}")  # fmt: skip
+            return found if found.applied + found.refused == begun else None
+
+        try:
+            found: Reloads = await wait_for("every reload answered", answered, RELOAD_TIMEOUT,
+                                            poll=0.01)  # fmt: skip
+        except TimeoutError as exc:
+            raise SoakError(f"{exc}: {self.sent} SIGHUPs sent\n{self.soak.log_tail()}") from None
+        return found
+
+    def _logged(self) -> tuple[int, int]:
+        """How many SIGHUP and file-watch reloads afxdpd's log has begun so far
+        (read on from where the last call stopped, whole lines only)."""
+        with self.soak.path("afxdpd.log").open("rb") as f:
+            f.seek(self._log_at)
+            new = f.read()
+        complete = new[: new.rfind(b"\n") + 1]
+        self._log_at += len(complete)
+        for line in complete.splitlines():
+            for marker in self._log_lines:
+                self._log_lines[marker] += marker in line
+        sighups, watched = self._log_lines.values()
+        return sighups, watched
+
+    async def scrape(self, path: str) -> bytes:
+        """GET ``path`` on the metrics port, among the slowloris clients; like a
+        probe it must be answered, so a failure is counted (a second try goes on)."""
+        assert self.soak.metrics_port is not None
+        lock = self.soak.prober.lock if self.soak.prober is not None else anyio.Lock()
+        for _ in range(3):
+            async with lock:  # not while the soak samples (see Soak._sample)
+                status, body = await get("127.0.0.1", self.soak.metrics_port, path)
+            self.scrapes += 1
+            if status == "200":
+                return body
+            self.scrape_failure_count += 1
+            if len(self.scrape_failures) < 10:
+                self.scrape_failures.append(f"scrape {self.scrapes} of {path}: {status}")
+        raise SoakError(f"{path} not answered: {'; '.join(self.scrape_failures)}")
+
+
+def holder_problems(
+    doc: Status,
+    devices: Sequence[str],
+    handed: Mapping[str, Sequence[str]],
+    before: Mapping[str, tuple[int, str | None]],
+    after: Mapping[str, tuple[int, str | None]],
+) -> list[str]:
+    """What afxdpd's status ``doc``, read between ``before`` and ``after``
+    (each device's count of pods the soak handed it to, and the pod kubelet
+    listed on it), shows that the soak's own record rules out: the pool not
+    served as configured, a device shown with a pod the soak did not hand it to
+    meanwhile, a device free (or unknown) while kubelet listed one pod on it
+    throughout, or a handout with an idle timeout no valid config sets."""
+    pools = [p for p in doc.pools if p.label == POOL]
+    if len(pools) != 1 or pools[0].draining or not pools[0].registered:
+        return [f"pool {POOL} is not served as configured: {pools}"]
+    found = []
+    ids = sorted(d.id for d in pools[0].devices)
+    if ids != sorted(devices):
+        found.append(f"pool {POOL} has the devices {ids}, not {sorted(devices)}")
+    for dev in pools[0].devices:
+        if dev.id not in before or dev.id not in after:
+            continue
+        (count0, pod0), (count1, pod1) = before[dev.id], after[dev.id]
+        holders = list(handed[dev.id][max(count0 - 1, 0) : count1])
+        if dev.pod is not None and dev.pod.name not in holders:
+            found.append(f"{dev.id} is shown held by {dev.pod}; the soak handed it to "
+                         f"{holders or 'no pod'} meanwhile")  # fmt: skip
+        if pod0 is not None and pod0 == pod1 and dev.state in ("free", "unknown"):
+            found.append(f"{dev.id} is {dev.state} while kubelet lists pod {pod0} on it")
+    for alloc in doc.allocations:
+        if alloc.device in before and alloc.uds_idle_timeout not in IDLE_TIMEOUTS:
+            found.append(f"{alloc.device} was handed out with an idle timeout of "
+                         f"{alloc.uds_idle_timeout} s, which no valid config sets")  # fmt: skip
+    return found
+
+
 class Soak:
-    def __init__(self, work: Path, concurrency: int, slowloris: int = 0) -> None:
+    def __init__(
+        self,
+        work: Path,
+        concurrency: int,
+        slowloris: int = 0,
+        reloads_per_second: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         self.work = work
         self.slowloris = slowloris
+        self.reloads_per_second = reloads_per_second
+        self.seed = seed
+        self.reloader: Reloader | None = None
         self.metrics_port: int | None = None
         self.attack: Slowloris | None = None
         self.prober: Prober | None = None
@@ -229,6 +624,17 @@ class Soak:
         self.watch_updates = 0
         self._stopping = False
         self._plugin: PluginClient | None = None
+        # Who holds what, by the soak's own record: each device's pods in the
+        # order Allocate handed it to them, and the pod kubelet lists on it now.
+        self.handed: dict[str, list[str]] = {d: [] for d in self.devices}
+        self.listed: dict[str, str | None] = dict.fromkeys(self.devices)
+        self.allocates_ok = 0
+        self.adds_ok = 0
+        self.second_allocates_refused = 0
+        self.holder_checks = 0
+        self.holder_problems: list[str] = []  # the first 10
+        self.holder_problem_count = 0
+        self._holders_lock = anyio.Lock()  # held by each status read; the samples take it
 
     # --- places -----------------------------------------------------------
 
@@ -238,6 +644,14 @@ class Soak:
     @property
     def run_dir(self) -> Path:
         return self.path("run")
+
+    @property
+    def config_path(self) -> Path:
+        return self.path("config.json")
+
+    @property
+    def serves_metrics(self) -> bool:
+        return bool(self.slowloris or self.reloads_per_second)
 
     def pod_ns(self, number: int) -> str:
         return f"afxdp-soak-{self.tag}-pod{number}"
@@ -262,16 +676,16 @@ class Soak:
         stack.callback(self._plugin.close)
 
     async def _start_afxdpd(self, stack: AsyncExitStack) -> None:
-        config = self.path("config.json")
         pool = {"name": POOL, "mode": "primary", "devices": [{"name": d} for d in self.devices]}
-        config.write_text(json.dumps({"logLevel": "info", "pools": [pool]}))
+        self.config_path.write_text(json.dumps({"logLevel": "info", "pools": [pool]}))
         log = self.path("afxdpd.log").open("wb")
         stack.callback(log.close)
-        argv = [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(config),
+        argv = [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(self.config_path),
                 "--node-name", "soak-node", "--kubelet-dir", str(self.kubelet.dir),
                 "--uds-dir", str(self.path("uds")), "--pin-dir", str(self.path("pins")),
                 "--run-dir", str(self.run_dir), "--log-dir", str(self.path("log")),
-                "--metrics-address", "127.0.0.1:0" if self.slowloris else ""]  # fmt: skip
+                "--cdi-dir", str(self.path("cdi")),
+                "--metrics-address", "127.0.0.1:0" if self.serves_metrics else ""]  # fmt: skip
         self.afxdpd = await anyio.open_process(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
@@ -279,14 +693,17 @@ class Soak:
         try:
             await run_sync(Work.DEVICES, self._wait_registered)
             await wait_for("afxdpd's sockets", self._sockets_up, START_TIMEOUT)
-            if self.slowloris:
+            if self.serves_metrics:
                 self.metrics_port = await wait_for("afxdpd's metrics port", self._metrics_port,
                                                    START_TIMEOUT)  # fmt: skip
         except TimeoutError as exc:
             raise SoakError(f"afxdpd did not come up: {exc}\n{self.log_tail()}") from None
-        if self.metrics_port is not None:
+        if self.slowloris:
+            assert self.metrics_port is not None
             self.attack = Slowloris("127.0.0.1", self.metrics_port)
             self.prober = Prober("127.0.0.1", self.metrics_port)
+        if self.reloads_per_second:
+            self.reloader = Reloader(self, self.reloads_per_second, self.seed)
 
     async def _start_attack(self) -> None:
         """The slowloris load, in the load group; back once every client is in."""
@@ -313,6 +730,15 @@ class Soak:
             raise SoakError(str(exc)) from None
 
     async def _sample(self, after: int) -> Sample:
+        """afxdpd's resources, with no reload under way and no status read (the
+        reloader finishes its step and waits, as the holders' check does)."""
+        async with AsyncExitStack() as quiet:
+            if self.reloader is not None:
+                await quiet.enter_async_context(self.reloader.pause)
+            await quiet.enter_async_context(self._holders_lock)
+            return await self._sample_unloaded(after)
+
+    async def _sample_unloaded(self, after: int) -> Sample:
         """afxdpd's resources; the slowloris load leaves for it (its connections,
         always coming and going, are not what is measured) and comes back."""
         assert self.afxdpd is not None
@@ -396,10 +822,13 @@ class Soak:
             try:
                 assert self._plugin is not None
                 response = await run_sync(Work.DEVICES, self._plugin.allocate, [device])
+                self.handed[device].append(pod)
+                self.allocates_ok += 1
                 (answer,) = response.container_responses
                 sock = host_socket(answer, device)
                 self.kubelet.hold(pod, RESOURCE, device)  # as kubelet: listed once allocated
-                undo.callback(self._forget, pod)
+                self.listed[device] = pod
+                undo.callback(self._forget, pod, device)
 
                 step = "netns add"
                 netns = self.pod_ns(number)
@@ -413,6 +842,10 @@ class Soak:
                 iface = result["interfaces"][0]
                 if (iface["name"], iface["sandbox"]) != (device, f"/run/netns/{netns}"):
                     raise SoakError(f"ADD gave {iface}")
+                self.adds_ok += 1
+
+                step = "a second Allocate, while the pod holds the device"
+                await self.second_allocate(device)
 
                 step = "UDS handshake"
                 await self.handshake(sock, pod, device)
@@ -428,7 +861,7 @@ class Soak:
                 await ip("netns", "del", netns)
 
                 step = "kubelet forgets the pod"
-                self._forget(pod)
+                self._forget(pod, device)
             except Exception as exc:
                 raise StepFailed(number, pod, device, step, exc) from exc
             undo.pop_all()  # all done in order: nothing to undo
@@ -483,9 +916,42 @@ class Soak:
         except TimeoutError:
             raise SoakError(f"no reply to {request.text!r} within {UDS_TIMEOUT:g} s") from None
 
-    def _forget(self, pod: str) -> None:
+    def _forget(self, pod: str, device: str) -> None:
+        self.listed[device] = None  # first: the holders' check may not expect it listed after
         # A new list, not an edit: the double's gRPC threads read it concurrently.
         self.kubelet.pods = [p for p in self.kubelet.pods if p.name != pod]
+
+    async def second_allocate(self, device: str) -> None:
+        """Allocate ``device`` again while kubelet lists its pod: refused, as
+        kubelet is told (FAILED_PRECONDITION), or two pods would hold it."""
+        assert self._plugin is not None
+        try:
+            await run_sync(Work.DEVICES, self._plugin.allocate, [device])
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code != grpc.StatusCode.FAILED_PRECONDITION:
+                raise SoakError(f"refused with {code}, not FAILED_PRECONDITION: "
+                                f"{exc.details()}") from None  # fmt: skip
+            self.second_allocates_refused += 1
+            return
+        raise SoakError(f"answered OK: {device} is handed to a second pod")
+
+    async def check_holders(self) -> None:
+        """Read afxdpd's status every HOLDERS_EVERY s until cancelled; what it
+        shows must agree with the soak's record (``holder_problems``)."""
+        while True:
+            async with self._holders_lock:
+                before = {d: (len(self.handed[d]), self.listed[d]) for d in self.devices}
+                try:
+                    doc = await run_sync(Work.DISK, fetch_status, self.run_dir)
+                except OSError as exc:
+                    raise SoakError(f"afxdpd's status not answered: {exc}") from None
+                after = {d: (len(self.handed[d]), self.listed[d]) for d in self.devices}
+            self.holder_checks += 1
+            found = holder_problems(doc, self.devices, self.handed, before, after)
+            self.holder_problem_count += len(found)
+            self.holder_problems += found[: 10 - len(self.holder_problems)]
+            await anyio.sleep(HOLDERS_EVERY)
 
     @staticmethod
     async def _quietly(fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -506,6 +972,9 @@ class Soak:
                     if self.prober is not None:
                         await self._start_attack()  # probed once every client is in
                         load.start_soon(self.prober.run)
+                    if self.reloader is not None:
+                        load.start_soon(self.reloader.run)
+                    load.start_soon(self.check_holders)
                     try:
                         await self._phases(lifecycles, samples)
                     finally:
@@ -530,6 +999,39 @@ class Soak:
                     tg.start_soon(worker, device)
             done = end
             samples.append(await self._sample(done))
+
+    async def tally(self, summary: Summary) -> None:
+        """The counts of who held what and of the reloads, into ``summary``,
+        once the load has stopped (the last reload answered)."""
+        summary.allocates_ok, summary.adds_ok = self.allocates_ok, self.adds_ok
+        summary.second_allocates_refused = self.second_allocates_refused
+        summary.holder_checks = self.holder_checks
+        summary.holder_problem_count = self.holder_problem_count
+        summary.holder_problems = self.holder_problems
+        summary.seed = self.seed
+        summary.reloads_per_second = self.reloads_per_second
+        if self.reloader is None:
+            return
+        reloader = self.reloader
+        final = await reloader.settled()
+        summary.reloads, summary.reloads_written = reloader.sent, reloader.written
+        summary.reloads_applied, summary.reloads_refused = final.applied, final.refused
+        summary.reloads_by_watch = final.watched
+        summary.reloads_torn = reloader.torn
+        summary.reload_problems = reloader.problems[:10]
+        if len(reloader.problems) > 10:
+            summary.reload_problems.append(f"... {len(reloader.problems)} in all")
+        if reloader.sighups_logged != reloader.sent:
+            summary.reload_problems.append(f"afxdpd began {reloader.sighups_logged} reloads "
+                                           f"on SIGHUP, of {reloader.sent} sent")  # fmt: skip
+        body = await reloader.scrape("/metrics")
+        summary.allocate_results = {
+            result.decode(): int(float(n))
+            for result, n in re.findall(rb'^afxdp_allocate_seconds_count\{pool="%s",'
+                                        rb'result="(\w+)"\} (\S+)$' % POOL.encode(), body, re.M)
+        }  # fmt: skip
+        summary.scrapes, summary.scrape_failures = reloader.scrapes, reloader.scrape_failures
+        summary.scrape_failure_count = reloader.scrape_failure_count
 
     async def stop_afxdpd(self) -> int | None:
         """SIGTERM, as the kubelet's pod deletion does; its exit code (None: hung)."""
@@ -613,14 +1115,21 @@ async def soak(
     time_limit: float | None = None,
     *,
     slowloris: int = 0,
+    reloads_per_second: float = 0.0,
+    seed: int | None = None,
 ) -> Summary:
     """Run the soak in ``work`` (which the caller removes); raise SoakError on
-    a failed lifecycle, a leak, growth past ``bounds``, or (with ``slowloris``
-    clients on the metrics port) a probe not answered."""
-    if lifecycles < 1 or concurrency < 1 or slowloris < 0:
-        raise ValueError("lifecycles and concurrency must be at least 1, slowloris at least 0")
+    a failed lifecycle, a leak, growth past ``bounds``, (with ``slowloris``
+    clients on the metrics port) a probe not answered, a status that shows a
+    device with a pod it was not handed to, or free while its pod holds it,
+    or (with ``reloads_per_second``) a reload not answered as its config
+    deserves (``seed``: the reloader's choices, at random when None)."""
+    if lifecycles < 1 or concurrency < 1 or slowloris < 0 or reloads_per_second < 0:
+        raise ValueError("lifecycles and concurrency must be at least 1, slowloris and "
+                         "reloads_per_second at least 0")  # fmt: skip
     limit = time_limit if time_limit is not None else 60 + 2.0 * lifecycles
-    node = Soak(work, concurrency, slowloris)
+    seed = seed if seed is not None else secrets.randbits(32)
+    node = Soak(work, concurrency, slowloris, reloads_per_second, seed)
     with anyio.fail_after(limit):
         async with cleanup_stack() as stack:
             await node.setup(stack)
@@ -647,10 +1156,12 @@ async def soak(
                 summary.probe_failures = node.prober.failures
                 summary.probes_failed = node.prober.first_failures
                 summary.slowest_probe_s = round(node.prober.slowest, 3)
+            await node.tally(summary)
             summary.afxdpd_exit = await node.stop_afxdpd()
             summary.leaks = await node.leaks()
             summary.growth = growth(samples, bounds)
-    problems = list(summary.leaks) + summary.growth + probing(summary)
+    problems = list(summary.leaks) + summary.growth + probing(summary) + holding(summary)
+    problems += reloading(summary)
     if summary.afxdpd_exit != 0:
         problems.insert(0, f"afxdpd exited with {summary.afxdpd_exit} after SIGTERM")
     if problems:
@@ -671,6 +1182,44 @@ def probing(summary: Summary) -> list[str]:
     return []
 
 
+def holding(summary: Summary) -> list[str]:
+    """What went wrong with who held what."""
+    found = []
+    if summary.holder_problem_count:
+        found.append(f"{summary.holder_problem_count} problems in {summary.holder_checks} "
+                     "status documents: " + "; ".join(summary.holder_problems))  # fmt: skip
+    if summary.holder_checks == 0:
+        found.append("the status was never read: the holders were not checked")
+    every = {"allocates_ok": summary.allocates_ok, "adds_ok": summary.adds_ok,
+             "second_allocates_refused": summary.second_allocates_refused}  # fmt: skip
+    if set(every.values()) != {summary.lifecycles}:
+        found.append(f"not one of each per lifecycle: {every}")
+    if summary.allocate_results:  # afxdpd's own count of what the soak saw
+        results = dict(summary.allocate_results)
+        ok = results.pop("ok", 0)
+        # The refusals' label is not checked: afxdpd counts them as "error"
+        # (test_metrics.py::test_a_result_set_before_an_exception_is_the_one_counted).
+        if (ok, sum(results.values())) != (summary.allocates_ok, summary.second_allocates_refused):
+            found.append(f"afxdpd counted Allocates {summary.allocate_results}; the soak saw "
+                         f"{summary.allocates_ok} answered OK and "
+                         f"{summary.second_allocates_refused} refused")  # fmt: skip
+    return found
+
+
+def reloading(summary: Summary) -> list[str]:
+    """What went wrong with the reloads, if they ran."""
+    if not summary.reloads_per_second:
+        return []
+    found = list(summary.reload_problems)
+    if summary.scrape_failure_count:
+        found.append(f"{summary.scrape_failure_count} of {summary.scrapes} scrapes of /metrics "
+                     "failed: " + "; ".join(summary.scrape_failures))  # fmt: skip
+    if not (summary.reloads_applied and summary.reloads_refused):
+        found.append(f"the reloads did not run: {summary.reloads} SIGHUPs, "
+                     f"{summary.reloads_applied} applied, {summary.reloads_refused} refused")  # fmt: skip
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -682,6 +1231,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slowloris", type=int, default=SLOWLORIS,
                     help="slow clients on afxdpd's metrics port while /healthz and /readyz "
                          "are probed; 0: no metrics port (%(default)s)")  # fmt: skip
+    ap.add_argument("--reloads-per-second", type=float, default=RELOADS_PER_SECOND,
+                    help="config rewrites and SIGHUPs to afxdpd, valid and invalid ones, at "
+                         "most this many a second; 0: none (%(default)s)")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=None,
+                    help="of the reloader's choices (default: at random; the summary says)")  # fmt: skip
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds before the soak gives up (default: 60 + 2 per lifecycle)")  # fmt: skip
     ap.add_argument("--keep", action="store_true",
@@ -691,7 +1245,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     try:
         summary = anyio.run(
-            partial(soak, slowloris=args.slowloris),
+            partial(
+                soak,
+                slowloris=args.slowloris,
+                reloads_per_second=args.reloads_per_second,
+                seed=args.seed,
+            ),
             args.lifecycles,
             args.concurrency,
             work,

@@ -90,6 +90,15 @@ async def test_metrics_count_what_happened_and_devices_as_they_are_now() -> None
         assert got["afxdp_open_fds", ()] > 0
 
 
+def test_a_result_set_before_an_exception_is_the_one_counted() -> None:
+    m = Metrics.create()
+    with pytest.raises(RuntimeError), m.timed(m.allocate, "p1") as result:
+        result[0] = "failed_precondition"  # what the plugin does before re-raising
+        raise RuntimeError("refused")
+    labels = {"pool": "p1", "result": "failed_precondition"}
+    assert m.registry.get_sample_value("afxdp_allocate_seconds_count", labels) == 1
+
+
 async def test_readyz_follows_readiness_and_healthz_is_always_ok() -> None:
     node = Node()
     async with serving(node) as (_m, port):

@@ -119,13 +119,15 @@ class Metrics:
     @contextmanager
     def timed(self, histogram: Histogram, *labels: str) -> Iterator[list[str]]:
         """Observe the block's duration with ``labels`` + [result]; the block may set
-        ``result[0]``; an exception counts as "error"."""
+        ``result[0]`` (also before it raises: a refusal's gRPC status); an exception
+        it did not name counts as "error"."""
         result = ["ok"]
         start = time.perf_counter()
         try:
             yield result
         except BaseException:
-            result[0] = "error"
+            if result[0] == "ok":
+                result[0] = "error"
             raise
         finally:
             histogram.labels(*labels, result[0]).observe(time.perf_counter() - start)
