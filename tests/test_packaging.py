@@ -1,16 +1,31 @@
 """The pod-side client works without the node service's dependencies, the
-commands say which extra they need, and libbpf is loaded on first use."""
+commands say which extra they need, and libbpf is loaded on first use.
+
+The wheel (built here, or the one $AFXDP_WHEEL names: ``nox -s wheel``) is for
+any Python 3 on manylinux, carries a static stripped shim, and the pod client
+installed from it runs on every newer Python this machine has.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
+from pathlib import Path
 
+import anyio
 import pytest
 
+import afxdp
 from afxdp.bpf import libbpf
+from afxdp.uds.handshake import HostCheck
+from afxdp.uds.server import UdsServer, socket_path
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 NODE_ONLY = ["grpclib", "pyroute2", "uvloop", "prometheus_client", "google.protobuf"]
@@ -69,3 +84,154 @@ def test_a_missing_libbpf_is_a_clear_error_at_first_use(monkeypatch: pytest.Monk
         assert "apt install libbpf1" in str(err.value)
     finally:
         libbpf._lib.cache_clear()
+
+
+# --- the wheel -----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+# The Pythons newer than the one the project builds with (requires-python >= 3.11).
+NEWER_PYTHONS = ("3.12", "3.13")
+WHEEL_TAG = f"py3-none-manylinux_2_17_{platform.machine()}"
+SHIM = "afxdp/cni/afxdp-shim"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel $AFXDP_WHEEL names (nox -s wheel), else one built here by the
+    locked hatchling, as the image's build stage builds it."""
+    given = os.environ.get("AFXDP_WHEEL")
+    if given:
+        return Path(given)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "--wheel-dir", str(out), str(ROOT)],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    (built,) = out.glob("afxdp-*.whl")
+    return built
+
+
+@pytest.mark.timeout(180)
+def test_the_wheel_is_for_any_python3_on_manylinux(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/WHEEL")]
+        meta = z.read(name).decode()
+    assert re.findall(r"^Tag: (\S+)$", meta, re.M) == [WHEEL_TAG]
+    assert wheel.name == f"afxdp-{afxdp.__version__}-{WHEEL_TAG}.whl"
+
+
+@pytest.mark.timeout(180)
+def test_the_shim_in_the_wheel_is_static_and_stripped(wheel: Path, tmp_path: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        shim = Path(z.extract(SHIM, tmp_path))
+    headers = subprocess.run(["readelf", "--wide", "--program-headers", "--section-headers",
+                              str(shim)], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    segments = re.findall(r"^\s+([A-Z_]+)\s+0x", headers, re.M)
+    sections = re.findall(r"^\s+\[\s*\d+\]\s+(\S+)", headers, re.M)
+    assert "LOAD" in segments and ".text" in sections  # the parse saw the file
+    # Static: no program interpreter, no dynamic section (no libc to match on a node).
+    assert "INTERP" not in segments and "DYNAMIC" not in segments
+    # Stripped: no symbol table (the shim's size is static glibc, not symbols).
+    assert ".symtab" not in sections and ".strtab" not in sections
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("python", ["3.11", *NEWER_PYTHONS])
+def test_pip_takes_the_wheel_for(wheel: Path, python: str, tmp_path: Path) -> None:
+    """pip's own tag check, as pip on that Python on this platform makes it."""
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+         "--only-binary=:all:", "--python-version", python, "--target", str(tmp_path / "t"),
+         "--report", str(report), "--quiet", str(wheel)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    installs = json.loads(report.read_text())["install"]
+    assert [(i["metadata"]["name"], i["metadata"]["version"]) for i in installs] == [
+        ("afxdp", afxdp.__version__)
+    ]
+
+
+def _interpreter(version: str) -> str:
+    """python<version> from pyenv (this machine's kind has 3.12 and 3.13) or PATH."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = sorted(pyenv.glob(f"{version}.*/bin/python{version}"), reverse=True)
+    on_path = shutil.which(f"python{version}")
+    for exe in [*map(str, candidates), *([on_path] if on_path else [])]:
+        done = subprocess.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode == 0 and done.stdout.strip() == version:
+            return exe
+    problem = f"no Python {version} here (pyenv or PATH)"
+    if os.environ.get("CI"):
+        pytest.fail(problem, pytrace=False)
+    pytest.skip(problem)
+
+
+# Runs in the venv of the newer Python, outside the source tree: the pod side of
+# the handshake as a pod's app does it, printing what it got.
+POD_CLIENT = textwrap.dedent("""
+    import json, os, sys
+    import afxdp
+    from afxdp.bpf import libbpf
+    from afxdp.uds.client import UdsClient
+    from afxdp.xsk import XskSocket
+    with UdsClient(sys.argv[1]) as client:
+        client.connect("pod-a")
+        version = client.version()
+        map_fd = client.xsk_map_fd("devA")
+        inode = os.fstat(map_fd).st_ino
+        os.close(map_fd)
+        client.fin()
+    print(json.dumps({"python": "%d.%d" % sys.version_info[:2], "afxdp": afxdp.__file__,
+                      "package": afxdp.__version__, "protocol": version, "inode": inode}))
+""")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("python", NEWER_PYTHONS)
+@pytest.mark.anyio
+async def test_the_pod_client_from_the_wheel_runs_on(
+    wheel: Path, python: str, tmp_path: Path
+) -> None:
+    """A pod's install (the wheel and the locked core dependencies, no node extra)
+    on a real newer interpreter does the UDS handshake with a real UdsServer and
+    receives the map fd it passes (a pipe stands in for the XSKMAP: the server
+    passes any fd on unchanged)."""
+    exe = _interpreter(python)
+    venv = tmp_path / "venv"
+    subprocess.run([exe, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+           "--disable-pip-version-check"]  # fmt: skip
+    subprocess.run([*pip, "-r", str(ROOT / "requirements" / "pod.txt")], check=True, timeout=180)
+    subprocess.run([*pip, "--no-deps", str(wheel)], check=True, timeout=120)
+    read_end, write_end = os.pipe()
+    server = UdsServer(netdev="devA", map_fd=read_end, path=socket_path(tmp_path / "uds", "devA"),
+                       check_host=_allow)  # fmt: skip
+    try:
+        server.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            done = await anyio.run_process(
+                [str(venv / "bin" / "python"), "-c", POD_CLIENT, str(server.path)],
+                cwd=tmp_path,
+                env=env,
+                check=False,
+            )
+            tg.cancel_scope.cancel()
+        assert done.returncode == 0, done.stderr.decode()
+        got = json.loads(done.stdout)
+        assert got["python"] == python
+        assert Path(got["afxdp"]).is_relative_to(venv)  # the wheel's, not this tree's
+        assert got["package"] == afxdp.__version__
+        assert got["inode"] == os.fstat(read_end).st_ino
+        assert server.connections == 1 and server.failed == 0
+    finally:
+        server.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def _allow(_host: str) -> HostCheck:
+    return HostCheck.OK  # kubelet's answer, as test_uds_server's fake kubelet gives it
