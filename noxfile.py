@@ -226,5 +226,6 @@ def wheel(session: nox.Session) -> None:
 
 @nox.session(python=False, default=False)
 def image(session: nox.Session) -> None:
-    """Build the image with podman on a local mmdebstrap base and check it (root)."""
+    """Build the image with podman on a local mmdebstrap base, check it and write
+    its SBOM to dist/ (root)."""
     session.run("scripts/build-image", *session.posargs, external=True)
