@@ -28,6 +28,8 @@ from types import ModuleType
 
 import anyio
 import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 
 import afxdp
 from afxdp.bpf import libbpf
@@ -371,6 +373,14 @@ def test_the_sbom_lists_every_python_distribution_and_debian_package(
     assert got == debs
     # purl versions are percent-encoded: Debian's "+" and epochs' ":" would split them.
     assert all("+" not in p.partition("?")[0] for p in purls)
+
+
+def test_the_sbom_is_valid_cyclonedx(sbom_here: dict[str, object]) -> None:
+    """The CycloneDX project's own schema (strict), not a check of ours."""
+    validator = JsonStrictValidator(SchemaVersion.V1_5)
+    assert validator.validate_str(json.dumps(sbom_here)) is None
+    broken = {**sbom_here, "metadata": {**sbom_here["metadata"], "component": {"type": "box"}}}  # type: ignore[dict-item]
+    assert validator.validate_str(json.dumps(broken)) is not None  # the validator looks
 
 
 def test_the_sbom_is_checked_against_the_lock(sbom_here: dict[str, object]) -> None:
