@@ -17,10 +17,10 @@ SHIM_SOURCE = "cni_shim/afxdp.c"
 SHIM_OUTPUT = "src/afxdp/cni/afxdp-shim"
 # The wheel's platform tag. Nothing in the wheel uses the CPython ABI (the shim
 # is a program, the rest is Python and ctypes), so any Python 3 takes it. The
-# shim is static (no glibc symbol versions, no interpreter), so it runs on any
-# Linux of its architecture: manylinux_2_17 (manylinux2014) is the oldest
-# baseline that today's pip and PyPI still name; AF_XDP needs a far newer
-# kernel than any of them anyway.
+# shim is static (no glibc symbol versions, no interpreter), so it needs no
+# particular libc: manylinux_2_17 (manylinux2014) is the baseline PyPA's tools
+# build for today, and claims nothing the shim needs; AF_XDP needs a far newer
+# kernel than any manylinux baseline anyway.
 MANYLINUX = "manylinux_2_17"
 
 
