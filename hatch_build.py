@@ -4,6 +4,7 @@ beside the source (git-ignored)."""
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,13 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 BPF_PROGRAMS = ["src/afxdp/bpf/xdp_redirect"]
 SHIM_SOURCE = "cni_shim/afxdp.c"
 SHIM_OUTPUT = "src/afxdp/cni/afxdp-shim"
+# The wheel's platform tag. Nothing in the wheel uses the CPython ABI (the shim
+# is a program, the rest is Python and ctypes), so any Python 3 takes it. The
+# shim is static (no glibc symbol versions, no interpreter), so it needs no
+# particular libc: manylinux_2_17 (manylinux2014) is the baseline PyPA's tools
+# build for today, and claims nothing the shim needs; AF_XDP needs a far newer
+# kernel than any manylinux baseline anyway.
+MANYLINUX = "manylinux_2_17"
 
 
 def _tool(name: str, package: str) -> str:
@@ -45,9 +53,11 @@ class AfxdpBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             )  # fmt: skip
             built.append(out)
         # Static: the shim runs on hosts that may have no (or another) libc.
+        # Stripped (-s): it is installed onto every node; symbols would only
+        # double its size.
         out = root / SHIM_OUTPUT
         subprocess.run(
-            [gcc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
+            [gcc, "-static", "-s", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
              str(root / SHIM_SOURCE)],
             check=True,
         )  # fmt: skip
@@ -55,7 +65,14 @@ class AfxdpBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         # The outputs are git-ignored; artifacts are shipped all the same.
         build_data.setdefault("artifacts", []).extend(str(p.relative_to(root)) for p in built)
         if self.target_name == "wheel":
-            # A native shim inside: the wheel is for this platform and Python
-            # (cp311-cp311-linux_x86_64), not py3-none-any.
+            # A native program inside: the wheel is for this architecture, but
+            # for any Python 3 (py3-none-manylinux_2_17_x86_64), not
+            # py3-none-any, nor only this interpreter's cp3XX (what
+            # infer_tag would say).
             build_data["pure_python"] = False
-            build_data["infer_tag"] = True
+            build_data["tag"] = wheel_tag()
+
+
+def wheel_tag() -> str:
+    """py3-none-<manylinux>_<arch>: the shim is built for this machine's arch."""
+    return f"py3-none-{MANYLINUX}_{platform.machine()}"

@@ -209,7 +209,25 @@ def soak(session: nox.Session) -> None:
     )  # fmt: skip
 
 
+@nox.session(python="3.11", default=False)
+def wheel(session: nox.Session) -> None:
+    """The release wheel in dist/ (py3-none-manylinux_2_17_<arch>, by the locked
+    hatchling), then tests/test_packaging.py on that very file: its tag, the
+    static stripped shim in it, pip's tag check for every supported Python, and
+    the pod client installed from it on Python 3.12 and 3.13."""
+    install_locked(session, "tests")
+    dist = Path("dist")
+    for old in dist.glob("afxdp-*.whl"):
+        old.unlink()
+    session.run("pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(dist), ".")
+    (built,) = dist.glob("afxdp-*.whl")
+    session.run("pytest", "tests/test_packaging.py", *session.posargs,
+                env={"AFXDP_WHEEL": str(built.resolve())})  # fmt: skip
+    session.log(f"built {built}")
+
+
 @nox.session(python=False, default=False)
 def image(session: nox.Session) -> None:
-    """Build the image with podman on a local mmdebstrap base and check it (root)."""
+    """Build the image with podman on a local mmdebstrap base, check it and write
+    its SBOM to dist/ (root)."""
     session.run("scripts/build-image", *session.posargs, external=True)

@@ -434,6 +434,35 @@ def test_kustomize_build_validates(root: Path) -> None:
             afxdp_config.load_config(doc["data"]["config.json"])
 
 
+def test_the_daemonset_runs_only_on_the_architecture_the_image_is_built_for() -> None:
+    # scripts/build-image builds amd64 only (the CI machine's): the shim in it is
+    # a native x86-64 program, which other nodes would fail to run.
+    spec = daemonset(DAEMONSETS[0])["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
+def test_an_overlay_points_every_container_at_a_registry(tmp_path: Path) -> None:
+    """What README "Installing" shows: the image reference is kustomize's to set."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(DEPLOY, overlay)],
+            "images": [{"name": "afxdp", "newName": "registry.example.com/net/afxdp"}],
+        })
+    )  # fmt: skip
+    out = subprocess.run(["kubectl", "kustomize", "--load-restrictor=LoadRestrictionsNone",
+                          str(overlay)], capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    (ds,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
+    spec = ds["spec"]["template"]["spec"]
+    images = {c["image"] for c in spec["containers"] + spec["initContainers"]}
+    # The registry from the overlay, the tag (the version) from deploy/kustomization.yaml.
+    assert images == {f"registry.example.com/net/afxdp:{afxdp.__version__}"}
+
+
 # --- (c) the configs ----------------------------------------------------------
 
 
@@ -484,8 +513,11 @@ def test_containerfile() -> None:
         "no pip or setuptools in the runtime stage"
     )
     assert "COPY --from=build /opt/afxdp /opt/afxdp" in runtime
-    for label in ("title", "version", "licenses", "description"):
-        assert f"org.opencontainers.image.{label}=" in runtime
+    # Every OCI label (the build args behind them: tests/test_packaging.py).
+    labels = dict(re.findall(r'org\.opencontainers\.image\.([a-z.]+)="([^"]*)"', runtime))
+    assert set(labels) == {"title", "description", "version", "created", "revision", "source",
+                           "url", "licenses", "base.name", "base.digest"}  # fmt: skip
+    assert labels["title"] == "afxdp"
     assert 'ENTRYPOINT ["/usr/local/bin/afxdp-entrypoint"]' in runtime
     license_label = re.search(r'org.opencontainers.image.licenses="([^"]+)"', runtime)
     pyproject = (ROOT / "pyproject.toml").read_text()
