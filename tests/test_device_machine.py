@@ -689,6 +689,14 @@ class DeviceMachine(RuleBasedStateMachine):
                     if p.device in o.devices
                 ), f"{p.device} is unknown but usable"
                 continue
+            rivals = {r.pool for r in self.kubelet.alive() if r is not p and r.device == p.device}
+            if rivals and not self.kubelet.down:
+                # Kubelet lists another pod on it too (one it once left out of an
+                # answer, so its allocation here ended): afxdpd cannot tell which
+                # is right, but the device is one of theirs, never free.
+                assert found is not None and found[1].allocated, f"{p.device} is free"
+                assert found[0].name in rivals | {p.pool}, f"{p.device} is {found[0].name}'s"
+                continue
             pool = devices.pools.get(p.pool)
             dev = pool.devices.get(p.device) if pool is not None else None
             assert dev is not None and dev.allocated, (

@@ -509,6 +509,7 @@ class Devices:
                 self.leaving.setdefault(name, set()).add(device)
         for other in self.pools.values():
             if other is not pool and device in other.devices:
+                assert not other.devices[device].allocated, "one pool holds a device at a time"
                 other.devices[device].held_by = name
         return pool, dev
 
@@ -545,18 +546,35 @@ class Devices:
         not allocated here yet: allocated in its pool (``_holding``) and taken
         over. Returns them."""
         taken = []
-        for resource, ids in sorted(held.items()):
-            name = contracts.pool_of(resource)
-            for dev_id in sorted(ids):
-                if name is None or name_problem(dev_id):
-                    continue  # not ours to hold
-                pool, dev = self._holding(name, dev_id)
-                if not dev.allocated:
-                    taken.append(dev.id)
-                    await self._take_over(pool, dev, why)
+        claims = sorted(
+            ((resource, contracts.pool_of(resource), dev_id)
+             for resource, ids in held.items() for dev_id in ids),
+            # Kubelet listing two pods on one device (it can, after it left a pod out of an
+            # answer): the pool the config gives the device to now comes first.
+            key=lambda c: (not self._configured(c[1], c[2]), c[0], c[2]),
+        )  # fmt: skip
+        for resource, name, dev_id in claims:
+            if name is None or name_problem(dev_id):
+                continue  # not ours to hold
+            found = self.find(dev_id)
+            if found is not None and found[1].allocated:  # one pool holds it at a time
+                if found[0].name != name:
+                    log.warning("%s: kubelet says pods of %s and %s hold it; kept as "
+                                "%s's", dev_id, found[0].config.resource_name, resource,
+                                found[0].name)  # fmt: skip
+                continue
+            pool, dev = self._holding(name, dev_id)
+            if not dev.allocated:
+                taken.append(dev.id)
+                await self._take_over(pool, dev, why)
         for name in self.pools:
             self.changes[name].bump()
         return taken
+
+    def _configured(self, pool: str | None, device: str) -> bool:
+        """Whether the config (not a restart's draining stand-in) gives ``device`` to ``pool``."""
+        found = self.pools.get(pool or "")
+        return found is not None and pool not in self.draining and device in found.devices
 
     async def _take_over(self, pool: Pool, dev: PoolDevice, why: str) -> None:
         """Count ``dev`` allocated on kubelet's word alone (a pod holds it and
