@@ -212,6 +212,9 @@ async def test_status_every_output_describes_the_running_service(
             while not all(d.prepared for p in node.service.status().pools for d in p.devices
                           if d.state == "free"):  # fmt: skip
                 await anyio.sleep(0.01)
+        # What the kernel says is on the free d1: the program afxdpd prepared there.
+        xdp = json.loads(ip("-j", "-d", "link", "show", d1))[0]["xdp"]
+        on_d1 = [{1: "native", 2: "generic"}[xdp["mode"]], str(xdp["prog"]["id"])]
         outputs = {}
         for flags in (["-o", "json"], ["--json"], ["-o", "yaml"], [], ["-o", "wide"]):
             code, out, err = await ctl(capsys, "status", "--run-dir", run_dir, *flags)
@@ -254,7 +257,8 @@ async def test_status_every_output_describes_the_running_service(
          "SOCKET", "CONNECTIONS", "ACTIVE"],
         ["pool1", d0, "allocated", "Healthy", "<none>", "<none>", "<none>", "native",
          str(alloc.xdp_prog_id), str(alloc.uds_socket), "0", "0"],
-        ["pool1", d1, "free", "Healthy", "<none>", *["<none>"] * 7],
+        ["pool1", d1, "free", "Healthy", "<none>", "<none>", "<none>", *on_d1,
+         *["<none>"] * 3],
     ]  # fmt: skip
 
 

@@ -519,6 +519,7 @@ class Service:
     def _pool_status(self, name: str, pool: pools.Pool,
                      pods: dict[str, st.PodRef]) -> st.PoolStatus:  # fmt: skip
         reg = self.registrations.get(name)  # none while a removed pool drains
+        prepared = self.devices.handouts.prepared if self.devices else {}
         return st.PoolStatus(
             resource=pool.config.resource_name,
             mode=pool.config.mode,
@@ -533,9 +534,12 @@ class Service:
                     fault=d.fault or (pools.UNKNOWN_HOLDER if d.unknown else None),
                     health=st.HEALTHY if d.usable else st.UNHEALTHY,
                     pod=pods.get(d.id) if d.allocated else None,
-                    prepared=self.devices is not None and d.id in self.devices.handouts.prepared,
+                    prepared=program is not None,
+                    xdp_mode=program.mode_name if program else None,
+                    xdp_prog_id=program.prog_id if program else None,
                 )
                 for d in pool.devices.values()
+                for program in [prepared.get(d.id)]
             ],
             name=name,
             draining=self.devices is not None and name in self.devices.draining,

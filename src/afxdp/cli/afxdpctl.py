@@ -185,7 +185,8 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
         row: list[object] = [pool.label, d.id, state, d.health, d.pod]
         if wide:
             row += [d.numa, d.parent]
-            row += [None] * 5 if a is None else [
+            # A free device may carry its prepared program: say which.
+            row += [d.xdp_mode, d.xdp_prog_id, None, None, None] if a is None else [
                 a.xdp_mode, _prog(a), a.uds_socket or a.pinned_map,
                 a.uds_connections, a.uds_active,
             ]  # fmt: skip
