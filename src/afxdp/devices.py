@@ -42,6 +42,7 @@ import msgspec
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.handouts import Handout, Handouts, loads_program
 from afxdp.inventory import NetDev
+from afxdp.logsetup import about
 from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import DeviceState, Pool, PoolDevice
 from afxdp.state import Record
@@ -177,7 +178,8 @@ class Devices:
                 if not isinstance(exc, Exception):
                     raise  # cancelled: undone all the same
                 if not isinstance(exc, DeviceError):
-                    log.exception("%s: Allocate %s failed unexpectedly", pool_name, list(ids))
+                    log.exception("%s: Allocate %s failed unexpectedly", pool_name, list(ids),
+                                  extra=about(pool=pool_name, device=",".join(ids)))  # fmt: skip
                 raise AllocateFailed(str(exc)) from exc
         self.changes[pool_name].bump()
         if self._holders is not None:  # so the pod's handshake need not wait on kubelet
@@ -193,7 +195,8 @@ class Devices:
         if not busy:
             return
         for dev_id in await self._find_stale(pool.config.resource_name, busy):
-            log.warning("%s: %s was never released; reclaiming it", pool.name, dev_id)
+            log.warning("%s: %s was never released; reclaiming it", pool.name, dev_id,
+                        extra=about(pool=pool.name, device=dev_id))  # fmt: skip
             await self._end(pool, dev_id)
 
     async def release(self, device: str, keep_xdp: bool = False) -> bool:
@@ -239,7 +242,8 @@ class Devices:
         fault = await self.handouts.prepare(pool, dev)
         if fault != dev.fault:
             if fault:
-                log.error("%s: cannot prepare %s for Allocate: %s", pool.name, dev.id, fault)
+                log.error("%s: cannot prepare %s for Allocate: %s", pool.name, dev.id, fault,
+                          extra=about(pool=pool.name, device=dev.id))  # fmt: skip
             dev.fault = fault
             self.changes[pool.name].bump()
 
@@ -297,7 +301,8 @@ class Devices:
                     continue
                 resource = pool.config.resource_name
                 for dev_id in await self._find_stale(resource, candidates):
-                    log.info("%s: no pod holds %s any more (kubelet); released", resource, dev_id)
+                    log.info("%s: no pod holds %s any more (kubelet); released", resource,
+                             dev_id, extra=about(pool=pool.name, device=dev_id))  # fmt: skip
                     await self._end(pool, dev_id)
                     released.append(dev_id)
         self.prune()
@@ -399,14 +404,16 @@ class Devices:
                     reason = f"its program is gone ({exc})"
             if reason or pool is None:
                 log.info("%s: handed out before this start, but %s; cleaned up",
-                         alloc.device, reason)  # fmt: skip
+                         alloc.device, reason,
+                         extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
                 await self.handouts.forget(alloc)
                 continue
             dev = pool.devices[alloc.device]
             dev.allocated, dev.healthy = True, True  # its link is its pod's to see
             kept.append(alloc.device)
             why = "held by a pod" if held is not None else "kubelet not reachable yet"
-            log.info("%s: kept from before this start (%s)", alloc.device, why)
+            log.info("%s: kept from before this start (%s)", alloc.device, why,
+                     extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
         for name in self.pools:
             self.changes[name].bump()
         return kept
@@ -446,19 +453,22 @@ class Devices:
                     try:
                         handout = await self.handouts.take_over(pool, dev)
                     except Exception:  # allocated all the same: it is the pod's
-                        log.exception("%s: taking over its allocation failed", dev.id)
+                        log.exception("%s: taking over its allocation failed", dev.id,
+                                      extra=about(pool=name, device=dev.id))  # fmt: skip
                         continue
                     if handout.setup_unknown:
                         how = "no program of ours on it here (in its pod's netns?): setup unknown"
                     else:
                         how = "its program adopted" if handout.xdp else "nothing to adopt"
                     log.warning("%s: a pod holds it (kubelet), the state record was lost; "
-                                "kept allocated, %s", dev.id, how)  # fmt: skip
+                                "kept allocated, %s", dev.id, how,
+                                extra=about(pool=name, device=dev.id))  # fmt: skip
                 unpooled = sorted(mine - pool.devices.keys())
                 if unpooled:
                     log.warning("%s: kubelet says pods hold %s, which no pool here has (not in "
                                 "afxdpd's netns and no record describes them)",
-                                pool.config.resource_name, ", ".join(unpooled))  # fmt: skip
+                                pool.config.resource_name, ", ".join(unpooled),
+                                extra=about(pool=name, device=",".join(unpooled)))  # fmt: skip
                 self.changes[name].bump()
         return taken
 
@@ -499,7 +509,8 @@ class Devices:
             if dev is not None and dev.allocated and not self._destroyed(dev, event):
                 continue
             if pool.set_link(event.name, event.change is Change.UP):
-                log.info("%s: %s -> %s", pool.name, event.name, event.change.value)
+                log.info("%s: %s -> %s", pool.name, event.name, event.change.value,
+                         extra=about(pool=pool.name, device=event.name))  # fmt: skip
                 self.changes[pool.name].bump()
             if dev is None or dev.allocated:
                 continue
@@ -523,7 +534,7 @@ class Devices:
         try:
             await self._program_back(device, lost_only=True)
         except DeviceError as exc:  # said in status; the CNI ADD tries again
-            log.error("%s", exc)
+            log.error("%s", exc, extra=about(device=device))
 
     async def ensure_program(self, device: str) -> None:
         """Before the CNI moves ``device`` into its pod: its link here carries
@@ -546,7 +557,8 @@ class Devices:
             dev = pool.devices.get(device)
             if dev is not None and dev.allocated and pool.set_link(device, healthy):
                 now = "back (re-created)" if healthy else "without its pod's program"
-                log.info("%s: %s -> %s", pool.name, device, now)
+                log.info("%s: %s -> %s", pool.name, device, now,
+                         extra=about(pool=pool.name, device=device))  # fmt: skip
                 self.changes[pool.name].bump()
 
     async def resync(self) -> None:
