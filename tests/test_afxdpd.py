@@ -175,7 +175,8 @@ def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab
     proc = subprocess.Popen(
         afxdpd("--config", str(cfg), "--node-name", "node1", "--kubelet-dir", str(kubelet.dir),
                "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
-               "--run-dir", str(run_dir), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log")),
+               "--run-dir", str(run_dir), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log"),
+               "--cdi-dir", str(tmp_path / "cdi")),
         env=ENV, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

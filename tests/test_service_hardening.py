@@ -611,7 +611,7 @@ def test_afxdpd_serves_metrics_and_readiness(tmp_path: Path, lab: Lab) -> None:
             [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(cfg), "--node-name", "n1",
              "--kubelet-dir", str(kubelet.dir), "--uds-dir", str(tmp_path / "uds"),
              "--pin-dir", str(tmp_path / "pins"), "--run-dir", str(tmp_path / "run"),
-             "--state-dir", str(tmp_path / "state"),
+             "--state-dir", str(tmp_path / "state"), "--cdi-dir", str(tmp_path / "cdi"),
              "--metrics-address", f"127.0.0.1:{port}"],
             env=ENV, text=True, stderr=subprocess.DEVNULL,
         )  # fmt: skip
