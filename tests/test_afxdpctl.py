@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import yaml
 
 from afxdp import __version__, control
 from afxdp.cli import afxdpctl
@@ -138,12 +139,26 @@ def test_discover_human_and_json_show_the_netns_links_and_pools(lab: Lab, tmp_pa
         (p["resource"], p["mode"], [d["id"] for d in p["devices"]]) for p in report["pools"]
     ] == [("afxdp/mine", "primary", ["cb0"])]
 
-    lines = discover(ns, cfg).splitlines()
-    assert lines[0] == "node nodeX: 3 netdev(s)"
-    ca0 = next(ln for ln in lines if ln.strip().startswith("ca0 "))
-    assert "driver=veth" in ca0 and "mac=02:cc:00:00:00:01" in ca0
-    assert "state=up" in ca0 and "ipv4=10.252.0.1/24" in ca0
-    assert "pool afxdp/mine [primary]: cb0(free)" in lines
+    # -o takes what status's does: json (--json too), yaml, table, wide.
+    assert json.loads(discover(ns, cfg, "-o", "json")) == report
+    assert yaml.safe_load(discover(ns, cfg, "-o", "yaml")) == report
+
+    node, netdevs, pools = tables(discover(ns, cfg))
+    assert node == [["NODE", "NETDEVS", "POOLS", "DEVICES"], ["nodeX", "3", "1", "1"]]
+    by_name = {row[0]: dict(zip(netdevs[0], row, strict=True)) for row in netdevs[1:]}
+    assert by_name.keys() == {"lo", "ca0", "cb0"}
+    assert by_name["ca0"] == {"NETDEV": "ca0", "DRIVER": "veth", "PCI": "<none>",
+                              "MAC": "02:cc:00:00:00:01", "STATE": "up",
+                              "IPV4": "10.252.0.1/24"}  # fmt: skip
+    assert pools == [["POOL", "RESOURCE", "MODE", "DEVICE", "STATE"],
+                     ["mine", "afxdp/mine", "primary", "cb0", "free"]]  # fmt: skip
+
+    _node, netdevs, pools = tables(discover(ns, cfg, "-o", "wide"))
+    wide = {row[0]: dict(zip(netdevs[0], row, strict=True)) for row in netdevs[1:]}
+    assert wide["ca0"].items() >= by_name["ca0"].items()
+    assert (wide["ca0"]["KIND"], wide["ca0"]["VIRTUAL"]) == ("veth", "yes")
+    assert pools[0][-2:] == ["NUMA", "PARENT"] and pools[1][:5] == ["mine", "afxdp/mine",
+                                                                    "primary", "cb0", "free"]  # fmt: skip
 
 
 @pytest.fixture
@@ -197,6 +212,9 @@ async def test_status_every_output_describes_the_running_service(
             while not all(d.prepared for p in node.service.status().pools for d in p.devices
                           if d.state == "free"):  # fmt: skip
                 await anyio.sleep(0.01)
+        # What the kernel says is on the free d1: the program afxdpd prepared there.
+        xdp = json.loads(ip("-j", "-d", "link", "show", d1))[0]["xdp"]
+        on_d1 = [{1: "native", 2: "generic"}[xdp["mode"]], str(xdp["prog"]["id"])]
         outputs = {}
         for flags in (["-o", "json"], ["--json"], ["-o", "yaml"], [], ["-o", "wide"]):
             code, out, err = await ctl(capsys, "status", "--run-dir", run_dir, *flags)
@@ -239,7 +257,8 @@ async def test_status_every_output_describes_the_running_service(
          "SOCKET", "CONNECTIONS", "ACTIVE"],
         ["pool1", d0, "allocated", "Healthy", "<none>", "<none>", "<none>", "native",
          str(alloc.xdp_prog_id), str(alloc.uds_socket), "0", "0"],
-        ["pool1", d1, "free", "Healthy", "<none>", *["<none>"] * 7],
+        ["pool1", d1, "free", "Healthy", "<none>", "<none>", "<none>", *on_d1,
+         *["<none>"] * 3],
     ]  # fmt: skip
 
 

@@ -89,6 +89,36 @@ def test_a_part_that_cannot_start_exits_4_saying_why_not_with_a_traceback(tmp_pa
     assert "Traceback" not in done.stderr
 
 
+def test_a_metrics_port_another_process_holds_exits_7_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}')
+    kubelet = FakeKubelet(tmp_path / "kubelet")
+    kubelet.start_registration()
+    with socket.socket() as taken:  # a real listener holds the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        done = subprocess.run(
+            afxdpd("--config", str(cfg), "--kubelet-dir", str(kubelet.dir),
+                   "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
+                   "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"),
+                   "--cdi-dir", str(tmp_path / "cdi"), "--metrics-address", f"127.0.0.1:{busy}"),
+            capture_output=True, text=True, env=ENV, check=False, timeout=30,
+        )  # fmt: skip
+    try:
+        assert done.returncode == 7, done.stderr
+        assert f"cannot listen on 127.0.0.1:{busy} for /metrics, /healthz and /readyz: " \
+               "Address already in use; exiting" in done.stderr  # fmt: skip
+        assert "Traceback" not in done.stderr
+        # Nothing was served meanwhile: no socket, no registration with kubelet.
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]
+        assert kubelet.registrations == []
+    finally:
+        kubelet.stop()
+
+
 def test_the_run_dir_stays_locked_when_its_lock_file_is_deleted(tmp_path: Path) -> None:
     first = lock_run_dir(tmp_path)
     assert first is not None
@@ -162,7 +192,8 @@ def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab
     proc = subprocess.Popen(
         afxdpd("--config", str(cfg), "--node-name", "node1", "--kubelet-dir", str(kubelet.dir),
                "--uds-dir", str(tmp_path / "uds"), "--pin-dir", str(tmp_path / "pins"),
-               "--run-dir", str(run_dir), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log")),
+               "--run-dir", str(run_dir), "--state-dir", str(tmp_path / "state"), "--log-dir", str(tmp_path / "log"),
+               "--cdi-dir", str(tmp_path / "cdi")),
         env=ENV, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

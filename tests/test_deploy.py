@@ -230,6 +230,14 @@ class TestDaemonSetPolicy:
         strategy = daemonset(path)["spec"]["updateStrategy"]
         assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
 
+    def test_scrape_annotations_name_the_metrics_endpoint(self, path: Path) -> None:
+        ds = daemonset(path)
+        args, _ = afxdpd_args(ds)
+        notes = ds["spec"]["template"]["metadata"]["annotations"]
+        assert notes["prometheus.io/scrape"] == "true"
+        assert int(notes["prometheus.io/port"]) == parse_address(args.metrics_address)[1]
+        assert serves_metrics(notes["prometheus.io/path"])
+
     def test_no_service_account_token(self, path: Path) -> None:
         ds = daemonset(path)
         assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
@@ -344,6 +352,8 @@ def test_manifest_validates(path: Path) -> None:
     for doc in docs(path):
         if doc["kind"] == "NetworkAttachmentDefinition":
             check_nad(doc)
+        elif doc["kind"] == "ServiceMonitor":
+            check_servicemonitor(doc)
         else:
             kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
@@ -377,6 +387,69 @@ def check_nad(doc: dict[str, Any]) -> None:
     parsed = netconf.parse_netconf(doc["spec"]["config"].encode(), "GC")
     assert parsed.ipam_type == "host-local"
     ethtool.render(parsed.ethtool_cmds, "ens1f0", "192.0.2.10")
+
+
+def serves_metrics(path: str) -> bool:
+    """afxdpd's router answers GET ``path`` with the Prometheus exposition."""
+    reply = route(f"GET {path} HTTP/1.1".encode(), metrics.Metrics.create(), lambda: (True, ""))
+    return reply.startswith(b"HTTP/1.1 200") and metrics.CONTENT_TYPE.encode() in reply
+
+
+# The fields of the Prometheus Operator's ServiceMonitor (monitoring.coreos.com/v1)
+# that the example may use: a CRD, no schema offline, so a misspelt field is caught here.
+SERVICEMONITOR_SPEC = {"selector", "namespaceSelector", "endpoints", "jobLabel"}
+SERVICEMONITOR_ENDPOINT = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"}
+RELABELING = {"sourceLabels", "targetLabel", "action", "regex", "replacement", "separator"}
+
+
+def check_servicemonitor(doc: dict[str, Any]) -> None:
+    """A ServiceMonitor (a CRD: no schema here) checked field by field."""
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+    spec = doc["spec"]
+    assert set(spec) <= SERVICEMONITOR_SPEC, set(spec) - SERVICEMONITOR_SPEC
+    assert set(spec["selector"]) <= {"matchLabels", "matchExpressions"}
+    assert set(spec["namespaceSelector"]) <= {"matchNames", "any"}
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) <= SERVICEMONITOR_ENDPOINT, set(endpoint) - SERVICEMONITOR_ENDPOINT
+        for rule in endpoint.get("relabelings", []):
+            assert set(rule) <= RELABELING, set(rule) - RELABELING
+
+
+def test_the_servicemonitor_example_scrapes_every_afxdpd_on_its_metrics_port() -> None:
+    found = docs(DEPLOY / "examples" / "servicemonitor.yaml")
+    (service,) = [d for d in found if d["kind"] == "Service"]
+    (monitor,) = [d for d in found if d["kind"] == "ServiceMonitor"]
+    ds = daemonset(DAEMONSETS[0])
+    args, _ = afxdpd_args(ds)
+    template = ds["spec"]["template"]
+    afxdpd_c = container(template["spec"], "afxdpd")
+    # The Service selects the DaemonSet's pods, headless, in their namespace.
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    # The ServiceMonitor selects that Service, in that namespace.
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert service["metadata"]["namespace"] in monitor["spec"]["namespaceSelector"]["matchNames"]
+    # Its endpoint: the Service's port, which reaches afxdpd's metrics port.
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    container_ports = {p["name"]: p["containerPort"] for p in afxdpd_c["ports"]}
+    metrics_port = parse_address(args.metrics_address)[1]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    target = ports[endpoint["port"]]["targetPort"]
+    assert container_ports.get(target, target) == metrics_port
+    assert ports[endpoint["port"]]["port"] == metrics_port
+    assert serves_metrics(endpoint["path"])
+
+
+def test_servicemonitor_check_catches_a_misspelt_field() -> None:
+    (monitor,) = [d for d in docs(DEPLOY / "examples" / "servicemonitor.yaml")
+                  if d["kind"] == "ServiceMonitor"]  # fmt: skip
+    monitor["spec"]["endpoints"][0]["intervall"] = "30s"
+    with pytest.raises(AssertionError, match="intervall"):
+        check_servicemonitor(monitor)
 
 
 def test_nad_check_catches_a_bad_ethtool_command() -> None:

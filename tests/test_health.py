@@ -3,6 +3,7 @@ service against the grpcio kubelet double, on real veth pairs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import struct
@@ -14,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from afxdp import control, inventory
+from afxdp import control, inventory, logsetup
 from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
 from afxdp.netwatch import Change, LinkEvent, NetWatch
 from tests.kernel import Lab, ip
@@ -41,7 +42,10 @@ def node(tmp_path: Path, lab: Lab, devices: list[str]) -> Node:
     return Node(tmp_path, lab, devices)
 
 
-async def test_removed_allocated_device_is_marked_unhealthy(node: Node) -> None:
+async def test_removed_allocated_device_is_marked_unhealthy_and_the_json_log_names_it(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="afxdp")
     d0, d1, _ = node.devices
     async with running(node):
         stream = node.plugin().list_and_watch()
@@ -56,6 +60,13 @@ async def test_removed_allocated_device_is_marked_unhealthy(node: Node) -> None:
             assert states[d0] == "unhealthy" and states[d1] == "allocated"
         finally:
             stream.cancel()
+    # The lines about the Allocate and the link's removal, as JSON lines: the
+    # pool and the device are fields of their own, not only words in the message.
+    lines = [json.loads(logsetup.JsonFormatter().format(r)) for r in caplog.records]
+    (allocated,) = [j for j in lines if "allocated" in j["message"]]
+    assert (allocated["pool"], allocated["device"]) == ("pool1", f"{d0},{d1}")
+    removed = [j for j in lines if j.get("device") == d0 and "removed" in j["message"]]
+    assert removed and all(j["pool"] == "pool1" for j in removed)
 
 
 async def test_lost_netlink_events_are_recovered_by_rereading_link_health(

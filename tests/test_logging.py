@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -65,16 +66,32 @@ def test_the_configured_level_filters_afxdp_records(tmp_path: Path) -> None:
 def test_json_lines_carry_time_level_logger_message_and_exception(tmp_path: Path) -> None:
     logsetup.setup("info", "dp.log", tmp_path, fmt="json")
     log = logging.getLogger("afxdp.cni.server")
+    before = time.time()
     log.info("served %s", "ADD")
+    after = time.time()
     try:
         raise ValueError("boom")
     except ValueError:
         log.exception("failed: %d", 7)
     first, second = (json.loads(line) for line in _lines(tmp_path / "dp.log"))
     assert (first["level"], first["logger"], first["message"]) == ("info", log.name, "served ADD")
-    assert first["time"][:4].isdigit() and "T" in first["time"]
+    # RFC 3339: UTC, with its offset, to the millisecond (cut, not rounded).
+    when = datetime.datetime.fromisoformat(first["time"])
+    assert when.utcoffset() == datetime.timedelta(0) and first["time"].endswith("+00:00")
+    assert before - 0.001 <= when.timestamp() <= after
+    assert "pool" not in first and "device" not in first  # this line is about neither
     assert second["message"] == "failed: 7" and second["level"] == "error"
     assert "ValueError: boom" in second["exc_info"]
+
+
+def test_json_lines_carry_the_pool_and_device_a_record_is_about(tmp_path: Path) -> None:
+    logsetup.setup("info", "dp.log", tmp_path, fmt="json")
+    log = logging.getLogger("afxdp.devices")
+    log.info("%s: %s -> down", "p1", "eth7", extra=logsetup.about(pool="p1", device="eth7"))
+    log.info("%s: connection ended", "eth8", extra=logsetup.about(device="eth8"))
+    first, second = (json.loads(line) for line in _lines(tmp_path / "dp.log"))
+    assert (first["pool"], first["device"], first["message"]) == ("p1", "eth7", "p1: eth7 -> down")
+    assert second["device"] == "eth8" and "pool" not in second
 
 
 def test_a_rotated_log_file_is_reopened(tmp_path: Path) -> None:

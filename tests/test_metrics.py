@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +14,8 @@ import pytest
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 from prometheus_client.parser import text_string_to_metric_families
 
-from afxdp import metrics
+from afxdp import __version__, metrics
+from afxdp.bpf import libbpf
 from afxdp.metrics import Metrics, parse_address, route
 from afxdp.unixserver import ServerStats, serve_listener
 from tests.slowloris import Slowloris, probe
@@ -87,7 +89,44 @@ async def test_metrics_count_what_happened_and_devices_as_they_are_now() -> None
         node.devices.append(("p1", "allocated", "Healthy"))  # read at scrape time
         got = _samples((await anyio.to_thread.run_sync(_get, port, "/metrics"))[1])
         assert got["afxdp_allocations", ()] == 2
-        assert got["afxdp_open_fds", ()] > 0
+        assert got["process_open_fds", ()] > 0
+
+
+async def test_build_info_registered_pools_standard_process_metrics_once_no_created_series(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(metrics.REVISION_ENV, "0123abcd")
+    registered = {"p1": True, "p2": False}
+    m = Metrics.create(lambda: Node().devices, lambda: registered.items())
+    # Every kind of instrument with a sample: counters and histograms are
+    # where prometheus_client adds _created series.
+    with m.timed(m.allocate, "p1"):
+        pass
+    with m.timed(m.cni, "ADD"):
+        pass
+    m.handshakes.labels("accepted").inc()
+    m.reloads.labels("ok").inc()
+    m.restarts_reconciled.inc()
+    families = list(text_string_to_metric_families(m.exposition().decode()))
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)), "a metric family appears twice"
+    samples = _samples(m.exposition())
+    assert not [name for name, _ in samples if name.endswith("_created")]
+    build = {dict(labels)["version"]: (dict(labels), v) for (name, labels), v in samples.items()
+             if name == "afxdp_build_info"}  # fmt: skip
+    assert build == {__version__: ({"version": __version__, "python": platform.python_version(),
+                                    "libbpf": libbpf.version(), "revision": "0123abcd"}, 1.0)}  # fmt: skip
+    assert samples["afxdp_pool_registered", (("pool", "p1"),)] == 1
+    assert samples["afxdp_pool_registered", (("pool", "p2"),)] == 0
+    registered["p2"] = True  # read at scrape time
+    assert _samples(m.exposition())["afxdp_pool_registered", (("pool", "p2"),)] == 1
+    # The standard process metrics, and nothing of ours that says the same.
+    ours = {n.removeprefix("afxdp_") for n in names if n.startswith("afxdp_")}
+    standard = {n.removeprefix("process_") for n in names if n.startswith("process_")}
+    assert {"open_fds", "max_fds", "resident_memory_bytes", "cpu_seconds"} <= standard
+    assert not ours & standard
+    # Only our registry is served: none of the default registry's python_gc_*.
+    assert set(names) == {n for n in names if n.startswith(("afxdp_", "process_"))}
 
 
 def test_a_result_set_before_an_exception_is_the_one_counted() -> None:

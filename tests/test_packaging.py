@@ -83,6 +83,20 @@ def test_the_commands_name_the_extra_they_need(command: str) -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", ["afxdpd", "afxdpctl"])
+def test_version_works_without_the_node_extra(command: str) -> None:
+    done = _run(f"""
+        import sys
+        from afxdp.cli import entry
+        sys.argv = ["{command}", "--version"]
+        sys.exit(entry.{command}())
+    """)
+    # What the command says with the extra installed (test_afxdpctl's version test).
+    with_extra = subprocess.run([sys.executable, "-m", f"afxdp.cli.{command}", "--version"],
+                                capture_output=True, text=True, env=ENV, check=True)  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, with_extra.stdout, "")
+
+
 def test_a_missing_libbpf_is_a_clear_error_at_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(libbpf, "LIBRARY", "libbpf-not-installed.so.1")
     libbpf._lib.cache_clear()

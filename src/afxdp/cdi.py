@@ -56,6 +56,7 @@ import anyio
 
 from afxdp.bpf import pinning
 from afxdp.config import Pool
+from afxdp.logsetup import about
 from afxdp.uds.server import socket_path
 from afxdp.workers import Work, run_sync
 
@@ -219,7 +220,8 @@ class CdiSpecs:
                 found = await run_sync(Work.DISK, written_pools, self.cdi_dir)
                 for pool in sorted(found - keep):
                     await run_sync(Work.DISK, remove_spec, self.cdi_dir, pool)
-                    log.info("CDI: removed the spec of pool %s (no longer configured)", pool)
+                    log.info("CDI: removed the spec of pool %s (no longer configured)", pool,
+                             extra=about(pool=pool))  # fmt: skip
             except OSError as exc:
                 log.error("CDI: cannot clean %s: %s", self.cdi_dir, exc)
 
@@ -234,17 +236,17 @@ class CdiSpecs:
                 if spec is None:
                     await run_sync(Work.DISK, remove_spec, self.cdi_dir, pool.name)
                 elif await run_sync(Work.DISK, write_spec, self.cdi_dir, spec):
-                    log.info(
-                        "CDI: %s describes %s", spec_path(self.cdi_dir, pool.name), sorted(named)
-                    )
+                    log.info("CDI: %s describes %s", spec_path(self.cdi_dir, pool.name),
+                             sorted(named), extra=about(pool=pool.name))  # fmt: skip
             except OSError as exc:
                 # The previous file (if any) is intact: keep naming what it holds.
-                log.error("CDI: cannot write the spec of pool %s: %s", pool.name, exc)
+                log.error("CDI: cannot write the spec of pool %s: %s", pool.name, exc,
+                          extra=about(pool=pool.name))  # fmt: skip
                 return
             if left_out and self._written.get(pool.name) != named:  # once, not per update
                 why = "netdev names" if pool_supported(pool.name) else "pool name (a CDI class)"
                 log.warning("CDI: pool %s: no CDI device for %s: %s unusable in CDI",
-                            pool.name, left_out, why)  # fmt: skip
+                            pool.name, left_out, why, extra=about(pool=pool.name))  # fmt: skip
             self._written[pool.name] = named
 
     def names(self, pool: str, ids: Iterable[str]) -> list[str]:
@@ -259,4 +261,5 @@ class CdiSpecs:
             try:
                 await run_sync(Work.DISK, remove_spec, self.cdi_dir, pool)
             except OSError as exc:
-                log.error("CDI: cannot remove the spec of pool %s: %s", pool, exc)
+                log.error("CDI: cannot remove the spec of pool %s: %s", pool, exc,
+                          extra=about(pool=pool))  # fmt: skip

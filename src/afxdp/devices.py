@@ -50,6 +50,7 @@ from afxdp import config, contracts
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.handouts import Handout, Handouts, loads_program
 from afxdp.inventory import NetDev
+from afxdp.logsetup import about
 from afxdp.netdev import name_problem
 from afxdp.netwatch import Change, LinkEvent
 from afxdp.pools import DeviceState, Pool, PoolDevice
@@ -192,7 +193,8 @@ class Devices:
                 if not isinstance(exc, Exception):
                     raise  # cancelled: undone all the same
                 if not isinstance(exc, DeviceError):
-                    log.exception("%s: Allocate %s failed unexpectedly", pool_name, list(ids))
+                    log.exception("%s: Allocate %s failed unexpectedly", pool_name, list(ids),
+                                  extra=about(pool=pool_name, device=",".join(ids)))  # fmt: skip
                 raise AllocateFailed(str(exc)) from exc
         self.changes[pool_name].bump()
         if self._holders is not None:  # so the pod's handshake need not wait on kubelet
@@ -208,7 +210,8 @@ class Devices:
         if not busy:
             return
         for dev_id in await self._find_stale(pool.config.resource_name, busy):
-            log.warning("%s: %s was never released; reclaiming it", pool.name, dev_id)
+            log.warning("%s: %s was never released; reclaiming it", pool.name, dev_id,
+                        extra=about(pool=pool.name, device=dev_id))  # fmt: skip
             await self._end(pool, dev_id)
 
     async def release(self, device: str, keep_xdp: bool = False) -> bool:
@@ -258,7 +261,8 @@ class Devices:
                 continue
             dev.held_by = None
             log.info("%s: %s joins the pool now that its pod of pool %s is gone",
-                     pool.name, device, holder)  # fmt: skip
+                     pool.name, device, holder,
+                     extra=about(pool=pool.name, device=device))  # fmt: skip
             await self._read_health(pool, dev.parent or dev.id)
             self.changes[pool.name].bump()
             if pool.name not in self.draining:
@@ -272,7 +276,8 @@ class Devices:
         fault = await self.handouts.prepare(pool, dev)
         if fault != dev.fault:
             if fault:
-                log.error("%s: cannot prepare %s for Allocate: %s", pool.name, dev.id, fault)
+                log.error("%s: cannot prepare %s for Allocate: %s", pool.name, dev.id, fault,
+                          extra=about(pool=pool.name, device=dev.id))  # fmt: skip
             dev.fault = fault
             self.changes[pool.name].bump()
 
@@ -342,7 +347,8 @@ class Devices:
                     continue
                 resource = pool.config.resource_name
                 for dev_id in await self._find_stale(resource, candidates):
-                    log.info("%s: no pod holds %s any more (kubelet); released", resource, dev_id)
+                    log.info("%s: no pod holds %s any more (kubelet); released", resource,
+                             dev_id, extra=about(pool=pool.name, device=dev_id))  # fmt: skip
                     await self._end(pool, dev_id)
                     released.append(dev_id)
         self.prune()
@@ -459,7 +465,8 @@ class Devices:
             resource = contracts.resource_name(alloc.pool)
             if held is not None and alloc.device not in held.get(resource, set()):
                 log.info("%s: handed out before this start, but no pod holds it (kubelet); "
-                         "cleaned up", alloc.device)  # fmt: skip
+                         "cleaned up", alloc.device,
+                         extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
                 await self.handouts.forget(alloc)
                 continue
             pool, dev = self._holding(alloc.pool, alloc.device, alloc)
@@ -467,14 +474,16 @@ class Devices:
                 await self.handouts.adopt(pool, alloc)
             except (AfxdpError, OSError) as exc:
                 log.warning("%s: its program %s is gone (%s); kept allocated, setup unknown",
-                            alloc.device, alloc.prog_id, exc)  # fmt: skip
+                            alloc.device, alloc.prog_id, exc,
+                            extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
                 lost = msgspec.structs.replace(alloc, prog_id=None, setup_unknown=True)
                 await self.handouts.adopt(pool, lost)
                 await self.handouts.store.put([lost])
             dev.allocated, dev.healthy = True, True  # its link is its pod's to see
             kept.append(alloc.device)
             why = "held by a pod" if held is not None else "kubelet not reachable yet"
-            log.info("%s: kept from before this start (%s)", alloc.device, why)
+            log.info("%s: kept from before this start (%s)", alloc.device, why,
+                     extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
         # What kubelet lists that the record lacks (a record cut short) is a
         # pod's all the same: never free.
         kept += await self._take_over_held(held or {}, "the state record does not have it")
@@ -501,7 +510,8 @@ class Devices:
             self._allocating[name] = anyio.Lock()
             self.draining.add(name)
             log.warning("%s: pool %s is no longer in the config; kept draining until kubelet "
-                        "says no pod holds it", device, name)  # fmt: skip
+                        "says no pod holds it", device, name,
+                        extra=about(pool=name, device=device))  # fmt: skip
         dev = pool.devices.get(device)
         if dev is None:
             dev = pool.devices[device] = PoolDevice(device)
@@ -561,7 +571,7 @@ class Devices:
                 if found[0].name != name:
                     log.warning("%s: kubelet says pods of %s and %s hold it; kept as "
                                 "%s's", dev_id, found[0].config.resource_name, resource,
-                                found[0].name)  # fmt: skip
+                                found[0].name, extra=about(pool=name, device=dev_id))  # fmt: skip
                 continue
             pool, dev = self._holding(name, dev_id)
             if not dev.allocated:
@@ -583,13 +593,15 @@ class Devices:
         try:
             handout = await self.handouts.take_over(pool, dev)
         except Exception:  # allocated all the same: it is the pod's
-            log.exception("%s: taking over its allocation failed", dev.id)
+            log.exception("%s: taking over its allocation failed", dev.id,
+                          extra=about(pool=pool.name, device=dev.id))  # fmt: skip
             return
         if handout.setup_unknown:
             how = "no program of ours on it here (in its pod's netns?): setup unknown"
         else:
             how = "its program adopted" if handout.xdp else "nothing to adopt"
-        log.warning("%s: a pod holds it (kubelet), %s; kept allocated, %s", dev.id, why, how)
+        log.warning("%s: a pod holds it (kubelet), %s; kept allocated, %s", dev.id, why, how,
+                    extra=about(pool=pool.name, device=dev.id))  # fmt: skip
 
     async def settle_forever(self, ask: HeldFinder, retry: float = SETTLE_RETRY) -> None:
         """Ask kubelet every ``retry`` seconds until it answers, then ``settle``
@@ -633,7 +645,8 @@ class Devices:
             if dev is not None and dev.allocated and not self._destroyed(dev, event):
                 continue
             if pool.set_link(event.name, event.change is Change.UP):
-                log.info("%s: %s -> %s", pool.name, event.name, event.change.value)
+                log.info("%s: %s -> %s", pool.name, event.name, event.change.value,
+                         extra=about(pool=pool.name, device=event.name))  # fmt: skip
                 self.changes[pool.name].bump()
             if dev is None or dev.allocated or dev.held_by is not None:
                 continue
@@ -657,7 +670,7 @@ class Devices:
         try:
             await self._program_back(device, lost_only=True)
         except DeviceError as exc:  # said in status; the CNI ADD tries again
-            log.error("%s", exc)
+            log.error("%s", exc, extra=about(device=device))
 
     async def ensure_program(self, device: str) -> None:
         """Before the CNI moves ``device`` into its pod: its link here carries
@@ -680,7 +693,8 @@ class Devices:
             dev = pool.devices.get(device)
             if dev is not None and dev.allocated and pool.set_link(device, healthy):
                 now = "back (re-created)" if healthy else "without its pod's program"
-                log.info("%s: %s -> %s", pool.name, device, now)
+                log.info("%s: %s -> %s", pool.name, device, now,
+                         extra=about(pool=pool.name, device=device))  # fmt: skip
                 self.changes[pool.name].bump()
 
     async def resync(self) -> None:

@@ -34,6 +34,7 @@ from afxdp.confine import confined
 from afxdp.datapath import Datapath, Handshake, Program
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.inventory import NetDev
+from afxdp.logsetup import about
 from afxdp.pools import Pool, PoolDevice
 from afxdp.secondary import SecondaryDeviceProvider
 from afxdp.sockfile import clear_stale
@@ -239,7 +240,8 @@ class Handouts:
         try:
             handout = await self.adopt(pool, alloc)
         except (AfxdpError, OSError) as exc:  # gone since it was seen
-            log.warning("%s: taking over program %s failed: %s", dev.id, prog_id, exc)
+            log.warning("%s: taking over program %s failed: %s", dev.id, prog_id, exc,
+                        extra=about(pool=pool.name, device=dev.id))  # fmt: skip
             alloc = msgspec.structs.replace(alloc, prog_id=None, setup_unknown=True)
             handout = await self.adopt(pool, alloc)
         await self.store.put([alloc])
@@ -251,7 +253,8 @@ class Handouts:
         try:
             clear_stale(sock)  # the last run's; one someone answers on is not ours
         except OSError as exc:
-            log.warning("%s: socket left in place: %s", alloc.device, exc)
+            log.warning("%s: socket left in place: %s", alloc.device, exc,
+                        extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
         with suppress(OSError):
             sock.parent.rmdir()
         if alloc.pinned is not None:
@@ -259,12 +262,14 @@ class Handouts:
         try:
             await run_sync(Work.DEVICES, self.datapath.detach_stale, alloc.device)
         except AfxdpError as exc:  # not in our netns (gone with its pod's): nothing to do
-            log.info("%s: no program to detach: %s", alloc.device, exc)
+            log.info("%s: no program to detach: %s", alloc.device, exc,
+                     extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
         if alloc.secondary:
             try:
                 await run_sync(Work.DEVICES, self._secondary.delete, alloc.device)
             except AfxdpError as exc:
-                log.error("%s: deleting the secondary device failed: %s", alloc.device, exc)
+                log.error("%s: deleting the secondary device failed: %s", alloc.device, exc,
+                          extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
         await self.store.remove(alloc.device)
 
     async def _set_up(self, pool: Pool, dev: PoolDevice, handout: Handout) -> None:
@@ -308,11 +313,13 @@ class Handouts:
         if not loads_program(cfg):
             stale = await run_sync(work, self.datapath.detach_stale, device)
             if stale is not None:
-                log.info("%s: detached program %d left over", device, stale)
+                log.info("%s: detached program %d left over", device, stale,
+                         extra=about(pool=cfg.name, device=device))  # fmt: skip
         else:
             program = await run_sync(work, self.datapath.attach, device)
             if program.replaced is not None:
-                log.info("%s: replaced program %d with a fresh one", device, program.replaced)
+                log.info("%s: replaced program %d with a fresh one", device, program.replaced,
+                         extra=about(pool=cfg.name, device=device))  # fmt: skip
         self.swap_pending.discard(device)  # whatever the last pod left is gone
         return program
 
@@ -352,9 +359,11 @@ class Handouts:
             except AfxdpError as exc:
                 if not await run_sync(Work.DEVICES, self.datapath.in_host, device):
                     # In a pod's netns still: taken off when it comes home (came_home).
-                    log.info("%s: its last pod's program goes when it comes home", device)
+                    log.info("%s: its last pod's program goes when it comes home", device,
+                             extra=about(device=device))  # fmt: skip
                     return
-                log.error("%s: detaching the prepared program failed: %s", device, exc)
+                log.error("%s: detaching the prepared program failed: %s", device, exc,
+                          extra=about(device=device))  # fmt: skip
             self.swap_pending.discard(device)
 
     def forget_prepared(self, device: str) -> None:
@@ -388,7 +397,8 @@ class Handouts:
             handout.xdp_fault = None
             if again:
                 log.warning("%s: its link was re-created; the pod's program %d is on it again",
-                            device, handout.xdp.prog_id)  # fmt: skip
+                            device, handout.xdp.prog_id,
+                            extra=about(pool=handout.pool, device=device))  # fmt: skip
             return again
 
     def link_gone(self, device: str, ifindex: int) -> bool:
@@ -455,7 +465,8 @@ class Handouts:
             try:
                 await run_sync(Work.DEVICES, handout.xdp.detach)
             except AfxdpError as exc:
-                log.error("%s: detaching XDP failed: %s", handout.device, exc)
+                log.error("%s: detaching XDP failed: %s", handout.device, exc,
+                          extra=about(pool=handout.pool, device=handout.device))  # fmt: skip
             if not await run_sync(Work.DEVICES, self.datapath.in_host, handout.device):
                 # Out of reach in its pod's netns, the program stays on it and
                 # comes home with it (a DEL): taken off then (``Devices.came_home``),
@@ -465,12 +476,14 @@ class Handouts:
             try:
                 await run_sync(Work.DEVICES, self.datapath.detach_stale, handout.device)
             except AfxdpError as exc:  # still in a pod's netns (gone with it)
-                log.info("%s: no program to detach: %s", handout.device, exc)
+                log.info("%s: no program to detach: %s", handout.device, exc,
+                         extra=about(pool=handout.pool, device=handout.device))  # fmt: skip
         if handout.secondary_created:
             try:
                 await run_sync(Work.DEVICES, self._secondary.delete, handout.device)
             except AfxdpError as exc:
-                log.error("%s: deleting the secondary device failed: %s", handout.device, exc)
+                log.error("%s: deleting the secondary device failed: %s", handout.device, exc,
+                          extra=about(pool=handout.pool, device=handout.device))  # fmt: skip
 
     async def release(self, device: str, keep_xdp: bool = False, *, swap: bool = False) -> bool:
         """Take ``device``'s handout back; False when it had none.
@@ -492,7 +505,7 @@ class Handouts:
         with anyio.CancelScope(shield=True):
             await self._tear_down(handout, keep_xdp or swap)
             await self.store.remove(device)
-        log.info("%s: released", device)
+        log.info("%s: released", device, extra=about(pool=handout.pool, device=device))
         return True
 
     async def shutdown(self) -> None:

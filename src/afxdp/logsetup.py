@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import datetime
 import json
 import logging
 import logging.handlers
@@ -43,16 +44,36 @@ LogFormat = Literal["text", "json"]
 FORMATS: tuple[LogFormat, ...] = ("text", "json")
 
 
+# What a record may say it concerns, as fields of its JSON line (``about``).
+FIELDS = ("pool", "device")
+
+
+def about(*, pool: str | None = None, device: str | None = None) -> dict[str, str]:
+    """``extra=`` for a log call that concerns a pool or a device (several
+    devices: comma-separated): JSON lines carry them as the fields ``pool`` and
+    ``device``, so a log pipeline can select them without parsing messages.
+    The one way to say it: every such call passes ``extra=about(...)``."""
+    found = {"pool": pool, "device": device}
+    return {k: v for k, v in found.items() if v is not None}
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and exc_info)."""
+    """One JSON object per line: time (RFC 3339, UTC, with its offset), level,
+    logger, message, the pool and device it concerns when it says (``about``),
+    and exc_info."""
 
     def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         doc = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "time": when.isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for field in FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                doc[field] = str(value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

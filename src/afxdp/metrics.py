@@ -12,26 +12,60 @@ may reach the port (the DaemonSet binds the node's IP for kubelet's probes), so
 when all MAX_CLIENTS slots are taken a newcomer evicts the oldest client that is
 still sending its request or not reading its reply (``serve_listener``'s
 ``evict``): clients that trickle bytes cannot keep /healthz from kubelet.
+
+What /metrics carries: ``afxdp_*`` (below), ``afxdp_build_info`` (1, with the
+version, Python, libbpf and git revision as labels) and the standard
+``process_*`` metrics (prometheus_client's ProcessCollector: open fds, fd
+limit, memory, CPU), each once: nothing of ours repeats them. No ``_created``
+series: a counter's creation time is clutter to a scraper of a long-lived
+daemon, and it doubled the lines of every labelled counter and histogram.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
+from importlib import metadata
 
 import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from anyio.streams.stapled import MultiListener
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from afxdp import __version__
+from afxdp.bpf import libbpf
+from afxdp.errors import AfxdpError
 from afxdp.unixserver import ServerStats, serve_listener
 
-DEFAULT_ADDRESS = "127.0.0.1:9109"
+# Process-wide in prometheus_client (a flag read when a metric is made and
+# when it is collected): set here, before any metric of ours exists, rather
+# than left to PROMETHEUS_DISABLE_CREATED_SERIES in the environment.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# 10740: outside 9100-9999, the range the Prometheus wiki's "default port
+# allocations" hands to exporters, all of it taken (9109, the default before,
+# is graphite_exporter's Graphite input); below Kubernetes' NodePort range
+# (30000-32767) and the ephemeral ports (32768-60999), clear of the ports of
+# kubelet and its neighbours (10248-10260), and neither registered with IANA
+# nor seen open in nmap's port survey.
+DEFAULT_PORT = 10740
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 MAX_HEAD = 8192
 READ_TIMEOUT = 5.0
 MAX_CLIENTS = 32
@@ -39,15 +73,48 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # (pool, state, health) of every device, read at scrape time.
 DeviceRows = Callable[[], Iterable[tuple[str, str, str]]]
+# (pool, registered with kubelet now) of every pool, read at scrape time.
+PoolRows = Callable[[], Iterable[tuple[str, bool]]]
 # (ready, reason when not)
 Readiness = Callable[[], tuple[bool, str]]
+
+REVISION_ENV = "AFXDP_REVISION"  # the git commit an image was built from, when it says
+UNKNOWN = "unknown"
+
+
+def revision() -> str:
+    """The git commit this afxdp was built from: ``$AFXDP_REVISION`` (an image
+    build sets it), else the commit pip recorded when it installed afxdp from a
+    git URL (PEP 610), else "unknown"."""
+    if found := os.environ.get(REVISION_ENV, "").strip():
+        return found
+    try:
+        direct = metadata.distribution("afxdp").read_text("direct_url.json")
+        commit = json.loads(direct or "{}").get("vcs_info", {}).get("commit_id")
+    except (metadata.PackageNotFoundError, ValueError, AttributeError):
+        commit = None
+    return commit if isinstance(commit, str) and commit else UNKNOWN
+
+
+def build_labels() -> dict[str, str]:
+    """``afxdp_build_info``'s labels."""
+    try:
+        libbpf_version = libbpf.version()
+    except libbpf.BpfError:
+        libbpf_version = UNKNOWN  # afxdpd without libbpf serves no device, but still says so
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "libbpf": libbpf_version,
+        "revision": revision(),
+    }
 
 
 class _Live(Collector):
     """Values read from the service when scraped, not kept in step by hand."""
 
-    def __init__(self, devices: DeviceRows) -> None:
-        self._devices = devices
+    def __init__(self, devices: DeviceRows, pools: PoolRows) -> None:
+        self._devices, self._pools = devices, pools
 
     def collect(self) -> Iterator[Metric]:
         devices = GaugeMetricFamily(
@@ -62,9 +129,14 @@ class _Live(Collector):
         allocations = GaugeMetricFamily("afxdp_allocations", "Devices allocated to pods")
         allocations.add_metric([], sum(n for (_, state, _), n in counts.items() if state != "free"))
         yield allocations
-        fds = GaugeMetricFamily("afxdp_open_fds", "File descriptors open in afxdpd")
-        fds.add_metric([], len(os.listdir("/proc/self/fd")))
-        yield fds
+        registered = GaugeMetricFamily(
+            "afxdp_pool_registered",
+            "1 while the pool's device plugin is registered with kubelet, else 0",
+            labels=["pool"],
+        )
+        for pool, now in sorted(self._pools()):
+            registered.add_metric([pool], 1 if now else 0)
+        yield registered
 
 
 @dataclass
@@ -78,12 +150,22 @@ class Metrics:
     reloads: Counter
     config_invalid: Gauge
     restarts_reconciled: Counter
-    fd_limit: Gauge
+    build_info: Gauge
 
     @classmethod
-    def create(cls, devices: DeviceRows = lambda: ()) -> Metrics:
+    def create(cls, devices: DeviceRows = lambda: (), pools: PoolRows = lambda: ()) -> Metrics:
         r = CollectorRegistry()
-        r.register(_Live(devices))
+        r.register(_Live(devices, pools))
+        # The standard process_* metrics (open and max fds, memory, CPU, start
+        # time), in our registry only: prometheus_client's default registry,
+        # which also holds them, is never served.
+        ProcessCollector(registry=r)
+        labels = build_labels()
+        build_info = Gauge(
+            "afxdp_build_info", "1, labelled with what this afxdpd is built of", list(labels),
+            registry=r,
+        )  # fmt: skip
+        build_info.labels(**labels).set(1)
         return cls(
             registry=r,
             allocate=Histogram(
@@ -113,7 +195,7 @@ class Metrics:
             restarts_reconciled=Counter(
                 "afxdp_restart_reconciled", "Allocations taken over from a previous run", registry=r
             ),
-            fd_limit=Gauge("afxdp_fd_limit", "afxdpd's soft RLIMIT_NOFILE", registry=r),
+            build_info=build_info,
         )
 
     @contextmanager
@@ -189,16 +271,34 @@ async def _read_head(stream: SocketStream) -> bytes | None:
     return None
 
 
+class MetricsBindError(AfxdpError):
+    """The metrics address cannot be had. afxdpd exits on it (``Exit.METRICS``):
+    serving on would leave kubelet's liveness probe failing forever, the
+    container restarted again and again with no word why."""
+
+
+async def listen(address: str) -> MultiListener[SocketStream]:
+    """Listeners on ``address``, one per address family it resolves to."""
+    host, port = parse_address(address)
+    try:
+        return await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:  # taken, not ours to bind, or a name that does not resolve
+        raise MetricsBindError(f"cannot listen on {address} for /metrics, /healthz and "
+                               f"/readyz: {exc.strerror or exc}") from exc  # fmt: skip
+
+
 async def serve(
-    address: str,
+    address: str | MultiListener[SocketStream],
     metrics: Metrics,
     ready: Readiness,
     *,
     stats: ServerStats | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; started with the (host, port) actually bound."""
-    host, port = parse_address(address)
+    """Serve on ``address`` (or listeners ``listen`` made, which this closes)
+    until cancelled; started with the (host, port) actually bound. Raises
+    MetricsBindError when the address cannot be had."""
+    multi = await listen(address) if isinstance(address, str) else address
 
     async def answer(stream: SocketStream) -> None:
         head = await _read_head(stream)
@@ -211,9 +311,9 @@ async def serve(
         with anyio.move_on_after(READ_TIMEOUT), suppress(*gone):
             await stream.send(reply)
 
-    multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with multi, anyio.create_task_group() as tg:
         bound = multi.listeners[0].extra(SocketAttribute.local_address)  # noqa: S610
+        name = f"metrics {bound[0]}:{bound[1]}"
         for listener in multi.listeners:  # one per address family the host resolves to
             assert isinstance(listener, SocketListener)  # what create_tcp_listener makes
             tg.start_soon(
@@ -221,7 +321,7 @@ async def serve(
                     serve_listener,
                     listener,
                     answer,
-                    name=f"metrics {address}",
+                    name=name,
                     limit=MAX_CLIENTS,
                     stats=stats,
                     evict=True,  # no client may keep a probe out (issue 19)

@@ -15,6 +15,7 @@ import anyio
 from grpclib.client import Channel
 
 from afxdp.deviceplugin.podresources import api_grpc, api_pb2
+from afxdp.logsetup import about
 from afxdp.uds.handshake import HostCheck, hostname_matches
 
 log = logging.getLogger(__name__)
@@ -154,5 +155,6 @@ class PodResourcesChecker:
                 for devs in container.devices:
                     if devs.resource_name == resource and device in devs.device_ids:
                         return HostCheck.OK
-        log.info("refused %r: no pod of that name holds %s device %s", hostname, resource, device)
+        log.info("refused %r: no pod of that name holds %s device %s", hostname, resource, device,
+                 extra=about(device=device))  # fmt: skip
         return HostCheck.REFUSED

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import SocketStream, TaskGroup, TaskStatus
+from anyio.streams.stapled import MultiListener
 
 from afxdp import cdi, control, inventory, kindnet, metrics, pools, workers
 from afxdp import status as st
@@ -156,7 +157,9 @@ class Service:
     _config_left: threading.Event | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics.create(lambda: self.devices.rows() if self.devices else [])
+        self.metrics = Metrics.create(
+            lambda: self.devices.rows() if self.devices else [], self.pool_registrations
+        )
 
     @property
     def ready(self) -> bool:
@@ -172,7 +175,34 @@ class Service:
             return False, "not registered with kubelet: " + ", ".join(waiting)
         return True, ""
 
+    def pool_registrations(self) -> list[tuple[str, bool]]:
+        """(pool, registered with kubelet now) of every pool served (a removed pool
+        that drains: False), as ``afxdpctl status`` says too."""
+        if self.devices is None:
+            return []
+        return [(name, self._registered(name)) for name in self.devices.pools]
+
+    def _registered(self, name: str) -> bool:
+        reg = self.registrations.get(name)  # none while a removed pool drains
+        return reg is not None and reg.registered
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. The metrics address is bound first: when it
+        cannot be had (``metrics.MetricsBindError``) nothing else has started,
+        and afxdpd exits saying so instead of serving while kubelet's liveness
+        probe, which needs that port, fails forever."""
+        if not self.metrics_address:
+            await self._run(None, task_status=task_status)
+            return
+        async with await metrics.listen(self.metrics_address) as listener:
+            await self._run(listener, task_status=task_status)
+
+    async def _run(
+        self,
+        metrics_listener: MultiListener[SocketStream] | None,
+        *,
+        task_status: TaskStatus[None],
+    ) -> None:
         if self.freeze_heap:
             # Start-up builds every device's state (1,000: hundreds of thousands
             # of objects, nearly all kept), and the collector walked that growing
@@ -211,8 +241,8 @@ class Service:
             self.paths.kubelet_dir / "pod-resources" / "kubelet.sock"
         )
         async with anyio.create_task_group() as tg:
-            if self.metrics_address:
-                await self._serve_metrics(tg)
+            if metrics_listener is not None:
+                await self._serve_metrics(tg, metrics_listener)
             handouts = Handouts(
                 task_group=tg,
                 datapath=KernelDatapath(self.paths.pin_dir),
@@ -278,23 +308,16 @@ class Service:
                         await kindnet.remove(keep_in_use=True)
                 tg.cancel_scope.cancel()
 
-    async def _serve_metrics(self, tg: TaskGroup) -> None:
-        """Start the HTTP endpoints; a port that cannot be had is an error in the log,
-        not a reason for the node's devices to go unserved."""
-        self.metrics.fd_limit.set(self.fd_limit[0])
+    async def _serve_metrics(self, tg: TaskGroup, listener: MultiListener[SocketStream]) -> None:
+        """Serve /metrics, /healthz and /readyz on the listener ``run`` bound."""
         self.servers["metrics"] = ServerStats()
-        try:
-            bound = await tg.start(
-                partial(metrics.serve, stats=self.servers["metrics"]),
-                self.metrics_address,
-                self.metrics,
-                self.readiness,
-            )
-        except OSError as exc:
-            log.error("metrics: cannot listen on %s (%s); serving without them",
-                      self.metrics_address, exc)  # fmt: skip
-        else:
-            log.info("metrics and health on http://%s:%d/", *bound)
+        bound = await tg.start(
+            partial(metrics.serve, stats=self.servers["metrics"]),
+            listener,
+            self.metrics,
+            self.readiness,
+        )
+        log.info("metrics and health on http://%s:%d/", *bound)
 
     async def _say_when_ready(self, summary: str) -> None:
         """ "ready" in the log only once kubelet has every pool registered."""
@@ -491,10 +514,11 @@ class Service:
     def _pool_status(self, name: str, pool: pools.Pool,
                      pods: dict[str, st.PodRef]) -> st.PoolStatus:  # fmt: skip
         reg = self.registrations.get(name)  # none while a removed pool drains
+        prepared = self.devices.handouts.prepared if self.devices else {}
         return st.PoolStatus(
             resource=pool.config.resource_name,
             mode=pool.config.mode,
-            registered=reg.registered if reg else False,
+            registered=self._registered(name),
             registrations=reg.registrations if reg else 0,
             devices=[
                 st.DeviceStatus(
@@ -505,9 +529,12 @@ class Service:
                     fault=d.fault or (pools.UNKNOWN_HOLDER if d.unknown else None),
                     health=st.HEALTHY if d.usable else st.UNHEALTHY,
                     pod=pods.get(d.id) if d.allocated else None,
-                    prepared=self.devices is not None and d.id in self.devices.handouts.prepared,
+                    prepared=program is not None,
+                    xdp_mode=program.mode_name if program else None,
+                    xdp_prog_id=program.prog_id if program else None,
                 )
                 for d in pool.devices.values()
+                for program in [prepared.get(d.id)]
             ],
             name=name,
             draining=self.devices is not None and name in self.devices.draining,

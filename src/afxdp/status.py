@@ -75,6 +75,10 @@ class DeviceStatus(msgspec.Struct):
     health: str | None = None  # HEALTHY or UNHEALTHY: what kubelet is told
     pod: PodRef | None = None  # who holds it, when known
     prepared: bool = False  # a free device already carrying a fresh program of ours
+    # That prepared program: its attach mode (native or generic) and id. An
+    # allocated device's are in its AllocationStatus.
+    xdp_mode: str | None = None
+    xdp_prog_id: int | None = None
 
 
 class PoolStatus(msgspec.Struct):

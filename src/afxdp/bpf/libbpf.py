@@ -133,6 +133,23 @@ def _lib() -> ctypes.CDLL:
     return _load()
 
 
+def version_of(lib: ctypes.CDLL) -> str:
+    """The version a loaded libbpf says it is ("1.1.2"); "older than 0.6" when
+    it cannot say (``libbpf_version_string`` came in 0.6)."""
+    try:
+        fn = lib.libbpf_version_string
+    except AttributeError:
+        return "older than 0.6"
+    fn.restype, fn.argtypes = c_char_p, []
+    raw: bytes = fn()
+    return raw.decode().lstrip("v")
+
+
+def version() -> str:
+    """The version of the libbpf afxdp uses; raises BpfError when it does not load."""
+    return version_of(_lib())
+
+
 def _check(op: str, rc: int, detail: str = "") -> int:
     if rc < 0:
         raise BpfError(op, -rc, detail)

@@ -47,6 +47,7 @@ async def _discover_report(loaded: LoadedConfig, node_name: str) -> dict[str, An
         "netdevs": [msgspec.to_builtins(nd) for nd in netdevs],
         "pools": [
             {
+                "name": p.name,
                 "resource": p.config.resource_name,
                 "mode": p.config.mode,
                 "devices": [d.summary() for d in p.devices.values()],
@@ -57,6 +58,39 @@ async def _discover_report(loaded: LoadedConfig, node_name: str) -> dict[str, An
     }
 
 
+def discover_lines(report: dict[str, Any], *, wide: bool = False) -> list[str]:
+    """Three tables, as ``status`` prints them: the node, its netdevs, the
+    devices each pool would offer (``-o wide``: more columns)."""
+    pools_ = report["pools"]
+    lines = _table(
+        ["NODE", "NETDEVS", "POOLS", "DEVICES"],
+        [(report["node"], len(report["netdevs"]), len(pools_),
+          sum(len(p["devices"]) for p in pools_))],
+    )  # fmt: skip
+    headers = ["NETDEV", "DRIVER", "PCI", "MAC", "STATE", "IPV4"]
+    if wide:
+        headers += ["KIND", "NUMA", "RX-QUEUES", "TX-QUEUES", "VIRTUAL"]
+    rows: list[list[object]] = []
+    for nd in report["netdevs"]:
+        row: list[object] = [nd["name"], nd["driver"] or None, nd["pci"], nd["mac"],
+                             nd["oper_state"], ",".join(nd["ipv4"]) or None]  # fmt: skip
+        if wide:
+            row += [nd["kind"], nd["numa_node"], nd["rx_queues"], nd["tx_queues"],
+                    _yes(nd["virtual"])]  # fmt: skip
+        rows.append(row)
+    lines += ["", *_table(headers, rows)]
+    headers = ["POOL", "RESOURCE", "MODE", "DEVICE", "STATE"]
+    if wide:
+        headers += ["NUMA", "PARENT"]
+    rows = []
+    for p in pools_:
+        for d in p["devices"]:
+            row = [p["name"], p["resource"], p["mode"], d["id"], d["state"]]
+            rows.append([*row, d["numa"], d["parent"]] if wide else row)
+    lines += ["", *_table(headers, rows)]
+    return lines
+
+
 def _discover(args: argparse.Namespace) -> int:
     loaded = load_or_report(args.config)
     if loaded is None:
@@ -64,21 +98,14 @@ def _discover(args: argparse.Namespace) -> int:
     # uvloop on purpose: the service runs on it, so the dry run proves the
     # inventory path works there too.
     report = uvloop.run(_discover_report(loaded, args.node_name))
-    if args.json:
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(report)).decode() + "\n")
-        return Exit.OK
-    print(f"node {report['node']}: {len(report['netdevs'])} netdev(s)")
-    for nd in report["netdevs"]:
-        ips = ",".join(nd["ipv4"]) or "-"
-        print(
-            f"  {nd['name']:<16} driver={nd['driver'] or '-':<12} pci={nd['pci'] or '-':<13} "
-            f"mac={nd['mac'] or '-'} state={nd['oper_state']} ipv4={ips}"
-        )
-    for p in report["pools"]:
-        devs = " ".join(f"{d['id']}({d['state']})" for d in p["devices"])
-        print(f"pool {p['resource']} [{p['mode']}]: {devs}")
-    if not report["pools"]:
-        print("no pools would be advertised on this node")
+    if args.output in DOCUMENTS:
+        code = _print_document(report, args.output)
+        if code != Exit.OK:
+            return code
+    else:
+        print("\n".join(discover_lines(report, wide=args.output == "wide")))
+        if not report["pools"]:
+            print("no pools would be advertised on this node", file=sys.stderr)
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     return Exit.OK
@@ -88,7 +115,30 @@ def _discover(args: argparse.Namespace) -> int:
 # original used when the host could not be served.
 READY, NOT_READY, NOT_RUNNING = Exit.OK, 1, Exit.HOST
 OUTPUTS = ("table", "wide", "json", "yaml")
+DOCUMENTS = ("json", "yaml")  # the whole document, not tables
 NONE = "<none>"  # kubectl's word for an empty cell
+
+
+def _add_output(command: argparse.ArgumentParser, more: str = "") -> None:
+    """``-o table|wide|json|yaml`` and ``--json``, alike on every command that has them."""
+    command.add_argument("-o", "--output", choices=OUTPUTS, default="table",
+                         help="table (default), wide (more columns), json or yaml (the "
+                              f"whole document){more}")  # fmt: skip
+    command.add_argument("--json", dest="output", action="store_const", const="json",
+                         help="the same as -o json")  # fmt: skip
+
+
+def _print_document(doc: object, output: str) -> int:
+    """``doc`` as JSON or YAML on stdout; Exit.CONFIG when YAML cannot be written here."""
+    if output == "json":
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc)).decode() + "\n")
+        return Exit.OK
+    try:
+        sys.stdout.write(msgspec.yaml.encode(doc).decode())
+    except ImportError:
+        print("-o yaml needs PyYAML (pip install PyYAML)", file=sys.stderr)
+        return Exit.CONFIG
+    return Exit.OK
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
@@ -135,7 +185,8 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
         row: list[object] = [pool.label, d.id, state, d.health, d.pod]
         if wide:
             row += [d.numa, d.parent]
-            row += [None] * 5 if a is None else [
+            # A free device may carry its prepared program: say which.
+            row += [d.xdp_mode, d.xdp_prog_id, None, None, None] if a is None else [
                 a.xdp_mode, _prog(a), a.uds_socket or a.pinned_map,
                 a.uds_connections, a.uds_active,
             ]  # fmt: skip
@@ -155,14 +206,10 @@ def _status(args: argparse.Namespace) -> int:
     except msgspec.MsgspecError as exc:
         print(f"what answered on {where} is not afxdpd's status: {exc}", file=sys.stderr)
         return NOT_RUNNING
-    if args.output == "json":
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc)).decode() + "\n")
-    elif args.output == "yaml":
-        try:
-            sys.stdout.write(msgspec.yaml.encode(doc).decode())
-        except ImportError:
-            print("-o yaml needs PyYAML (pip install PyYAML)", file=sys.stderr)
-            return Exit.CONFIG
+    if args.output in DOCUMENTS:
+        code = _print_document(doc, args.output)
+        if code != Exit.OK:
+            return code
     else:
         print("\n".join(status_lines(doc, wide=args.output == "wide")))
     reasons = doc.unready_reasons()
@@ -203,17 +250,12 @@ def parser() -> argparse.ArgumentParser:
     discover.add_argument(
         "--node-name", default=default_node_name(), help="default: $NODE_NAME, else the hostname"
     )
-    discover.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_output(discover)
     discover.set_defaults(func=_discover)
     status = sub.add_parser("status", help="what the running afxdpd offers and has handed out")
     status.add_argument("--run-dir", type=Path, default=Paths().run_dir,
                         help="afxdpd's --run-dir (default: %(default)s)")  # fmt: skip
-    status.add_argument("-o", "--output", choices=OUTPUTS, default="table",
-                        help="table (default), wide (more columns), json or yaml (the "
-                             "whole document); exit 0 ready, 1 not ready, 3 not "
-                             "answering")  # fmt: skip
-    status.add_argument("--json", dest="output", action="store_const", const="json",
-                        help="the same as -o json")  # fmt: skip
+    _add_output(status, "; exit 0 ready, 1 not ready, 3 not answering")
     status.set_defaults(func=_status)
     doctor_p = sub.add_parser(
         "doctor",

@@ -20,7 +20,7 @@ from afxdp.cli.common import Exit, default_node_name, load_or_report
 from afxdp.cli.heap import use_system_malloc
 from afxdp.config import LOG_DIR, refuse_pinned_maps
 from afxdp.kindnet import KindNetError
-from afxdp.metrics import DEFAULT_ADDRESS, parse_address
+from afxdp.metrics import DEFAULT_ADDRESS, MetricsBindError, parse_address
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths, Service
 
@@ -219,13 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # A part that fails to start reaches us inside its task groups' groups.
         failures = list(_leaves(exc))
-        if not all(isinstance(e, KindNetError | OSError) for e in failures):
+        if not all(isinstance(e, KindNetError | MetricsBindError | OSError) for e in failures):
             raise
         for failure in failures:
             if isinstance(failure, KindNetError):
                 log.error("kind network: %s", failure)
+            elif isinstance(failure, MetricsBindError):
+                log.error("%s; exiting (another process has the port? pick another with "
+                          "--metrics-address, and the probes' port with it)", failure)  # fmt: skip
             else:
                 log.error("start-up failed: %s", failure)
+        if any(isinstance(e, MetricsBindError) for e in failures):
+            return Exit.METRICS
         if any(isinstance(e, KindNetError) for e in failures):
             return Exit.KIND
         return Exit.POOL

@@ -23,6 +23,7 @@ class Exit(enum.IntEnum):
     POOL = 4
     KIND = 5  # the kind network cannot be built
     RUNNING = 6  # another afxdpd already serves the run dir (not in the original)
+    METRICS = 7  # the metrics address cannot be had (not in the original)
 
 
 def default_node_name() -> str:

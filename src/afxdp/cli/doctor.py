@@ -23,6 +23,7 @@ from pathlib import Path
 
 import msgspec
 
+from afxdp.bpf import libbpf
 from afxdp.bpf.pinning import fs_type
 from afxdp.inventory import unprivileged_bpf_disabled
 
@@ -89,19 +90,13 @@ def _af_xdp() -> tuple[str | None, int | None]:
 
 
 def _libbpf() -> tuple[str | None, str | None]:
-    # Not through afxdp.bpf.libbpf: that module loads the library at import and
-    # raises when it cannot, and here a missing library is a fact to report.
+    # Loaded here, not through libbpf.version(): a library that does not load is
+    # a fact to report in dlopen's own words.
     try:
-        lib = ctypes.CDLL("libbpf.so.1")
+        lib = ctypes.CDLL(libbpf.LIBRARY)
     except OSError as exc:
         return None, str(exc)
-    try:
-        fn = lib.libbpf_version_string  # libbpf 0.6 and newer
-    except AttributeError:
-        return "older than 0.6", None
-    fn.restype, fn.argtypes = ctypes.c_char_p, []
-    raw: bytes = fn()
-    return raw.decode().lstrip("v"), None
+    return libbpf.version_of(lib), None
 
 
 def _xdp_object() -> str | None:

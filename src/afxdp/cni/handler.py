@@ -77,6 +77,7 @@ from afxdp.cni.netconf import (
     version_tuple,
 )
 from afxdp.errors import AfxdpError
+from afxdp.logsetup import about
 from afxdp.netns import run_in
 from afxdp.workers import Work, run_sync
 
@@ -184,6 +185,7 @@ def _leaked(record: Attachment, missing: CniError) -> None:
         "store, or reinstall the plugin and run its DEL with the same netconf",
         record.container_id, record.ifname, record.network, record.device,
         ", ".join(ips) or "unknown (the ADD did not finish)", missing,
+        extra=about(device=record.device),
     )  # fmt: skip
 
 
@@ -331,7 +333,8 @@ class CniHandler:
                 record = self.store.get(key)
                 problems = await self._undo(record, env.path) if record else []
             for problem in problems:
-                log.error("ADD %s: rollback step failed: %s", dev, problem)
+                log.error("ADD %s: rollback step failed: %s", dev, problem,
+                          extra=about(device=dev))  # fmt: skip
             if isinstance(exc, (*_STEP_ERRORS, CniError)):
                 undone = "everything was undone"
                 if problems:
@@ -390,7 +393,8 @@ class CniHandler:
         mac = await _in(netns, link.setup, dev, ips, routes)
         out = results.build(conf.cni_version, ipam_result, dev, mac, netns)
         await self._note(key, result=out, complete=True)
-        log.info("ADD %s: %s moved into %s", env.container_id, dev, netns)
+        log.info("ADD %s: %s moved into %s", env.container_id, dev, netns,
+                 extra=about(device=dev))  # fmt: skip
         return out
 
     async def _ethtool(
@@ -525,11 +529,13 @@ class CniHandler:
                     doc = json.dumps(record.netconf).encode()
                     keep_xdp = parse_netconf(doc, "DEL").skip_unload_bpf
             except Exception as exc:  # still told, with the default
-                log.warning("%s: the recorded netconf is unreadable: %s", dev, exc)
+                log.warning("%s: the recorded netconf is unreadable: %s", dev, exc,
+                            extra=about(device=dev))  # fmt: skip
             try:
                 await self.devices.came_home(dev, keep_xdp)
             except Exception:
-                log.exception("%s: telling the device side it came home failed", dev)
+                log.exception("%s: telling the device side it came home failed", dev,
+                              extra=about(device=dev))  # fmt: skip
             try:
                 current = self.store.get(record.key)
                 if current is None or not current.home:
@@ -539,7 +545,8 @@ class CniHandler:
                 else:
                     await self.store.remove(current.key)
             except Exception:
-                log.exception("%s: dropping the attachment record's home note failed", dev)
+                log.exception("%s: dropping the attachment record's home note failed", dev,
+                              extra=about(device=dev))  # fmt: skip
 
     async def _settled(self, *devices: str) -> None:
         """Wait until the device side has been told about each of ``devices``
@@ -562,10 +569,11 @@ class CniHandler:
         if record is None or record.device != dev:
             # Not this container's device (or DEL repeated): nothing of ours to undo.
             log.info("DEL %s/%s: holds no attachment of %s; nothing to do",
-                     env.container_id, env.ifname, dev)  # fmt: skip
+                     env.container_id, env.ifname, dev, extra=about(device=dev))  # fmt: skip
             return
         problems = await self._undo(record, env.path)
-        log.info("DEL %s: %s undone%s", env.container_id, dev, " with errors" if problems else "")
+        log.info("DEL %s: %s undone%s", env.container_id, dev,
+                 " with errors" if problems else "", extra=about(device=dev))  # fmt: skip
         if problems:
             raise _summary(problems)
 
@@ -602,11 +610,13 @@ class CniHandler:
         for record in self.store.all():
             if record.network != conf.name or record.key in valid:
                 continue
-            log.info("GC: %s/%s (%s) is stale", record.container_id, record.ifname, record.device)
+            log.info("GC: %s/%s (%s) is stale", record.container_id, record.ifname,
+                     record.device, extra=about(device=record.device))  # fmt: skip
             async with self._locked(f"container:{record.container_id}", f"dev:{record.device}"):
                 await self._settled(record.device)
                 current = self.store.get(record.key)
                 if current is None:
                     continue  # a DEL got there first
                 for problem in await self._undo(current, env.path):
-                    log.warning("GC %s: %s", record.container_id, problem)
+                    log.warning("GC %s: %s", record.container_id, problem,
+                                extra=about(device=record.device))  # fmt: skip

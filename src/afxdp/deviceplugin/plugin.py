@@ -18,6 +18,7 @@ from afxdp.deviceplugin.v1beta1 import api_grpc
 from afxdp.deviceplugin.v1beta1 import api_pb2 as pb
 from afxdp.devices import AllocateFailed, Devices
 from afxdp.errors import DeviceError
+from afxdp.logsetup import about
 from afxdp.metrics import Metrics
 from afxdp.pools import Pool, preferred
 
@@ -126,14 +127,16 @@ class PoolPlugin(api_grpc.DevicePluginBase):
         def took() -> str:
             return f"{(time.perf_counter() - start) * 1000:.1f} ms"
 
+        concerns = about(pool=self.pool_name, device=",".join(all_ids))
         try:
             handouts = await self.devices.allocate(self.pool_name, all_ids)
         except DeviceError as exc:
-            log.warning("%s: Allocate %s refused in %s: %s", self.pool_name, all_ids, took(), exc)
+            log.warning("%s: Allocate %s refused in %s: %s", self.pool_name, all_ids, took(), exc,
+                        extra=concerns)  # fmt: skip
             raise GRPCError(Status.FAILED_PRECONDITION, f"{self.pool_name}: {exc}") from None
         except AllocateFailed as exc:
             log.error("%s: Allocate %s failed in %s, rolled back: %s",
-                      self.pool_name, all_ids, took(), exc)  # fmt: skip
+                      self.pool_name, all_ids, took(), exc, extra=concerns)  # fmt: skip
             raise GRPCError(Status.INTERNAL, f"{self.pool_name}: {exc}") from None
         mounts = {h.device: h.mounts for h in handouts}
         responses = []
@@ -147,5 +150,5 @@ class PoolPlugin(api_grpc.DevicePluginBase):
                 for host, container in mounts[dev_id]:
                     resp.mounts.append(pb.Mount(container_path=container, host_path=host))
             responses.append(resp)
-        log.info("%s: allocated %s in %s", self.pool_name, all_ids, took())
+        log.info("%s: allocated %s in %s", self.pool_name, all_ids, took(), extra=concerns)
         await stream.send_message(pb.AllocateResponse(container_responses=responses))

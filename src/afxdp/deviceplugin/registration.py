@@ -20,6 +20,7 @@ from grpclib.server import Server
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.v1beta1 import api_grpc
 from afxdp.deviceplugin.v1beta1 import api_pb2 as pb
+from afxdp.logsetup import about
 from afxdp.sockfile import FileId, clear_stale, file_id, remove_own
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Registration:
         self.kubelet_socket = self.dir / "kubelet.sock"
         self.registered = False
         self.registrations = 0
+        self.concerns = about(pool=plugin.pool_name)  # what its log lines are about
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve and stay registered until cancelled; started once first serving."""
@@ -52,7 +54,8 @@ class Registration:
                     started = True
                 kubelet_inode = await self._register()
                 await self._watch(ours, kubelet_inode)
-                log.info("%s: kubelet restarted or our socket vanished; serving again", self.socket)
+                log.info("%s: kubelet restarted or our socket vanished; serving again",
+                         self.socket, extra=self.concerns)  # fmt: skip
             finally:
                 self.registered = False
                 server.close()
@@ -78,7 +81,7 @@ class Registration:
                 if not wait or exc.errno != errno.EADDRINUSE:
                     raise
                 if not said:
-                    log.warning("%s; serving again once it is gone", exc)
+                    log.warning("%s; serving again once it is gone", exc, extra=self.concerns)
                     said = True
                 await anyio.sleep(RETRY)
         # (The event loop too removes a socket file it finds at the path, in the
@@ -104,10 +107,11 @@ class Registration:
                 else:
                     self.registered = True
                     self.registrations += 1
-                    log.info("registered %s at %s", resource, self.socket.name)
+                    log.info("registered %s at %s", resource, self.socket.name,
+                             extra=self.concerns)  # fmt: skip
                     return kubelet_inode
             if problem != said:
-                log.warning("%s", problem)
+                log.warning("%s", problem, extra=self.concerns)
                 said = problem
             await anyio.sleep(RETRY)
 

@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup
 
 from afxdp import contracts
 from afxdp.confine import confined
+from afxdp.logsetup import about
 from afxdp.sockfile import FileId, clear_stale, file_id, remove_own
 from afxdp.uds import handshake as hs
 from afxdp.unixserver import BACKOFF_MIN, TRANSIENT_ACCEPT_ERRORS, Backoff
@@ -220,6 +221,7 @@ class UdsServer:
         count: Callable[[str], None] | None = None,
     ) -> None:
         self.netdev = netdev
+        self.concerns = about(device=netdev)  # what its log lines are about
         self.map_fd = map_fd
         self.path = path
         self.check_host = check_host
@@ -305,7 +307,8 @@ class UdsServer:
         if delay == BACKOFF_MIN:  # once per streak, not once per retry
             expected = exc.errno in TRANSIENT_ACCEPT_ERRORS
             log.log(logging.WARNING if expected else logging.ERROR,
-                    "%s: accept failed (%s); backing off", self.netdev, exc)  # fmt: skip
+                    "%s: accept failed (%s); backing off", self.netdev, exc,
+                    extra=self.concerns)  # fmt: skip
         await anyio.sleep(delay)
 
     def _admit(self, tg: TaskGroup, conn: socket.socket) -> None:
@@ -324,7 +327,7 @@ class UdsServer:
         self.count("refused")
         if self.refused == 1 or self.refused % 100 == 0:  # a flood must not flood the log
             log.warning("%s: refused a connection (%s; %d so far)", self.netdev, reason,
-                        self.refused)  # fmt: skip
+                        self.refused, extra=self.concerns)  # fmt: skip
 
     def close(self, *, keep_dir: bool = False) -> None:
         """Stop listening and remove the socket file if it is still the one this
@@ -360,7 +363,7 @@ class UdsServer:
                 await self._converse(conn)
             except (OSError, TimeoutError) as exc:  # the peer's doing, not a bug
                 self._failed()
-                log.info("%s: connection ended: %s", self.netdev, exc)
+                log.info("%s: connection ended: %s", self.netdev, exc, extra=self.concerns)
 
     def _failed(self) -> None:
         self.failed += 1
@@ -371,7 +374,7 @@ class UdsServer:
         if uid not in (0, self.uid):
             self.denied += 1
             self.count("denied")
-            log.warning("%s: refused a peer with uid %d", self.netdev, uid)
+            log.warning("%s: refused a peer with uid %d", self.netdev, uid, extra=self.concerns)
             return
         self.connections += 1
         self.count("accepted")
@@ -380,7 +383,8 @@ class UdsServer:
             with anyio.move_on_after(self.idle_timeout) as idle:
                 data, fds = await _recv(conn)
             if idle.cancelled_caught:
-                log.info("%s: connection idle for %ss; closed", self.netdev, self.idle_timeout)
+                log.info("%s: connection idle for %ss; closed", self.netdev, self.idle_timeout,
+                         extra=self.concerns)  # fmt: skip
                 return
             # Received fds are ours from here on (_recv has no await after its
             # recvmsg): closed whatever happens next (a failed reply, a bug,
