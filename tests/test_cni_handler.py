@@ -45,10 +45,13 @@ class FakeDeviceSide:
         self.broken = False  # device_allocated raises: a bug on the device side
         self.ensured: list[str] = []  # devices whose program was made sure of
         self.programless: set[str] = set()  # devices whose program cannot be put back
+        self.unknown: set[str] = set()  # devices whose holder kubelet has not said yet
 
     def device_allocated(self, device: str) -> bool | None:
         if self.broken:
             raise RuntimeError("device side bug")
+        if device in self.unknown:
+            raise DeviceError("who holds it is not known yet (fake)")
         return self.allocated.get(device)
 
     async def came_home(self, device: str, keep_xdp: bool) -> None:
@@ -571,6 +574,9 @@ async def test_each_add_refusal_says_why_with_its_code_and_leaves_nothing(setup:
     assert await refusal(d2) == doc(
         7, f"deviceID: {d2} is not allocated to a pod (kubelet has not called Allocate for it)"
     )
+    setup.side.unknown.add(d2)  # the state record was unreadable: kubelet is asked first
+    assert await refusal(d2) == doc(11, f"deviceID: {d2}: who holds it is not known yet (fake)")
+    setup.side.unknown.clear()
     assert await refusal(d0, netns="/run/netns/afxdp-none") == doc(
         3, "network namespace /run/netns/afxdp-none does not exist"
     )

@@ -427,7 +427,10 @@ class DeviceMachine(RuleBasedStateMachine):
         """CNI ADD at the DeviceSide level: refused unless afxdpd counts the
         device allocated; else the link moves into the pod's netns."""
         pod.added = True
-        if self.devices.device_allocated(pod.device) is not True:
+        try:
+            if self.devices.device_allocated(pod.device) is not True:
+                return
+        except DeviceError:  # not known yet (kubelet not asked): code 11
             return
         if self.links[pod.device] not in ("up", "down"):
             return  # no such link here: the CNI fails

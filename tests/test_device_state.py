@@ -1021,6 +1021,8 @@ async def test_an_untrusted_record_leaves_every_device_unknown_until_kubelet_say
         n.datapath.in_pods.add("b")  # in its pod's netns: nothing of it is seen
         n.devices.distrust()
         assert _states(pool) == dict.fromkeys("abc", "unknown")
+        with pytest.raises(DeviceError, match=f"who holds it is not known yet: {UNKNOWN_HOLDER}"):
+            n.devices.device_allocated("a")  # a CNI ADD: code 11, try again
         assert {d.usable for d in pool.devices.values()} == {False}  # kubelet: Unhealthy
         for ids in (["c"], ["a", "c"]):
             with pytest.raises(DeviceError, match=f"c: {UNKNOWN_HOLDER}"):

@@ -53,7 +53,7 @@ from afxdp.inventory import NetDev
 from afxdp.logsetup import about
 from afxdp.netdev import name_problem
 from afxdp.netwatch import Change, LinkEvent
-from afxdp.pools import DeviceState, Pool, PoolDevice
+from afxdp.pools import UNKNOWN_HOLDER, DeviceState, Pool, PoolDevice
 from afxdp.state import Allocation, Record
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,11 @@ class Devices:
         return found
 
     def device_allocated(self, device: str) -> bool | None:
-        """Whether ``device`` is allocated; None when no pool has it."""
+        """Whether ``device`` is allocated; None when no pool has it. DeviceError
+        when that is not known yet (rule 4: kubelet has not said who holds it)."""
         found = self.find(device)
+        if found is not None and found[1].unknown:
+            raise DeviceError(f"who holds it is not known yet: {UNKNOWN_HOLDER}")
         return found[1].allocated if found else None
 
     def describe(self, device: str) -> dict[str, Any]:

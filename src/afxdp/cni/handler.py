@@ -94,7 +94,8 @@ class DeviceSide(Protocol):
     def ready(self) -> bool: ...
 
     def device_allocated(self, device: str) -> bool | None:
-        """Whether ``device`` is allocated; None when no pool has it."""
+        """Whether ``device`` is allocated; None when no pool has it. AfxdpError
+        saying why when that is not known yet (afxdpd waits for kubelet's word)."""
         ...
 
     async def came_home(self, device: str, keep_xdp: bool) -> None:
@@ -279,7 +280,10 @@ class CniHandler:
 
     async def add(self, env: Env, conf: NetConf) -> dict[str, Any]:
         dev = conf.device_id
-        allocated = self.devices.device_allocated(dev)
+        try:
+            allocated = self.devices.device_allocated(dev)
+        except AfxdpError as exc:  # not known yet: a retry may find it allocated
+            raise CniError(TRY_AGAIN_LATER, f"deviceID: {dev}: {exc}") from exc
         if allocated is None:
             raise CniError(
                 INVALID_CONFIG, f"deviceID: {dev} is not a device of any afxdp pool here"
