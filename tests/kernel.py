@@ -181,7 +181,7 @@ _MNT_DETACH = 2
 class HungFile:
     """A regular file (``path``) on a FUSE filesystem this object serves on
     /dev/fuse itself: lookups, stats and opens are answered, reads never are,
-    as on a hung network filesystem. ``reading`` is set once a read waits. On
+    as on a hung network filesystem (stats too with ``stat_hangs``). ``reading`` is set once a read waits. On
     exit the filesystem goes and the waiting reads fail (ECONNABORTED)."""
 
     NAME = "config.json"
@@ -190,6 +190,10 @@ class HungFile:
         self.mountpoint = mountpoint
         self.path = mountpoint / self.NAME
         self.reading = threading.Event()
+        # Whether a stat of the file (its lookup) hangs too; ``stating`` is set
+        # once one waits.
+        self.stat_hangs = False
+        self.stating = threading.Event()
         self._fd = -1
         self._stop_r, self._stop_w = os.pipe()
 
@@ -242,6 +246,9 @@ class HungFile:
                 self._reply(unique, struct.pack("=IIIIHHIIHHI7I", 7, 31, readahead, 0, 0, 0,
                                                 1 << 16, 1, 0, 0, 0, *[0] * 7))  # fmt: skip
             elif op == _LOOKUP and node == 1 and body.rstrip(b"\0") == self.NAME.encode():
+                if self.stat_hangs:
+                    self.stating.set()  # and never answered
+                    continue
                 self._reply(unique, struct.pack("=QQQQII", 2, 0, 0, 0, 0, 0) + self._attr(2))
             elif op == _GETATTR:
                 self._reply(unique, struct.pack("=QII", 0, 0, 0) + self._attr(node))

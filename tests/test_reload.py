@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from typing import Any
 import anyio
 import pytest
 
-from afxdp import control, service
+from afxdp import control, service, workers
 from afxdp.config import load_config
+from afxdp.workers import Work
 from tests.kernel import HungFile, Lab, ip
 from tests.kubelet import FakeKubelet
 from tests.node import NodeUnderTest, running
@@ -234,6 +236,43 @@ async def test_a_fifo_in_place_of_the_config_fails_its_reloads_at_once_and_never
         assert list(svc.devices.pools) == ["pool1"]  # the running config stays
         assert svc.metrics.config_invalid._value.get() == 1
         assert svc.metrics.reloads.labels("invalid")._value.get() == 2
+
+
+@pytest.mark.anyio
+async def test_a_config_stat_that_hangs_costs_the_watch_one_thread_and_no_disk_worker(
+    tmp_path: Path,
+    lab: Lab,
+    devices: list[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file watch's stat on a hung filesystem: abandoned at the deadline (a
+    thread of its own, not one of the durable records' two), not repeated while
+    it hangs, and Allocate goes on."""
+    d0, d1, _ = devices
+    node = NodeUnderTest(tmp_path, lab, [d0, d1], {"pools": [_pool("pool1", [d0, d1])]})
+    monkeypatch.setattr(service, "CONFIG_READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(service, "CONFIG_POLL", 0.1)
+    async with running(node):
+        svc = node.service
+        assert svc is not None
+        # The filesystem goes first whatever happens (the stat waiting on it then
+        # fails), so a watch stuck in it cannot hold the task group's exit.
+        async with anyio.create_task_group() as tg:
+            with HungFile(tmp_path / "mnt") as hung:
+                hung.stat_hangs = True
+                tg.start_soon(svc._watch_config, hung.path)
+                with anyio.fail_after(10):
+                    while "not watched until it answers" not in caplog.text:
+                        await anyio.sleep(0.05)
+                assert hung.stating.is_set()  # the stat really did hang
+                assert workers.limiter(Work.DISK).borrowed_tokens == 0
+                await anyio.sleep(1.0)  # polls meanwhile: none starts a second hung stat
+                stuck = [t for t in threading.enumerate() if t.name == "config-stat"]
+                assert len(stuck) == 1, stuck
+                resp = await node.allocate(d0)
+                assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": d0}
+                tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio

@@ -16,9 +16,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -61,6 +63,11 @@ CONFIG_POLL, CONFIG_SETTLE = 1.0, 0.3
 CONFIG_READ_TIMEOUT = 5.0
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _Hung(Exception):
+    """A call on the config file did not return in time, or one before it has not."""
 
 
 @dataclass(frozen=True)
@@ -390,31 +397,44 @@ class Service:
                 described = now
 
     async def _read_config(self, path: Path) -> LoadedConfig:
-        """The config at ``path``, read in a thread of its own within
-        CONFIG_READ_TIMEOUT; one read at a time (SIGHUP and the file watch may
+        """The config at ``path``, read within CONFIG_READ_TIMEOUT (``_on_config_fs``)."""
+
+        def read() -> LoadedConfig:
+            loaded = load_config_file(path)
+            if not self.pinned_maps:
+                refuse_pinned_maps(loaded.config)
+            return loaded
+
+        try:
+            return await self._on_config_fs("config-read", read)
+        except _Hung as exc:
+            raise ConfigError([ConfigIssue(str(path), str(exc))]) from None
+
+    async def _on_config_fs(self, name: str, fn: Callable[[], T]) -> T:
+        """``fn`` (a read or stat of the config file) in a thread of its own,
+        within CONFIG_READ_TIMEOUT; one at a time (SIGHUP and the file watch may
         come at once), and none while one left behind has not returned, so a
-        hung filesystem costs one thread, not one per reload."""
+        hung filesystem costs one thread, not one per reload or poll. _Hung
+        says which of the two it was."""
         async with self._config_reading:
             if self._config_left is not None and not self._config_left.is_set():
-                raise ConfigError([ConfigIssue(str(path), "the read an earlier reload left "
-                                   "behind has not returned (a hung filesystem?)")])  # fmt: skip
+                raise _Hung("the read an earlier reload left behind has not returned "
+                            "(a hung filesystem?)")  # fmt: skip
             done = threading.Event()
 
-            def read() -> LoadedConfig:
+            def call() -> T:
                 try:
-                    loaded = load_config_file(path)
-                    if not self.pinned_maps:
-                        refuse_pinned_maps(loaded.config)
-                    return loaded
+                    return fn()
                 finally:
                     done.set()
 
             try:
-                return await workers.run_detached("config-read", read, timeout=CONFIG_READ_TIMEOUT)
+                return await workers.run_detached(name, call, timeout=CONFIG_READ_TIMEOUT)
             except TimeoutError:
                 self._config_left = done
-                late = f"not read within {CONFIG_READ_TIMEOUT:g} s (a hung filesystem?)"
-                raise ConfigError([ConfigIssue(str(path), late)]) from None
+                raise _Hung(
+                    f"not read within {CONFIG_READ_TIMEOUT:g} s (a hung filesystem?)"
+                ) from None
 
     async def reload(self) -> bool:
         """Read the config file again and apply it; False (and the old config
@@ -475,14 +495,21 @@ class Service:
                 return None
             return st.st_ino, st.st_mtime_ns, st.st_size
 
-        last = await workers.run_sync(Work.DISK, seen)
+        async def look() -> tuple[int, int, int] | None:
+            try:  # a stat on a hung filesystem must not take a DISK thread for good
+                return await self._on_config_fs("config-stat", seen)
+            except _Hung as exc:
+                log.warning("%s: %s; not watched until it answers", path, exc)
+                return None
+
+        last = await look()
         while True:
             await anyio.sleep(CONFIG_POLL)
-            now = await workers.run_sync(Work.DISK, seen)
+            now = await look()
             if now is None or now == last:
                 continue
             await anyio.sleep(CONFIG_SETTLE)  # let a writer finish
-            last = await workers.run_sync(Work.DISK, seen)
+            last = await look()
             if last is not None:
                 log.info("%s changed; reloading", path)
                 await self.reload()
