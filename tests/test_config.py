@@ -345,6 +345,19 @@ def test_parse_mac_follows_go(text: str, expected: str | None) -> None:
     assert parse_mac(text) == expected
 
 
+@pytest.mark.parametrize("depth", [62, 100_000])
+def test_nesting_past_64_levels_is_one_error_at_its_json_path(depth: int) -> None:
+    # pools[0].x is at level 4: 62 levels there are 65 in all, which a decoder
+    # takes; 100000 meet its recursion limit. The bound, and the error, are ours.
+    def nested(n: int) -> bytes:
+        return doc(devices=[{"name": "d"}]).replace(b'"cdq"', b'"cdq", "x": ' + b"[" * n + b"]" * n)
+
+    data = nested(depth)
+    at = data.index(b"[" * 62) + 61
+    assert errors_of(data) == [f"pools[0].x{'[0]' * 61}: nests deeper than 64 levels (byte {at})"]
+    assert valid(nested(61))  # 64 levels in all: taken (the unknown key is a warning)
+
+
 def test_invalid_utf8_is_reported_at_each_json_path_key_or_value() -> None:
     data = (
         b'{"pools": [{"name": "caf\xe9", "mode": "primary", '
