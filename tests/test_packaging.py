@@ -3,11 +3,14 @@ commands say which extra they need, and libbpf is loaded on first use."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import pyroute2
 import pytest
 
 from afxdp.bpf import libbpf
@@ -69,3 +72,24 @@ def test_a_missing_libbpf_is_a_clear_error_at_first_use(monkeypatch: pytest.Monk
         assert "apt install libbpf1" in str(err.value)
     finally:
         libbpf._lib.cache_clear()
+
+
+def test_afxdp_takes_pyroute2_names_from_its_top_level_only() -> None:
+    """``from pyroute2 import NetlinkError``, never ``pyroute2.netlink.exceptions``:
+    the top level is what pyroute2 exports; the module a name lives in is its
+    own business and moves between releases."""
+    src = Path(libbpf.__file__).parents[1]  # src/afxdp
+    deep: list[str] = []
+    names: set[str] = set()
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pyroute2"):
+                if node.module != "pyroute2":
+                    deep.append(f"{path.relative_to(src)}:{node.lineno}: {node.module}")
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.Import):
+                deep += [f"{path.relative_to(src)}:{node.lineno}: {a.name}"
+                         for a in node.names if a.name.startswith("pyroute2.")]  # fmt: skip
+    assert deep == []
+    assert "NetlinkError" in names
+    assert all(hasattr(pyroute2, name) for name in names)  # in the locked version
