@@ -330,24 +330,49 @@ def test_status_with_a_dead_socket_or_a_stranger_answering_exits_3(
     assert err == f"afxdpd is not answering on {path}: Connection refused\n"
 
     path.unlink()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
-        stranger.bind(str(path))
-        stranger.listen()
-
-        def answer() -> None:
-            conn, _ = stranger.accept()
-            with conn:
-                conn.sendall(b'{"hello": "world"}')
-
-        thread = threading.Thread(target=answer)
-        thread.start()
-        try:
-            assert afxdpctl.main(["status", "--run-dir", str(tmp_path)]) == 3
-        finally:
-            thread.join(timeout=10)
+    assert _status_from_a_stranger(tmp_path, b'{"hello": "world"}') == 3
     _, err = capsys.readouterr()
     assert err.startswith(f"what answered on {path} is not afxdpd's status: ")
     assert "node" in err  # names the missing field
+
+
+def _status_from_a_stranger(run_dir: Path, answer: bytes) -> int:
+    """``afxdpctl status``'s exit code when what listens on the control socket
+    answers ``answer``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
+        stranger.bind(str(run_dir / "control.sock"))
+        stranger.listen()
+
+        def serve() -> None:
+            conn, _ = stranger.accept()
+            with conn:
+                conn.sendall(answer)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            return afxdpctl.main(["status", "--run-dir", str(run_dir)])
+        finally:
+            thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        # Deep enough for the decoder to meet the recursion limit (RecursionError).
+        (b'{"node": "n", "ready": true, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+         f"nests deeper than 64 levels (at x{'[0]' * 63}, byte {34 + 63})"),
+        (b'{"node": "\xff", "ready": true}', "not UTF-8 (byte 10)"),
+    ],
+    ids=["too-deep", "not-utf8"],
+)  # fmt: skip
+def test_status_from_a_stranger_nested_too_deep_or_not_utf8_exits_3_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: bytes, why: str
+) -> None:
+    assert _status_from_a_stranger(tmp_path, answer) == 3
+    _, err = capsys.readouterr()
+    path = tmp_path / "control.sock"
+    assert err == f"what answered on {path} is not afxdpd's status: {why}\n"
 
 
 def test_status_document_of_an_older_afxdpd_decodes_and_unknown_fields_are_ignored() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import NetlinkError
 
 from afxdp import control
 from afxdp.bpf import libbpf

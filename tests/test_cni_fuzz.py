@@ -16,7 +16,6 @@ from afxdp.cni.netconf import (
     COMMANDS,
     DEVICE_WORD,
     ETHTOOL_SUBCOMMANDS,
-    MAX_DEPTH,
     SUPPORTED_VERSIONS,
     Env,
     NetConf,
@@ -24,6 +23,7 @@ from afxdp.cni.netconf import (
     parse_netconf,
     peek_version,
 )
+from afxdp.jsondepth import MAX_DEPTH
 
 NETCONF_CODES = {1, 2, 6, 7}  # version, unsupported field, decode, invalid config
 KEYS = ["cniVersion", "name", "type", "mode", "deviceID", "ipam", "ethtoolCmds", "logFile",
@@ -97,6 +97,7 @@ def test_netconf_nesting_past_the_bound_is_code_6(depth: int) -> None:
         parse_netconf(conf, "ADD")
     except CniError as exc:
         assert exc.code == 6 and depth + 1 > MAX_DEPTH, exc
+        assert exc.msg == f"network configuration nests deeper than {MAX_DEPTH} levels", exc
     else:
         assert depth + 1 <= MAX_DEPTH
 

@@ -250,7 +250,7 @@ async def test_a_peer_idling_past_the_read_timeout_gets_code_6_and_the_server_ke
         ),
         pytest.param(
             add_request(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-            "not valid JSON",
+            "deeper than 64",
             id="100000-levels",
         ),
     ],
@@ -425,6 +425,22 @@ async def test_ipam_junk_output_is_a_clean_code_5_error_quoting_it(
     fake_plugin(tmp_path, "fake-ipam-junk", body)
     err = await ipam_add(tmp_path, "fake-ipam-junk")
     assert err.code == 5 and text in f"{err.msg} {err.details}", err
+
+
+@pytest.mark.parametrize("depth", [64, 100_000])
+async def test_ipam_output_nested_past_the_bound_is_a_code_5_error_saying_so(
+    tmp_path: Path, depth: int
+) -> None:
+    # 64 levels inside the result object: 65 in all, which a decoder takes;
+    # 100000: where a decoder meets the recursion limit. The bound is ours.
+    nested = "[" * depth + "]" * depth
+    (tmp_path / "out.json").write_text(
+        '{"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/24"}], "x": ' + nested + "}"
+    )
+    fake_plugin(tmp_path, "fake-ipam-deep", f"cat {tmp_path}/out.json")
+    err = await ipam_add(tmp_path, "fake-ipam-deep")
+    assert err.code == 5, err
+    assert "printed no JSON object (nests deeper than 64 levels (at x" in err.msg, err
 
 
 async def test_ipam_cni_error_code_is_passed_through(tmp_path: Path) -> None:

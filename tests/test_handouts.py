@@ -541,13 +541,15 @@ async def test_an_allocate_once_the_service_ended_is_undone_without_waiting_on_a
 ) -> None:
     datapath = Recorder()
     async with anyio.create_task_group() as ended:
-        pass
-    handouts = Handouts(task_group=ended, datapath=datapath, uds_dir=tmp_path / "uds",
-                        pin_dir=tmp_path / "pins", check_host=_check,
-                        secondary=FakeSubfunctions(), netdev_of=lambda _: None)  # fmt: skip
-    with anyio.fail_after(5), pytest.raises(RuntimeError, match="not active"):
+        handouts = Handouts(task_group=ended, datapath=datapath, uds_dir=tmp_path / "uds",
+                            pin_dir=tmp_path / "pins", check_host=_check,
+                            secondary=FakeSubfunctions(), netdev_of=lambda _: None)  # fmt: skip
+        await handouts.shutdown()  # as the service does before its task group ends
+    with anyio.fail_after(5), pytest.raises(DeviceError) as info:
         await handouts.start(_pool("a"), ["a"])
-    assert datapath.log == ["attach a", "listen a", "close a", "detach a"]
+    assert str(info.value) == "a: afxdpd is stopping"
+    assert datapath.log == ["attach a", "detach a"]  # no server was made, no task started
+    assert handouts.handouts == {}
 
 
 async def test_background_work_that_fails_is_logged_and_the_service_goes_on(

@@ -127,6 +127,37 @@ async def test_an_unreadable_file_is_moved_aside_and_not_trusted(
     assert "a change line without put or remove" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        # Deep enough for the decoder to meet the recursion limit (RecursionError).
+        (b'{"remove": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+         "nests deeper than 64 levels (at x"),
+        # One level past the bound: the decoder would take it; the bound is ours.
+        (b'{"remove": "a", "x": ' + b"[" * 64 + b"]" * 64 + b"}", "nests deeper than 64"),
+        (b'{"remove": "\xff"}', "not UTF-8: byte 12 of a line"),
+    ],
+    ids=["recursion-deep", "one-past-the-bound", "not-utf8"],
+)  # fmt: skip
+async def test_a_line_too_deep_or_not_utf8_is_moved_aside_like_any_unreadable_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, line: bytes, why: str
+) -> None:
+    store = StateStore(tmp_path)
+    await store.put([_alloc("a")])
+    path = tmp_path / "state.json"
+    with path.open("ab") as f:
+        f.write(line + b"\n")
+    with caplog.at_level(logging.ERROR, logger="afxdp.state"):
+        assert StateStore(tmp_path).load().allocations == {}
+    assert "state.json is unreadable" in caplog.text
+    assert why in caplog.text
+    assert (tmp_path / "state.json.unreadable").exists() and not path.exists()
+    path.write_bytes(line + b"\n")  # a snapshot line too
+    with caplog.at_level(logging.ERROR, logger="afxdp.cni.attachments"):
+        assert AttachmentStore(path).all() == []
+    assert caplog.text.count(why) == 2
+
+
 async def test_after_a_failed_write_the_next_one_rewrites_every_change(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     path = tmp_path / "state.json"

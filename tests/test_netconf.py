@@ -182,6 +182,25 @@ def test_invalid_utf8_anywhere_is_code_6_utf8_not_json() -> None:
         assert info.value.details == f"bad byte at offset {offset}"
 
 
+@pytest.mark.parametrize("depth", [64, 100_000])
+def test_nesting_past_64_levels_is_code_6_saying_where(depth: int) -> None:
+    """64 levels under the object: 65 in all, which the decoder takes; 100000:
+    where it meets the recursion limit. Our bound and our message either way."""
+
+    def nested(n: int) -> bytes:
+        return b'{"cniVersion": "1.0.0", "x": ' + b"[" * n + b"]" * n + b"}"
+
+    data = nested(depth)
+    with pytest.raises(CniError) as info:
+        decode_json(data)
+    assert (info.value.code, info.value.msg) == (
+        DECODE_FAILURE,
+        "network configuration nests deeper than 64 levels",
+    )
+    assert info.value.details == f"at x{'[0]' * 63}, byte {data.index(b'[') + 63}"
+    assert decode_json(nested(63))  # 64 levels in all: taken
+
+
 def test_malformed_json_is_code_6_with_the_decoders_reason() -> None:
     with pytest.raises(msgspec.DecodeError) as reason:
         msgspec.json.decode(b'{"name": ')

@@ -11,6 +11,7 @@ needs the tag; the image's SBOM lists what is installed.
 
 from __future__ import annotations
 
+import ast
 import importlib.machinery
 import importlib.metadata
 import importlib.util
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 import anyio
+import pyroute2
 import pytest
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
@@ -427,3 +429,24 @@ def test_every_label_build_arg_comes_from_its_one_source() -> None:
     assert (given["SOURCE"], given["URL"]) == (urls["Source"], urls["Homepage"])
     assert (given["BASE_IMAGE"], given["BASE_DIGEST"]) == ("localhost/base:x", "sha256:ab")
     assert (given["REVISION"], given["CREATED"]) == ("0123abc", "2026-01-01T00:00:00Z")
+
+
+def test_afxdp_takes_pyroute2_names_from_its_top_level_only() -> None:
+    """``from pyroute2 import NetlinkError``, never ``pyroute2.netlink.exceptions``:
+    the top level is what pyroute2 exports; the module a name lives in is its
+    own business and moves between releases."""
+    src = Path(libbpf.__file__).parents[1]  # src/afxdp
+    deep: list[str] = []
+    names: set[str] = set()
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pyroute2"):
+                if node.module != "pyroute2":
+                    deep.append(f"{path.relative_to(src)}:{node.lineno}: {node.module}")
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.Import):
+                deep += [f"{path.relative_to(src)}:{node.lineno}: {a.name}"
+                         for a in node.names if a.name.startswith("pyroute2.")]  # fmt: skip
+    assert deep == []
+    assert "NetlinkError" in names
+    assert all(hasattr(pyroute2, name) for name in names)  # in the locked version

@@ -29,6 +29,12 @@ pytestmark = pytest.mark.privileged
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
+def _sample(svc: service.Service, name: str, **labels: str) -> float | None:
+    """A sample as /metrics serves it, through the registry's public reading
+    (``get_sample_value``: the exposition's names, ``_total`` and all)."""
+    return svc.metrics.registry.get_sample_value(name, labels)
+
+
 def _pool(name: str, devices: list[str], **extra: Any) -> dict[str, Any]:
     return {"name": name, "mode": "primary", "devices": [{"name": d} for d in devices], **extra}
 
@@ -63,7 +69,7 @@ async def test_a_bad_config_is_refused_and_a_good_one_applied_under_a_running_po
         cfg.write_text('{"pools": [{"name": "bad-name!", "mode": "primary"}]}')
         assert await svc.reload() is False
         assert list(svc.devices.pools) == ["pool1"]
-        assert svc.metrics.config_invalid._value.get() == 1
+        assert _sample(svc, "afxdp_config_invalid") == 1
 
         cfg.write_text(json.dumps({"pools": [_pool("pool1", [d0, d1], udsTimeout=60),
                                              _pool("pool2", [d2])]}))  # fmt: skip
@@ -74,7 +80,7 @@ async def test_a_bad_config_is_refused_and_a_good_one_applied_under_a_running_po
         assert states == {d0: "allocated", d1: "free"}
         assert sock.stat().st_ino == inode  # the pod's socket was not touched
         assert svc.devices.pools["pool1"].config.uds_timeout == 60
-        assert svc.metrics.config_invalid._value.get() == 0
+        assert _sample(svc, "afxdp_config_invalid") == 0
         # The new pool works.
         resp = await node.call(node.plugin("pool2").allocate, [d2])
         assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL2": d2}
@@ -234,8 +240,8 @@ async def test_a_fifo_in_place_of_the_config_fails_its_reloads_at_once_and_never
         refused = f"reload refused, the running config stays: {fifo}: is a FIFO, not a regular file"
         assert [r.getMessage() for r in caplog.records].count(refused + "; refused") == 2
         assert list(svc.devices.pools) == ["pool1"]  # the running config stays
-        assert svc.metrics.config_invalid._value.get() == 1
-        assert svc.metrics.reloads.labels("invalid")._value.get() == 2
+        assert _sample(svc, "afxdp_config_invalid") == 1
+        assert _sample(svc, "afxdp_config_reloads_total", result="invalid") == 2
 
 
 @pytest.mark.anyio
@@ -311,7 +317,7 @@ async def test_a_config_read_that_hangs_fails_its_reload_at_the_deadline_and_nev
         assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": d0}
         assert results == [False, False]
         assert list(svc.devices.pools) == ["pool1"]  # the running config stays
-        assert svc.metrics.config_invalid._value.get() == 1
+        assert _sample(svc, "afxdp_config_invalid") == 1
         refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
         stays = f"reload refused, the running config stays: {hung.path}: "
         assert sorted(refused) == [

@@ -344,6 +344,29 @@ async def test_a_forged_state_record_cannot_make_afxdpd_unlink_what_is_not_its(
     assert "state.json cannot be trusted" in node.log()
 
 
+async def test_state_and_attachment_files_nested_past_the_bound_are_moved_aside_at_start(
+    node: Node,
+) -> None:
+    # Deep enough for a decoder to meet the recursion limit: such a file is
+    # unreadable like any other, never a reason for afxdpd not to start.
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (node.tmp / "state").mkdir()
+    (node.tmp / "state" / "state.json").write_bytes(
+        b'{"version": 1, "allocations": {}, "x": ' + deep + b"}\n"
+    )
+    node.run_dir.mkdir()
+    (node.run_dir / "cni-attachments.json").write_bytes(b'[]\n{"remove": ' + deep + b"}\n")
+    node.start()
+    assert set(node.states().values()) == {"free"}
+    node.stop()
+    log = node.log()
+    why = "is unreadable (a line nests deeper than 64 levels (at"
+    assert f"state.json {why} x" in log
+    assert f"cni-attachments.json {why} remove" in log
+    assert (node.tmp / "state" / "state.json.unreadable").exists()
+    assert (node.run_dir / "cni-attachments.json.unreadable").exists()
+
+
 def allocate_refused(node: Node, dev: str) -> str:
     """Kubelet's Allocate of ``dev``, which afxdpd must refuse: its message."""
     with pytest.raises(grpc.RpcError) as err:

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import grpc
 import pytest
-from anyio.abc import SocketStream
+from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from afxdp import control
 from afxdp.cli.common import Exit
@@ -31,7 +31,7 @@ from afxdp.config import load_config
 from afxdp.errors import ConfigError
 from afxdp.handouts import Handouts
 from afxdp.uds.client import UdsClient
-from afxdp.unixserver import ServerStats, serve_unix
+from afxdp.unixserver import ServerStats, serve_listener, serve_unix
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet, PluginClient
 from tests.node import NodeUnderTest, running
@@ -158,12 +158,20 @@ async def test_connections_over_the_limit_are_refused_and_counted(tmp_path: Path
     assert sorted(replies) == [b"", b"", b"ok", b"ok", b"ok"]
 
 
+# A server (``serve_listener``) in a child process whose fd limit is a few fds
+# above what it holds once serving: accept() runs into EMFILE. Each line on its
+# stdin asks for its counters. ``unix-errno-hidden``: its listener is a FAKE
+# that reports accept errors without their errno, as anyio's UNIX listener
+# nearly does (the OSError only as BrokenResourceError's __cause__): the server
+# must tell EMFILE apart whatever its listener reports.
 _EMFILE_SERVER = textwrap.dedent("""
-    import resource, sys, anyio
-    from pathlib import Path
-    from afxdp.unixserver import ServerStats, serve_unix
+    import json, os, resource, sys
+    from functools import partial
+    import anyio
+    from anyio.abc import SocketAttribute
+    from afxdp.unixserver import ServerStats, serve_listener
 
-    async def main():
+    async def main(kind, path):
         stats = ServerStats()
         async def answer(stream):  # holds its fd until the client speaks or leaves
             try:
@@ -171,52 +179,122 @@ _EMFILE_SERVER = textwrap.dedent("""
             except anyio.EndOfStream:
                 return
             await stream.send(b"%d" % stats.accept_errors)
-        async with anyio.create_task_group() as tg:
-            await tg.start(lambda task_status: serve_unix(Path(sys.argv[1]), answer, limit=1000,
-                                                          stats=stats, task_status=task_status))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        if kind == "tcp":
+            [listener] = (await anyio.create_tcp_listener(local_host="127.0.0.1")).listeners
+            address = listener.extra(SocketAttribute.local_address)[1]
+        else:
+            listener = await anyio.create_unix_listener(path)
+            address = path
+        if kind == "unix-errno-hidden":
+            real = listener.accept
+            async def hidden():
+                try:
+                    return await real()
+                except anyio.BrokenResourceError:
+                    raise anyio.BrokenResourceError from None
+            listener.accept = hidden
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(partial(serve_listener, listener, answer, name="t", limit=10_000,
+                                  stats=stats))
+            line = anyio.to_thread.run_sync(sys.stdin.readline)  # its worker thread made now
+            print(json.dumps(address), flush=True)
+            await line
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 6, hard))
             print("ready", flush=True)
-            await anyio.sleep_forever()
+            while await anyio.to_thread.run_sync(sys.stdin.readline):
+                print(json.dumps({"accept_errors": stats.accept_errors, "active": stats.active}),
+                      flush=True)
+            tg.cancel_scope.cancel()
 
-    anyio.run(main, backend_options={"use_uvloop": True})
+    anyio.run(main, *sys.argv[1:], backend_options={"use_uvloop": True})
 """)
 
 
-def test_fd_exhaustion_backs_off_and_serves_again_when_fds_return(tmp_path: Path) -> None:
-    path = tmp_path / "s.sock"
-    proc = subprocess.Popen([sys.executable, "-c", _EMFILE_SERVER, str(path)], env=ENV,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+@pytest.mark.parametrize("kind", ["unix", "tcp", "unix-errno-hidden"])
+def test_fd_exhaustion_backs_off_and_serves_again_when_fds_return(
+    tmp_path: Path, kind: str
+) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _EMFILE_SERVER, kind, str(tmp_path / "s.sock")],
+                            env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    address = json.loads(proc.stdout.readline())
+    family = socket.AF_INET if kind == "tcp" else socket.AF_UNIX
+    where = ("127.0.0.1", address) if kind == "tcp" else address
+
+    def stats() -> dict[str, int]:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, "the server died"
+        stats: dict[str, int] = json.loads(line)
+        return stats
+
     held: list[socket.socket] = []
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        # Far more connections than the server has fds: it holds each one it
-        # accepts until the client leaves, so it runs out.
-        for _ in range(150):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(str(path))
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ready"
+        # More connections than the server has fds: it holds each one it
+        # accepts until the client leaves, so it runs out; the rest wait in
+        # the kernel's backlog.
+        for _ in range(20):
+            s = socket.socket(family, socket.SOCK_STREAM)
             held.append(s)
-        time.sleep(0.5)  # let it hit EMFILE (it only retries; nothing to wait for)
-        assert proc.poll() is None, "the server died of EMFILE"
+            s.connect(where)
+        deadline = time.monotonic() + 10
+        while (now := stats())["accept_errors"] == 0:
+            assert time.monotonic() < deadline, f"accept never ran out of fds: {now}"
+            time.sleep(0.01)
+        assert 0 < now["active"] < len(held)
         for s in held:
             s.close()
         held.clear()
-        deadline = time.monotonic() + 10
-        errors = b""
-        while time.monotonic() < deadline:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(5)
-                s.connect(str(path))
-                s.send(b"?")
-                errors = s.recv(100)
-            if errors:
-                break
-        assert errors and int(errors) > 0, "accept never failed: the test proved nothing"
+        with socket.socket(family, socket.SOCK_STREAM) as s:  # served once fds are back
+            s.settimeout(10)
+            s.connect(where)
+            s.send(b"?")
+            assert int(s.recv(100)) > 0
         assert proc.poll() is None
     finally:
         for s in held:
             s.close()
         proc.kill()
         proc.wait()
+
+
+async def test_a_tcp_peer_that_reset_before_it_was_served_is_closed_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # anyio wraps connected sockets only; the server checks that itself, so a
+    # peer gone from the backlog is no failed connection (and no log).
+    served = 0
+
+    async def answer(stream: SocketStream) -> None:
+        nonlocal served
+        served += 1
+
+    stats = ServerStats()
+    multi = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    [listener] = multi.listeners
+    assert isinstance(listener, SocketListener)
+    port = listener.extra(SocketAttribute.local_address)[1]
+    reset = socket.create_connection(("127.0.0.1", port))
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset.close()  # RST while it waits in the backlog: accept() still hands it over
+    honest = socket.create_connection(("127.0.0.1", port))
+    with honest, caplog.at_level(logging.DEBUG, logger="afxdp.unixserver"):
+        async with multi, anyio.create_task_group() as tg:
+            tg.start_soon(partial(serve_listener, listener, answer, name="t", stats=stats))
+            with anyio.fail_after(10):
+                while stats.served < 2:
+                    await anyio.wait_readable(honest)  # closed by the server once served
+                    honest.recv(1)
+            tg.cancel_scope.cancel()
+    # Both accepted: the reset one ended at once, as a peer that left does.
+    assert (served, stats.served, stats.failed) == (1, 2, 0)
+    assert not caplog.records
 
 
 def _afxdpd(

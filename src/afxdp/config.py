@@ -27,6 +27,7 @@ import msgspec
 
 from afxdp import contracts
 from afxdp.errors import ConfigError, ConfigIssue
+from afxdp.jsondepth import too_deep
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODES = ("primary", "cdq")
@@ -136,14 +137,20 @@ class LoadedConfig(msgspec.Struct, frozen=True):
 
 def load_config(data: bytes | str) -> LoadedConfig:
     """Decode and validate a config document; raise ConfigError listing every problem."""
-    # Our own UTF-8 check, before the decoder sees the document: which exception
-    # msgspec raises for a bad byte is its accident (UnicodeDecodeError before
-    # 0.23, DecodeError since), and the answer must not depend on the version.
+    # Our own UTF-8 and nesting checks, before the decoder sees the document:
+    # which exception msgspec raises for a bad byte is its accident
+    # (UnicodeDecodeError before 0.23, DecodeError since), and so is where deep
+    # nesting meets the recursion limit (``jsondepth``); the answer must not
+    # depend on the version. (The validator's walk recurses too: the bound
+    # keeps it far from the limit.)
     if not _is_utf8(data):
         raise ConfigError(_invalid_utf8(data))
+    if (deep := too_deep(data)) is not None:
+        problem = f"nests deeper than {deep.limit} levels (byte {deep.offset})"
+        raise ConfigError([ConfigIssue(deep.path or "<document>", problem)])
     try:
         raw = msgspec.json.decode(data)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except msgspec.DecodeError as exc:
         raise ConfigError([ConfigIssue("<document>", f"not valid JSON: {exc}")]) from None
     v = _Validator()
     config = v.config(raw)

@@ -70,6 +70,6 @@ def fetch_status(run_dir: Path, timeout: float = 5.0) -> status_doc.Status:
     """Blocking client: the service's status document, typed.
 
     OSError: nothing answers (no socket, refused, timed out).
-    msgspec.MsgspecError: something answered, but not with a status document.
+    status.NotStatus: something answered, but not with a status document.
     """
     return status_doc.decode(_read(run_dir, timeout))

@@ -429,6 +429,10 @@ class Handouts:
         return self._locks.setdefault(device, anyio.Lock())
 
     async def _serve_uds(self, pool: Pool, device: str, handout: Handout) -> None:
+        if self.closing:
+            # The service shuts handouts down before its task group ends: no
+            # server task may be started in it now (the Allocate is undone).
+            raise DeviceError("afxdpd is stopping")
         cfg = pool.config
         assert handout.xdp is not None
         server = self.datapath.uds_server(
@@ -448,8 +452,7 @@ class Handouts:
         # the socket already accepts (a connection waits in the backlog).
         scope, done = anyio.CancelScope(), anyio.Event()
         self._tg.start_soon(_serve, server, scope, done)
-        # Only a task that exists is waited for at tear-down (start_soon raises
-        # once the service's task group has ended).
+        # Only a task that exists is waited for at tear-down.
         handout.uds_scope, handout.uds_done = scope, done
         handout.mounts.append((str(server.path.parent), str(contracts.pod_device_dir(device))))
 

@@ -14,8 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import IPRoute, NetlinkError
 
 from afxdp.netdev import NetDev
 from afxdp.workers import Work, run_sync

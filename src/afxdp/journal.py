@@ -33,6 +33,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 import anyio
 import msgspec
 
+from afxdp.jsondepth import too_deep
 from afxdp.workers import Work, run_sync
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,27 @@ COMPACT_AT = 64  # changes always allowed before a snapshot, however few entries
 class Unreadable(Exception):
     """The file is not a journal we can trust, or names what must not be
     touched (it was moved aside)."""
+
+
+class _NotJson(Exception):
+    """A line that our own checks refuse before a decoder sees it."""
+
+
+def _checked(line: bytes) -> bytes:
+    """``line``, or _NotJson when it is not UTF-8 or nests too deep.
+
+    Ours, not the decoder's, so that every such file is moved aside alike:
+    msgspec raises UnicodeDecodeError for a bad byte before 0.23 (DecodeError
+    since), and RecursionError for deep nesting, which would stop afxdpd's
+    start instead (a record is 4 levels deep; no line of ours nests deeper).
+    """
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _NotJson(f"not UTF-8: byte {exc.start} of a line") from None
+    if (deep := too_deep(line)) is not None:
+        raise _NotJson(f"a line {deep}")
+    return line
 
 
 class Journal(Generic[K, V]):
@@ -92,7 +114,7 @@ class Journal(Generic[K, V]):
             return self.entries
         try:
             entries = self._replay(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except (_NotJson, msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._set_aside(f"is unreadable ({exc})", exc)
         problems = [p for p in map(self._check, entries.values()) if p]
         if problems:
@@ -117,9 +139,9 @@ class Journal(Generic[K, V]):
         lines = lines[:-1]
         if not lines:
             return {}
-        entries = {self._key(v): v for v in self._from_snapshot(lines[0])}
+        entries = {self._key(v): v for v in self._from_snapshot(_checked(lines[0]))}
         for line in lines[1:]:
-            change = msgspec.json.decode(line, type=dict[str, Any])
+            change = msgspec.json.decode(_checked(line), type=dict[str, Any])
             if "put" in change:
                 value = msgspec.convert(change["put"], self._value_type)
                 entries[self._key(value)] = value

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import msgspec
 
+from afxdp.jsondepth import too_deep
+
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"  # kubelet's words (DESIGN.md 3.1)
 
 
@@ -160,10 +162,27 @@ def encode(status: Status) -> bytes:
     return msgspec.json.encode(status)
 
 
+class NotStatus(Exception):
+    """Bytes that are not a status document (what answered is not afxdpd)."""
+
+
 def decode(data: bytes) -> Status:
-    """Raises ``msgspec.DecodeError`` (not JSON) or ``msgspec.ValidationError``
-    (JSON, but not a status document), both ``msgspec.MsgspecError``."""
-    return msgspec.json.decode(data, type=Status)
+    """The status document in ``data``, or NotStatus saying why not.
+
+    UTF-8 and nesting are checked here, before the decoder: for a bad byte
+    msgspec raises UnicodeDecodeError before 0.23 (DecodeError since), and for
+    deep nesting RecursionError; neither would be NotStatus by itself.
+    """
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotStatus(f"not UTF-8 (byte {exc.start})") from None
+    if (deep := too_deep(data)) is not None:
+        raise NotStatus(str(deep))
+    try:
+        return msgspec.json.decode(data, type=Status)
+    except msgspec.MsgspecError as exc:  # not JSON, or JSON but not a Status
+        raise NotStatus(str(exc)) from None
 
 
 def pod_from_cni_args(cni_args: str) -> PodRef | None:

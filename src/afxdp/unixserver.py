@@ -8,6 +8,12 @@ are retried with a backoff instead of ending the server. At most ``limit``
 connections are served at once; the excess is accepted and closed at once (so
 the kernel's backlog cannot fill up) and counted.
 
+The server accepts on the listener's raw socket itself (``accept``) and wraps
+each connection in an anyio stream afterwards: the accept error it classifies
+is then the kernel's OSError as ``socket.accept`` raises it, not what a
+listener makes of it (anyio's UNIX listener raises BrokenResourceError with the
+OSError only as its ``__cause__``; its TCP listener the OSError itself).
+
 With ``evict`` a full server makes room instead of refusing: the newcomer takes
 the slot of the oldest connection whose peer owes the next move (the server
 waits for its bytes, or for room in its window). A client that trickles a
@@ -30,7 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import (
+    SocketAttribute,
+    SocketListener,
+    SocketStream,
+    TaskStatus,
+    UNIXSocketStream,
+)
 
 from afxdp.confine import confined
 from afxdp.sockfile import clear_stale, file_id, remove_own
@@ -42,6 +54,37 @@ TRANSIENT_ACCEPT_ERRORS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
 )
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
+
+
+async def accept(listening: socket.socket) -> socket.socket:
+    """One connection from the non-blocking ``listening`` socket, waiting for
+    it; an accept error is raised as the OSError ``socket.accept`` gives."""
+    while True:
+        await anyio.wait_readable(listening)
+        try:
+            conn, _ = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            continue  # another accept took it, or it left the backlog: wait again
+        return conn
+
+
+async def _stream(conn: socket.socket) -> SocketStream | None:
+    """``conn`` as an anyio stream that owns it; None (``conn`` closed) when its
+    TCP peer reset it before it was served (anyio wraps connected sockets only)."""
+    try:
+        conn.setblocking(False)  # accept() gave it blocking: never on the event loop
+        if conn.family == socket.AF_UNIX:
+            return await UNIXSocketStream.from_socket(conn)
+        try:
+            conn.getpeername()
+        except OSError:  # ENOTCONN: reset while it waited in the backlog
+            conn.close()
+            return None
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as anyio's listener does
+        return await SocketStream.from_socket(conn)
+    except BaseException:
+        conn.close()  # not wrapped: no stream owns it
+        raise
 
 
 class Backoff:
@@ -136,15 +179,18 @@ async def serve_listener(
     backoff = Backoff()
     slots: dict[_Slot, None] = {}  # in order of arrival: the oldest first
 
-    async def one(stream: SocketStream, slot: _Slot) -> None:
+    async def one(conn: socket.socket, slot: _Slot) -> None:
+        stream = await _stream(conn)
+        if stream is None:
+            return
         async with stream:
             await answer(_Watched(stream, slot) if evict else stream)
 
-    async def connection(stream: SocketStream, slot: _Slot) -> None:
+    async def connection(conn: socket.socket, slot: _Slot) -> None:
         try:
             with slot.scope:
                 ok = await confined(
-                    log, lambda: f"{name}: a connection", "the server", one, stream, slot
+                    log, lambda: f"{name}: a connection", "the server", one, conn, slot
                 )
                 if ok:
                     stats.served += 1
@@ -167,19 +213,18 @@ async def serve_listener(
                 return True
         return False
 
+    listening: socket.socket = listener.extra(SocketAttribute.raw_socket)  # noqa: S610
     async with anyio.create_task_group() as tg:
         while True:
             try:
-                stream = await listener.accept()
-            except (OSError, anyio.BrokenResourceError) as exc:
-                # anyio wraps the accept's OSError in BrokenResourceError.
-                cause = exc if isinstance(exc, OSError) else exc.__cause__
-                if not isinstance(cause, OSError) or cause.errno not in TRANSIENT_ACCEPT_ERRORS:
+                conn = await accept(listening)
+            except OSError as exc:
+                if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                     raise
                 stats.accept_errors += 1
                 delay = backoff.next()
                 if delay == BACKOFF_MIN:  # once per streak, not once per retry
-                    log.warning("%s: accept failed (%s); backing off", name, cause)
+                    log.warning("%s: accept failed (%s); backing off", name, exc)
                 await anyio.sleep(delay)
                 continue
             backoff.reset()
@@ -190,12 +235,12 @@ async def serve_listener(
             staying = stats.active - sum(slot.evicted for slot in slots)
             if staying >= limit and not (evict and make_room()):
                 stats.refused += 1
-                await stream.aclose()
+                conn.close()
                 continue
             stats.active += 1
             slot = _Slot()
             slots[slot] = None
-            tg.start_soon(connection, stream, slot)
+            tg.start_soon(connection, conn, slot)
 
 
 async def serve_unix(

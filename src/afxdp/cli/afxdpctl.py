@@ -19,7 +19,7 @@ from afxdp.cni import shim
 from afxdp.config import LoadedConfig
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths
-from afxdp.status import AllocationStatus, Status
+from afxdp.status import AllocationStatus, NotStatus, Status
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -203,7 +203,7 @@ def _status(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"afxdpd is not answering on {where}: {exc.strerror or exc}", file=sys.stderr)
         return NOT_RUNNING
-    except msgspec.MsgspecError as exc:
+    except NotStatus as exc:
         print(f"what answered on {where} is not afxdpd's status: {exc}", file=sys.stderr)
         return NOT_RUNNING
     if args.output in DOCUMENTS:

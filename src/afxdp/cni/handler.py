@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import NetlinkError
 
 from afxdp.cni import ethtool, ipam, link
 from afxdp.cni import result as results

@@ -26,6 +26,7 @@ from typing import Any
 
 from afxdp.cni.errors import INVALID_CONFIG, IO_FAILURE, TRY_AGAIN_LATER, CniError
 from afxdp.cni.netconf import Env, NetConf, version_tuple
+from afxdp.jsondepth import too_deep
 from afxdp.workers import ProgramTimeout, run_program
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,15 @@ def _excerpt(*outputs: bytes) -> str:
 
 
 def _json(data: bytes) -> Any:
-    """``data`` as JSON, or ValueError (bad bytes, bad JSON, absurd nesting alike)."""
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
+    """``data`` as JSON, or ValueError (bad bytes, bad JSON, absurd nesting alike).
+
+    Nesting is bounded by our own check (``jsondepth``), not by where the
+    decoder meets the recursion limit; UTF-8 is decoded here, so the stdlib
+    does not guess another encoding from the first bytes.
+    """
+    if (deep := too_deep(data)) is not None:
+        raise ValueError(str(deep))
+    return json.loads(data.decode("utf-8"))
 
 
 def _plugin_error(plugin: Path, command: str, stdout: bytes, stderr: bytes) -> CniError:
@@ -98,11 +103,11 @@ async def _run(plugin: Path, command: str, env: Env, stdin: bytes) -> bytes:
 def _result(plugin: Path, command: str, out: bytes) -> dict[str, Any]:
     """A plugin's successful output as a JSON object, or a clean code 5 error."""
     try:
-        doc = _json(out)
-    except ValueError:
-        doc = None
+        doc, why = _json(out), ""
+    except ValueError as exc:
+        doc, why = None, f" ({exc})"
     if not isinstance(doc, dict):
-        raise CniError(IO_FAILURE, f"IPAM {plugin.name} {command} printed no JSON object",
+        raise CniError(IO_FAILURE, f"IPAM {plugin.name} {command} printed no JSON object{why}",
                        _excerpt(out))  # fmt: skip
     return doc
 

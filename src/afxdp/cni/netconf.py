@@ -39,16 +39,12 @@ from afxdp.cni.errors import (
     INVALID_ENV,
     CniError,
 )
+from afxdp.jsondepth import MAX_DEPTH, too_deep
 from afxdp.netdev import name_problem
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = SUPPORTED_VERSIONS[-1]
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
-
-# A JSON document nested deeper than this is refused (code 6): a netconf with
-# a prevResult is about 5 levels deep; the bound keeps every later walk of the
-# document (json.dumps for IPAM and the attachment record) far from recursion.
-MAX_DEPTH = 64
 
 _DEVICE_RE = re.compile(r"[a-zA-Z0-9_-]{1,50}")
 # The original's ethtool pattern: letters, digits, '-', ':', '.', '/' and
@@ -166,42 +162,30 @@ class NetConf:
     valid_attachments: tuple[tuple[str, str], ...] | None
 
 
-def _too_deep(doc: Any) -> bool:
-    """Whether ``doc`` nests deeper than MAX_DEPTH (iterative: no recursion to run out of)."""
-    stack: list[tuple[Any, int]] = [(doc, 1)] if isinstance(doc, dict | list) else []
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            return True
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
-
-
 def decode_json(data: bytes) -> Any:
     """``data`` as JSON, or CniError code 6: not JSON, not UTF-8, or too deep.
 
-    UTF-8 is checked here, before the decoder, and the offset is the document's
+    UTF-8 and nesting are checked here, before the decoder, with the document's
     byte offset: which exception msgspec raises for a bad byte is its accident
-    (UnicodeDecodeError before 0.23, DecodeError since). Nesting deep enough to
-    meet the interpreter's limit raises RecursionError in some versions.
+    (UnicodeDecodeError before 0.23, DecodeError since), and so is where deep
+    nesting meets the interpreter's recursion limit (``jsondepth``).
     """
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CniError(DECODE_FAILURE, "network configuration is not valid UTF-8",
                        f"bad byte at offset {exc.start}") from None  # fmt: skip
+    if (deep := too_deep(data)) is not None:
+        where = f"at {deep.path or 'the document'}, byte {deep.offset}"
+        raise CniError(
+            DECODE_FAILURE, f"network configuration nests deeper than {MAX_DEPTH} levels", where
+        )
     try:
-        doc = msgspec.json.decode(data)
-    except (msgspec.DecodeError, RecursionError) as exc:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
         raise CniError(
             DECODE_FAILURE, "network configuration is not valid JSON", str(exc)
         ) from None
-    if _too_deep(doc):
-        raise CniError(
-            DECODE_FAILURE, f"network configuration nests deeper than {MAX_DEPTH} levels"
-        )
-    return doc
 
 
 def peek_version(stdin: bytes) -> str:

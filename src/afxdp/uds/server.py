@@ -35,7 +35,7 @@ from afxdp.confine import confined
 from afxdp.logsetup import about
 from afxdp.sockfile import FileId, clear_stale, file_id, remove_own
 from afxdp.uds import handshake as hs
-from afxdp.unixserver import BACKOFF_MIN, TRANSIENT_ACCEPT_ERRORS, Backoff
+from afxdp.unixserver import BACKOFF_MIN, TRANSIENT_ACCEPT_ERRORS, Backoff, accept
 
 log = logging.getLogger(__name__)
 
@@ -283,11 +283,8 @@ class UdsServer:
         try:
             async with anyio.create_task_group() as tg:
                 while True:
-                    await anyio.wait_readable(listener)
                     try:
-                        conn, _ = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
+                        conn = await accept(listener)
                     except OSError as exc:
                         await self._accept_failed(exc, backoff)
                         continue
