@@ -229,3 +229,19 @@ async def test_an_add_naming_a_pod_kubelet_does_not_list_for_the_device_vouches_
     assert await _check(checker, "pod-x", "dev0") is HostCheck.REFUSED  # kubelet's word
     assert kubelet.list_calls == asked + 1
     assert await _check(checker, "pod-a", "dev0") is HostCheck.OK
+
+
+async def test_a_pod_its_add_placed_is_not_asked_about_by_the_prefetch(
+    kubelet: FakeKubelet, checker: PodResourcesChecker
+) -> None:
+    # The List would land as the pod's first handshake comes, on the same event loop.
+    kubelet.hold("pod-a", RESOURCE, "dev0")
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(checker.prefetch, RESOURCE, "dev0", 5.0)
+            while (RESOURCE, "dev0") not in checker._waiting:  # the prefetch waits for it
+                await anyio.lowlevel.checkpoint()
+            checker.attached(RESOURCE, "dev0", "pod-a")
+    assert kubelet.list_calls == 0
+    assert await _check(checker, "pod-a", "dev0") is HostCheck.OK
+    assert kubelet.list_calls == 0

@@ -135,6 +135,9 @@ class PodResourcesChecker:
             return
         self._change(device)
         self._holders = {**self._holders, key: frozenset({pod})}
+        # Placed: the prefetch need not ask kubelet about it (a List, parsing
+        # every pod of the node on the event loop, as the pod's handshake comes).
+        self._waiting = {k: v for k, v in self._waiting.items() if k != key}
 
     async def prefetch(self, resource: str, device: str, deadline: float = PREFETCH_FOR) -> None:
         """Learn who holds ``device`` before its pod connects: kubelet lists a pod
@@ -160,6 +163,8 @@ class PodResourcesChecker:
                 newest = max(began for began, _ in self._waiting.values())
                 wait = anyio.current_time() - newest  # as long again as waited so far
                 await self._until(anyio.current_time() + min(max(wait, FIRST_ASK), SLOWEST_ASK))
+                if not self._waiting:  # every device's pod placed meanwhile (``attached``)
+                    break
                 await self._pods()
                 now = anyio.current_time()
                 self._waiting = {k: (began, end) for k, (began, end) in self._waiting.items()
