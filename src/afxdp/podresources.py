@@ -129,8 +129,8 @@ class PodResourcesChecker:
         key = (resource, device)
         known = self._holders.get(key)
         if known is not None and pod not in known:
-            log.info("the CNI ADD of %s names pod %r, kubelet %s: kubelet is asked at its "
-                     "handshake", device, pod, sorted(known),
+            log.info("the CNI ADD of %s names pod %r, kubelet lists %s as its holder: "
+                     "kubelet answers that pod's handshake", device, pod, sorted(known),
                      extra=about(device=device))  # fmt: skip
             return
         self._change(device)
