@@ -15,6 +15,10 @@ interleaved round by round with its baseline so that both see the same load
 - handshake: connect to /fin_ack (connect, version, xsk_map_fd, fin) on the
   device's socket as the pod kubelet lists; beside the same four messages
   echoed by a bare SEQPACKET server in its own process.
+- handshake_first: pods one after another on one device, as a node recycles
+  a NIC: kubelet forgets the last pod, Allocate for the next (reclaiming the
+  device), its shim ADD, then its first handshake, at once after the ADD as a
+  pod's app starts; beside the same pod's next handshake, right after it.
 - health: link down to Unhealthy arriving on kubelet's ListAndWatch stream;
   beside the kernel's own RTM_NEWLINK reaching a bare netlink socket.
 """
@@ -44,6 +48,7 @@ from benchmarks.node import BenchError, BenchNode, host_socket, veths
 from benchmarks.scale import raw_attach_ms
 
 CNI_PATH = "/usr/lib/cni"
+WARM_PODS = 3  # lifecycles before handshake_first is timed
 HERE = Path(__file__).parent
 
 
@@ -57,6 +62,8 @@ class PathsRun:
     allocate_ms: list[float] = field(default_factory=list)
     raw_attach_ms: list[float] = field(default_factory=list)
     handshake_ms: list[float] = field(default_factory=list)
+    handshake_first_ms: list[float] = field(default_factory=list)
+    handshake_next_ms: list[float] = field(default_factory=list)
     echo_ms: list[float] = field(default_factory=list)
     health_ms: list[float] = field(default_factory=list)
     netlink_ms: list[float] = field(default_factory=list)
@@ -164,12 +171,13 @@ class NetlinkFloor:
 
 
 async def measure(work: Path, allocations: int, rounds: int, sessions: int,
-                  events: int) -> PathsRun:  # fmt: skip
+                  events: int, *, pods: int) -> PathsRun:  # fmt: skip
     tag = secrets.token_hex(3)
     cni_dev, hd_dev, floor_dev = f"bpc{tag}", f"bph{tag}", f"bpf{tag}"
     hs_dev, health_dev, raw_dev = f"bpk{tag}", f"bpl{tag}", f"bpr{tag}"
+    first_dev = f"bpn{tag}"
     fresh = [f"bpa{tag}{i:03d}" for i in range(allocations)]  # one per timed Allocate
-    pooled = [cni_dev, hs_dev, health_dev, *fresh]
+    pooled = [cni_dev, hs_dev, health_dev, first_dev, *fresh]
     out = PathsRun(devices=len(pooled))
     async with AsyncExitStack() as stack:
         await veths(stack, [*pooled, hd_dev, floor_dev, raw_dev], f"afxdp-bench-{tag}-wire")
@@ -190,6 +198,7 @@ async def measure(work: Path, allocations: int, rounds: int, sessions: int,
         bench = Bench(stack, node, work, tag, out)
         await cni(bench, rounds, (cni_dev, hd_dev, floor_dev))
         await handshake(bench, hs_dev, sessions)
+        await first_handshakes(bench, first_dev, pods)
         await health(node, health_dev, events, out)
     return out
 
@@ -248,6 +257,32 @@ async def handshake(b: Bench, device: str, sessions: int) -> None:
     for _ in range(sessions):
         out.handshake_ms.append(await run_sync(Work.CNI, handshake_ms, sock, pod, device))
         out.echo_ms.append(await run_sync(Work.CNI, echo_ms, echo_path, pod, device))
+
+
+async def first_handshakes(b: Bench, device: str, pods: int) -> None:
+    stack, node, work, tag, out = b.stack, b.node, b.work, b.tag, b.out
+    netns = f"afxdp-bench-{tag}-first"
+    await run_program(["ip", "netns", "add", netns], timeout=10, work=Work.NETLINK)
+    stack.push_async_callback(run_program, ["ip", "netns", "del", netns], timeout=10)
+    bin_dir = work / "cni-bin"
+    shim.install(bin_dir, [node.run_dir])
+    conf = {"cniVersion": "1.0.0", "name": "afxdp-bench-first", "type": shim.NAME,
+            "mode": "primary", "deviceID": device, "ipam": ipam(work, "10.91.3")}  # fmt: skip
+    cni_path = f"{bin_dir}:{CNI_PATH}"
+    previous = None
+    for n in range(-WARM_PODS, pods):  # the first few pay imports and first dials
+        pod = f"bench-{tag}-first{n + WARM_PODS}"
+        if previous is not None:
+            node.forget(previous)  # kubelet forgets the last pod: its Allocate reclaims
+        sock = host_socket(await node.allocate(device, pod), device)
+        await plugin(bin_dir / shim.NAME, "ADD", conf, netns=netns, pod=pod, cni_path=cni_path)
+        first = await run_sync(Work.CNI, handshake_ms, sock, pod, device)
+        later = await run_sync(Work.CNI, handshake_ms, sock, pod, device)
+        if n >= 0:
+            out.handshake_first_ms.append(first)
+            out.handshake_next_ms.append(later)
+        await plugin(bin_dir / shim.NAME, "DEL", conf, netns=netns, pod=pod, cni_path=cni_path)
+        previous = pod
 
 
 async def _end(proc: anyio.abc.Process) -> None:

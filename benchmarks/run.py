@@ -8,7 +8,7 @@ code is then 1.
 
 Keys, in the order measured: startup_1000_devices_s, rss_mb
 (benchmarks/scale.py: one afxdpd on 1,000 veths); allocate_ms, cni_add_del_ms,
-handshake_ms, health_event_ms (benchmarks/paths.py: a small node, whose
+handshake_ms, handshake_first_ms, health_event_ms (benchmarks/paths.py: a small node, whose
 start-up is also startup_1000_devices_s's baseline);
 pod_lifecycle_per_s and xsk_rx_pps (benchmarks/rates.py).
 """
@@ -38,6 +38,8 @@ GOALS = {
     "allocate_ms": Goal("p50 <= 2 ms, p99 <= 5 ms", p50_max=2, p99_max=5),
     "cni_add_del_ms": Goal("p50 <= 0.75x host-device", ratio_max=0.75),
     "handshake_ms": Goal("p99 <= 1 ms", p99_max=1),
+    # A pod's first handshake, right after its ADD (issue 20): no wait on kubelet.
+    "handshake_first_ms": Goal("p99 <= 1 ms", p99_max=1),
     # Not set by the issue: kubelet should learn of a dead link well inside a
     # scheduling decision; the kernel's own notification takes well under 1 ms.
     "health_event_ms": Goal("p99 <= 5 ms", p99_max=5),
@@ -58,13 +60,14 @@ class Counts:
     cni_rounds: int = 200
     sessions: int = 1000
     events: int = 100
+    first_handshakes: int = 200  # pods one after another on one device
     pods: int = 200
     concurrency: int = 4
     rx_seconds: float = 3.0
 
 
-QUICK = Counts(allocations=30, cni_rounds=25, sessions=200, events=30, pods=40,
-               rx_seconds=1.5)  # fmt: skip
+QUICK = Counts(allocations=30, cni_rounds=25, sessions=200, events=30, first_handshakes=40,
+               pods=40, rx_seconds=1.5)  # fmt: skip
 
 
 class Document:
@@ -110,7 +113,8 @@ async def measure_all(counts: Counts, work: Path) -> Document:
 
     async def small_node() -> None:
         run = await paths.measure(work / "paths", counts.allocations, counts.cni_rounds,
-                                  counts.sessions, counts.events)  # fmt: skip
+                                  counts.sessions, counts.events,
+                                  pods=counts.first_handshakes)  # fmt: skip
         at_scale = doc.samples.pop("allocate_ms", {})
         doc.latency("allocate_ms", run.allocate_ms, "raw libbpf attach", run.raw_attach_ms,
                     **at_scale)  # fmt: skip
@@ -120,6 +124,8 @@ async def measure_all(counts: Counts, work: Path) -> Document:
         doc.figures["cni_add_del_ms"]["floor"] = {"name": "netns move floor", "p50": floor["p50"],
                                                   "p99": floor["p99"], "n": floor["n"]}  # fmt: skip
         doc.latency("handshake_ms", run.handshake_ms, "bare SEQPACKET echo", run.echo_ms)
+        doc.latency("handshake_first_ms", run.handshake_first_ms,
+                    "the same pod's next handshake", run.handshake_next_ms)  # fmt: skip
         doc.latency("health_event_ms", run.health_ms, "kernel netlink notification", run.netlink_ms)
         if big.startup_s:
             doc.value("startup_1000_devices_s", big.startup_s,
@@ -144,7 +150,8 @@ async def measure_all(counts: Counts, work: Path) -> Document:
 
     big = scale.ScaleRun()
     await doc.measure(["startup_1000_devices_s", "rss_mb"], big_node)
-    keys = ["allocate_ms", "cni_add_del_ms", "handshake_ms", "health_event_ms"]
+    keys = ["allocate_ms", "cni_add_del_ms", "handshake_ms", "handshake_first_ms",
+            "health_event_ms"]  # fmt: skip
     await doc.measure([*keys, "startup_1000_devices_s"], small_node)
     await doc.measure(["pod_lifecycle_per_s"], lifecycle)
     await doc.measure(["xsk_rx_pps"], rx)

@@ -44,6 +44,12 @@ class FakeKubelet:
         self.pods: list[pr.PodResources] = []
         self.list_calls = 0
         self.fail_list = False
+        # Cleared, a List takes its answer and holds it (in the double's thread)
+        # until this is set again; ``listing`` is set once one holds: a test puts
+        # events of its own between a List's start and its answer.
+        self.answer = threading.Event()
+        self.answer.set()
+        self.listing = threading.Event()
         self._servers: list[grpc.Server] = []
 
     def hold(self, pod: str, resource: str, *device_ids: str, namespace: str = "default") -> None:
@@ -73,7 +79,11 @@ class FakeKubelet:
         self.list_calls += 1
         if self.fail_list:
             ctx.abort(grpc.StatusCode.UNAVAILABLE, "fake kubelet told to fail")
-        return pr.ListPodResourcesResponse(pod_resources=self.pods)
+        answer = pr.ListPodResourcesResponse(pod_resources=self.pods)  # as things are now
+        if not self.answer.is_set():
+            self.listing.set()
+            self.answer.wait(10)
+        return answer
 
     def _serve(self, socket: Path, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
         socket.unlink(missing_ok=True)

@@ -46,6 +46,7 @@ class FakeDeviceSide:
         self.ensured: list[str] = []  # devices whose program was made sure of
         self.programless: set[str] = set()  # devices whose program cannot be put back
         self.unknown: set[str] = set()  # devices whose holder kubelet has not said yet
+        self.attached: list[tuple[str, str]] = []  # (device, pod) each ADD named
 
     def device_allocated(self, device: str) -> bool | None:
         if self.broken:
@@ -68,6 +69,9 @@ class FakeDeviceSide:
         self.ensured.append(device)
         if device in self.programless:
             raise DeviceError(f"{device}: another XDP program (id 7) is attached (fake)")
+
+    def pod_attached(self, device: str, pod: str) -> None:
+        self.attached.append((device, pod))
 
 
 class FakeIpam:
@@ -161,9 +165,11 @@ class Setup:
         return conf
 
     async def call(self, command: str, conf: dict[str, Any], *, netns: str = "",
-                   container: str = "ctr1", ifname: str = "net1") -> tuple[int, Any]:  # fmt: skip
+                   container: str = "ctr1", ifname: str = "net1",
+                   args: str = "") -> tuple[int, Any]:  # fmt: skip
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns,
-               "CNI_IFNAME": ifname, "CNI_PATH": f"{self.ipam.bin}:{HOST_LOCAL_DIR}"}  # fmt: skip
+               "CNI_IFNAME": ifname, "CNI_PATH": f"{self.ipam.bin}:{HOST_LOCAL_DIR}",
+               "CNI_ARGS": args}  # fmt: skip
         code, out, _ = await self.handler.handle(Request(env, json.dumps(conf).encode()))
         return code, json.loads(out) if out.strip() else None
 
@@ -497,6 +503,29 @@ async def test_runtime_retry_add_fails_del_add_succeeds(setup: Setup) -> None:
     code, out = await setup.call("ADD", setup.netconf(dev), netns=netns)
     assert code == 0, out
     assert in_pod(ns, dev) and len(setup.leases()) == 1
+
+
+@privileged
+async def test_an_add_tells_the_device_side_its_pods_name_once_done_and_only_then(
+    setup: Setup,
+) -> None:
+    dev = setup.devices[0]
+    netns = f"/run/netns/{setup.lab.netns('chpn')}"
+    args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=web;K8S_POD_NAME=pod-a"
+    setup.ipam.set("fail-ADD")
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=netns, args=args)
+    assert code == 1, out
+    assert setup.side.attached == []  # a failed ADD put the device in no pod
+    setup.ipam.set("fail-ADD", False)
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=netns, args=args)
+    assert code == 0, out
+    assert setup.side.attached == [(dev, "pod-a")]
+    code, out = await setup.call("ADD", setup.netconf(dev), netns=netns, args=args)  # repeated
+    assert code == 0 and setup.side.attached == [(dev, "pod-a")] * 2
+    other = setup.devices[1]  # a runtime that names no pod (a bare CNI call) tells nothing
+    code, out = await setup.call("ADD", setup.netconf(other), netns=netns, container="ctr2",
+                                 args="IgnoreUnknown=1")  # fmt: skip
+    assert code == 0 and setup.side.attached == [(dev, "pod-a")] * 2
 
 
 @privileged

@@ -53,6 +53,9 @@ class NoPoolsDevices:
     async def ensure_program(self, device: str) -> None:
         raise AssertionError("no device of a pool here: an ADD never gets this far")
 
+    def pod_attached(self, device: str, pod: str) -> None:
+        raise AssertionError("no device of a pool here: an ADD never gets this far")
+
 
 def make_handler(tmp: Path) -> CniHandler:
     return CniHandler(NoPoolsDevices(), AttachmentStore(tmp / "attachments.json"))

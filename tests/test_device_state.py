@@ -89,17 +89,21 @@ class AskedKubelet(Kubelet):
 
 
 class FakeHolders:
-    """FAKE Holders (the PodResources cache): records prefetches and forgets."""
+    """FAKE Holders (the PodResources cache): records prefetches, forgets and attaches."""
 
     def __init__(self) -> None:
         self.prefetched: list[tuple[str, str]] = []
         self.forgotten: list[str] = []
+        self.attached_to: list[tuple[str, str, str]] = []
 
     async def prefetch(self, resource: str, device: str) -> None:
         self.prefetched.append((resource, device))
 
     def forget(self, device: str) -> None:
         self.forgotten.append(device)
+
+    def attached(self, resource: str, device: str, pod: str) -> None:
+        self.attached_to.append((resource, device, pod))
 
 
 class CountingHandouts(Handouts):
@@ -306,6 +310,17 @@ async def test_allocate_has_the_pods_holder_fetched_and_its_end_forgets_it(
         n.kubelet.held.add("b")
         assert await n.devices.reconcile(grace=0.0) == ["a"]
         assert n.holders.forgotten == ["a"]
+
+
+async def test_the_pod_a_cni_add_names_is_told_to_the_holders_only_for_an_allocated_device(
+    tmp_path: Path,
+) -> None:
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        n.devices.pod_attached("a", "pod-a")
+        n.devices.pod_attached("b", "pod-b")  # free: no allocation for it to name a pod of
+        n.devices.pod_attached("x", "pod-x")  # no pool's
+        assert n.holders.attached_to == [("afxdp/p", "a", "pod-a")]
 
 
 async def test_a_reclaim_at_allocate_asks_kubelet_about_the_pools_resource_and_says_so(

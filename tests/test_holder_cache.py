@@ -1,21 +1,28 @@
-"""The pod's identity for a device is fetched after Allocate, so a handshake
-usually needs no live PodResources lookup; the cache never outlives the
-allocation (a device handed to another pod refuses the previous one)."""
+"""The pod's identity for a device is fetched after Allocate, or told by the
+CNI ADD that moved the device into the pod, so a handshake usually needs no
+live PodResources lookup; any other hostname is checked with kubelet, whose
+word replaces what was cached; the cache never outlives the allocation (a
+device handed to another pod refuses the previous one)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
+from afxdp import podresources
 from afxdp.podresources import FIRST_ASK, PodResourcesChecker
 from afxdp.uds.client import HandshakeError, UdsClient
+from afxdp.uds.handshake import HostCheck
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet
 from tests.node import NodeUnderTest, running
+from tests.test_cni import Node
 
 pytestmark = pytest.mark.anyio
+RESOURCE = "afxdp/pool1"
 
 
 def _shake(path: Path, pod: str, dev: str) -> None:
@@ -122,3 +129,119 @@ async def test_a_device_that_joins_a_long_wait_is_asked_about_at_once(tmp_path: 
         assert waited < 0.5, waited  # about FIRST_ASK, not the second the wait had grown to
     finally:
         kubelet.stop()
+
+
+@pytest.mark.privileged
+async def test_the_first_handshake_after_its_add_asks_kubelet_nothing_and_any_other_name_asks_it(
+    tmp_path: Path, lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pod connects before the prefetch after Allocate has learnt its name
+    # from kubelet (it would List in a minute): only the ADD has told it.
+    monkeypatch.setattr(podresources, "FIRST_ASK", 60.0)
+    monkeypatch.setattr(podresources, "SLOWEST_ASK", 60.0)
+    dev, peer = lab.veth(lab.name("ha"), lab.name("hb"))
+    ip("link", "set", dev, "up")
+    ip("link", "set", peer, "up")
+    node = Node(tmp_path, lab, [dev])
+    async with running(node):
+        node.kubelet.hold("pod-a", RESOURCE, dev)
+        await node.allocate(dev)
+        netns = f"/run/netns/{lab.netns('hcadd')}"
+        code, out, err = await node.cni("ADD", node.netconf(dev), netns=netns)  # K8S_POD_NAME=pod-a
+        assert code == 0, (out, err)
+        sock = node.paths.uds_dir / dev / "afxdp.sock"
+        asked = node.kubelet.list_calls
+        await anyio.to_thread.run_sync(_shake, sock, "pod-a", dev)
+        assert node.kubelet.list_calls == asked  # answered from what the ADD said
+        # A wrong pod name is never let in on the cache: kubelet is asked, and refuses it.
+        with pytest.raises(HandshakeError, match="/host_nak"):
+            await anyio.to_thread.run_sync(_shake, sock, "pod-x", dev)
+        assert node.kubelet.list_calls == asked + 1
+        # pod-a replaced by pod-b since (kubelet lists pod-b): pod-b is let in on
+        # kubelet's word, and from then on pod-a no longer is.
+        node.kubelet.pods = []
+        node.kubelet.hold("pod-b", RESOURCE, dev)
+        await anyio.to_thread.run_sync(_shake, sock, "pod-b", dev)
+        with pytest.raises(HandshakeError, match="/host_nak"):
+            await anyio.to_thread.run_sync(_shake, sock, "pod-a", dev)
+        assert node.kubelet.list_calls == asked + 3
+
+
+@pytest.fixture
+def kubelet(tmp_path: Path) -> Iterator[FakeKubelet]:
+    double = FakeKubelet(tmp_path / "kubelet")
+    double.start_pod_resources()
+    yield double
+    double.stop()
+
+
+@pytest.fixture
+def checker(kubelet: FakeKubelet) -> PodResourcesChecker:
+    return PodResourcesChecker(kubelet.dir / "pod-resources" / "kubelet.sock")
+
+
+async def _check(checker: PodResourcesChecker, host: str, dev: str) -> HostCheck:
+    return await checker.check(host, resource=RESOURCE, device=dev)
+
+
+async def _while_listing(
+    kubelet: FakeKubelet, checker: PodResourcesChecker, meanwhile: Callable[[], None]
+) -> None:
+    """One List whose answer (kubelet as it is now) arrives only after ``meanwhile`` ran."""
+    kubelet.listing.clear()
+    kubelet.answer.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(checker.held)
+        assert await anyio.to_thread.run_sync(kubelet.listing.wait, 5)
+        meanwhile()
+        kubelet.answer.set()
+
+
+async def test_a_list_answered_after_a_forget_or_an_add_does_not_undo_them(
+    kubelet: FakeKubelet, checker: PodResourcesChecker
+) -> None:
+    kubelet.hold("pod-a", RESOURCE, "dev0")
+    # The allocation of dev0 ends while a List is out: that List's answer
+    # (pod-a holds dev0) is older than the end, and vouches for nobody.
+    await _while_listing(kubelet, checker, lambda: checker.forget("dev0"))
+    asked = kubelet.list_calls
+    assert await _check(checker, "pod-a", "dev0") is HostCheck.OK  # kubelet says so, asked
+    assert kubelet.list_calls == asked + 1
+    # An ADD while a List is out: the answer, from before it, does not drop its pod.
+    kubelet.pods = []
+    await _while_listing(kubelet, checker, lambda: checker.attached(RESOURCE, "dev1", "pod-b"))
+    asked = kubelet.list_calls
+    assert await _check(checker, "pod-b", "dev1") is HostCheck.OK
+    assert kubelet.list_calls == asked
+    # A List begun after the ADD is kubelet's newer word: pod-b, which it
+    # does not list, is asked about again, and refused.
+    await checker.held()
+    assert await _check(checker, "pod-b", "dev1") is HostCheck.REFUSED
+
+
+async def test_an_add_naming_a_pod_kubelet_does_not_list_for_the_device_vouches_for_nobody(
+    kubelet: FakeKubelet, checker: PodResourcesChecker
+) -> None:
+    kubelet.hold("pod-a", RESOURCE, "dev0")
+    await checker.prefetch(RESOURCE, "dev0", 5.0)  # kubelet: pod-a holds dev0
+    checker.attached(RESOURCE, "dev0", "pod-x")  # the ADD says pod-x
+    asked = kubelet.list_calls
+    assert await _check(checker, "pod-x", "dev0") is HostCheck.REFUSED  # kubelet's word
+    assert kubelet.list_calls == asked + 1
+    assert await _check(checker, "pod-a", "dev0") is HostCheck.OK
+
+
+async def test_a_pod_its_add_placed_is_not_asked_about_by_the_prefetch(
+    kubelet: FakeKubelet, checker: PodResourcesChecker
+) -> None:
+    # The List would land as the pod's first handshake comes, on the same event loop.
+    kubelet.hold("pod-a", RESOURCE, "dev0")
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(checker.prefetch, RESOURCE, "dev0", 5.0)
+            while (RESOURCE, "dev0") not in checker._waiting:  # the prefetch waits for it
+                await anyio.lowlevel.checkpoint()
+            checker.attached(RESOURCE, "dev0", "pod-a")
+    assert kubelet.list_calls == 0
+    assert await _check(checker, "pod-a", "dev0") is HostCheck.OK
+    assert kubelet.list_calls == 0

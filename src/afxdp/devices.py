@@ -77,6 +77,8 @@ class Holders(Protocol):
 
     def forget(self, device: str) -> None: ...
 
+    def attached(self, resource: str, device: str, pod: str) -> None: ...
+
 
 class AllocateFailed(Exception):
     """Setting up an allocation failed; everything it did was undone."""
@@ -301,6 +303,13 @@ class Devices:
         ours = set(self.handouts.prepared) | self.handouts.swap_pending
         for device in sorted(ours - loading):
             self.handouts.spawn(self.handouts.unprepare, device)
+
+    def pod_attached(self, device: str, pod: str) -> None:
+        """The CNI ADD moved ``device`` into pod ``pod``: who holds it is known
+        before the pod's first handshake, which then need not wait for kubelet."""
+        found = self.find(device)
+        if self._holders is not None and found is not None and found[1].allocated:
+            self._holders.attached(found[0].config.resource_name, device, pod)
 
     async def came_home(self, device: str, keep_xdp: bool) -> None:
         """A CNI DEL brought ``device`` back to the host netns; it stays allocated
