@@ -68,9 +68,11 @@ async def test_the_pool_uid_owns_the_socket_and_only_that_user_gets_in(
     tmp_path: Path, lab: Lab, device: str
 ) -> None:
     node = Node(tmp_path, lab, [device], pool_config([device], uid=UID))
-    node.kubelet.hold("pod-a", "afxdp/pool1", device)
     async with running(node):
         await node.allocate(device)
+        # As kubelet: listed once allocated (listed at afxdpd's start, a pod
+        # would hold it already, and afxdpd takes it over: Allocate refused).
+        node.kubelet.hold("pod-a", "afxdp/pool1", device)
         sock = node.paths.uds_dir / device / "afxdp.sock"
         assert sock.stat().st_uid == UID and sock.parent.stat().st_uid == UID
         assert await node.call(poke, sock, UID) == "b'/host_ok'"
