@@ -244,8 +244,8 @@ async def test_status_every_output_describes_the_running_service(
     node_t, pools_t, devices_t = tables(outputs[""])
     assert node_t == [["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS"],
                       ["node1", "yes", "1", "2", "1", "0"]]  # fmt: skip
-    assert pools_t == [["POOL", "RESOURCE", "MODE", "REGISTERED", "DEVICES", "FREE"],
-                       ["pool1", "afxdp/pool1", "primary", "yes", "2", "1"]]  # fmt: skip
+    assert pools_t == [["POOL", "RESOURCE", "API", "MODE", "REGISTERED", "DEVICES", "FREE"],
+                       ["pool1", "afxdp/pool1", "devicePlugin", "primary", "yes", "2", "1"]]  # fmt: skip
     assert devices_t == [
         ["POOL", "DEVICE", "STATE", "HEALTH", "POD"],
         ["pool1", d0, "allocated", "Healthy", "<none>"],  # no CNI ADD yet: no pod known
@@ -302,7 +302,7 @@ async def test_status_of_a_service_kubelet_has_not_registered_exits_1_with_the_r
     assert err == "not ready: not registered with kubelet: afxdp/pool1\n"
     node_t, pools_t, _ = tables(out)  # the status is printed all the same
     assert node_t[1][:2] == ["node1", "no"]
-    assert pools_t[1][:4] == ["pool1", "afxdp/pool1", "primary", "no"]
+    assert pools_t[1][:5] == ["pool1", "afxdp/pool1", "devicePlugin", "primary", "no"]
     doc = msgspec.json.decode(json_out, type=Status)
     assert doc.ready and not doc.pools[0].registered
 
