@@ -139,6 +139,19 @@ def _problem(claim: PreparedClaim) -> str | None:
     return None
 
 
+def journal(state_dir: Path | None) -> Journal[str, PreparedClaim]:
+    """The prepared claims' record in ``state_dir`` (in memory only without one)."""
+    return Journal(
+        state_dir / FILE_NAME if state_dir is not None else None,
+        key=lambda c: c.uid,
+        key_type=str,
+        value_type=PreparedClaim,
+        snapshot=lambda claims: ClaimRecord(claims={c.uid: c for c in claims}),
+        from_snapshot=lambda line: msgspec.json.decode(line, type=ClaimRecord).claims.values(),
+        check=_problem,
+    )
+
+
 class Claims:
     """The claims prepared on this node, and the way to prepare more."""
 
@@ -155,15 +168,7 @@ class Claims:
         self.source = source
         self.node = node
         self.cdi_dir = cdi_dir
-        self._journal: Journal[str, PreparedClaim] = Journal(
-            state_dir / FILE_NAME if state_dir is not None else None,
-            key=lambda c: c.uid,
-            key_type=str,
-            value_type=PreparedClaim,
-            snapshot=lambda claims: ClaimRecord(claims={c.uid: c for c in claims}),
-            from_snapshot=lambda line: msgspec.json.decode(line, type=ClaimRecord).claims.values(),
-            check=_problem,
-        )
+        self._journal = journal(state_dir)
         self.prepared: dict[str, PreparedClaim] = self._journal.entries
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}  # by uid: (lock, users)
 
