@@ -23,6 +23,7 @@ import pytest
 
 from afxdp import control
 from afxdp.bpf import libbpf
+from afxdp.cni import shim
 from afxdp.dra.apiserver import ApiServerClaims
 from afxdp.dra.claims import journal as claims_journal
 from afxdp.state import StateStore
@@ -32,6 +33,7 @@ from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet
 from tests.kubelet_dra import FakeDraKubelet
 from tests.node import NodeUnderTest, pool_config, running
+from tests.test_cni import cni
 from tests.test_restart import prog_on
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
@@ -218,6 +220,20 @@ async def test_kill9_between_prepare_and_unprepare_keeps_the_claim_and_unprepare
         assert [c["uid"] for c in status["claims"]] == [UID]
         assert prog_on(d0) == prog  # the same program, never detached
         assert await anyio.to_thread.run_sync(handshake, node.uds_dir, d0, "pod-k") == map_before
+        # The CNI ADD takes a claim's device as a kubelet-allocated one, after a restart too.
+        ns = lab.netns("drapod")
+        netconf = {"cniVersion": "1.0.0", "name": "dra-net", "type": "afxdp", "mode": "primary",
+                   "deviceID": d0, "daemonSocket": str(node.run_dir / "cni.sock"),
+                   "ipam": {"type": "host-local", "dataDir": str(tmp_path / "ipam"),
+                            "ranges": [[{"subnet": "10.78.0.0/24"}]]}}  # fmt: skip
+        shim_path = shim.install(tmp_path / "cni-bin", [node.run_dir])
+        for command in ("ADD", "DEL"):
+            code, _, err = await cni(command, netconf, shim_path=shim_path,
+                                     netns=f"/run/netns/{ns}", container="ctr-dra")  # fmt: skip
+            assert code == 0, err
+            if command == "ADD":
+                assert prog_on(d0, ns) == prog  # in the pod's netns, with its program
+        assert prog_on(d0) == prog  # home again, still the claim's
         # Kubelet retries Prepare after the restart: the same answer, from the record.
         again = await anyio.to_thread.run_sync(partial(kubelet.prepare, CLAIM))
         assert again.claims[UID] == resp.claims[UID]
