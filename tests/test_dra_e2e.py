@@ -34,7 +34,7 @@ from tests.kubelet import FakeKubelet
 from tests.kubelet_dra import FakeDraKubelet
 from tests.node import NodeUnderTest, pool_config, running
 from tests.test_cni import cni
-from tests.test_restart import prog_on
+from tests.test_restart import prog_on, until_ready
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -163,16 +163,7 @@ class Afxdpd:
              "--log-dir", str(self.tmp / "log"), "--metrics-address", ""],
             env=ENV, stderr=(self.tmp / "afxdpd.log").open("ab"),
         )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if control.read_status(self.run_dir)["ready"]:
-                    return
-            except OSError:
-                pass
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, "afxdpd never became ready\n" + self.log()
-            time.sleep(0.05)
+        until_ready(self.proc, self.run_dir, self.log)
 
     def status(self) -> Any:
         return control.read_status(self.run_dir)

@@ -223,15 +223,7 @@ def claim_spec(uid: str, devices: Iterable[tuple[Pool, str, list[tuple[str, str]
 
 def written_claims(cdi_dir: Path) -> set[str]:
     """The claim uids that have a spec of ours in ``cdi_dir``."""
-    try:
-        names = os.listdir(cdi_dir)
-    except FileNotFoundError:
-        return set()
-    return {
-        n[len(CLAIM_PREFIX) : -len(".json")]
-        for n in names
-        if n.startswith(CLAIM_PREFIX) and n.endswith(".json")
-    }
+    return _written(cdi_dir, CLAIM_PREFIX)
 
 
 def remove_spec(cdi_dir: Path, pool: str) -> bool:
@@ -245,7 +237,11 @@ def remove_spec(cdi_dir: Path, pool: str) -> bool:
 
 def written_pools(cdi_dir: Path) -> set[str]:
     """The pools that have a spec of ours in ``cdi_dir``."""
-    prefix = f"{VENDOR}-"
+    return _written(cdi_dir, f"{VENDOR}-")
+
+
+def _written(cdi_dir: Path, prefix: str) -> set[str]:
+    """What follows ``prefix`` in the names of the ``.json`` files in ``cdi_dir``."""
     try:
         names = os.listdir(cdi_dir)
     except FileNotFoundError:
