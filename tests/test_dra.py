@@ -260,6 +260,26 @@ async def test_prepared_claims_are_read_back_and_hold_their_devices_after_a_rest
         assert os.listdir(tmp_path / "cdi") == [f"afxdp.dev_claim-{UID}.json"]
 
 
+async def test_a_claims_record_naming_what_is_not_ours_is_set_aside_never_acted_on(
+    tmp_path: Path, api: FakeApiServer
+) -> None:
+    """A forged record could make a restart remove a file (the claim's CDI spec
+    is named by its uid) or release a device by a path-like name."""
+    (tmp_path / "state").mkdir()
+    for forged in (
+        {"uid": "../../etc/x", "namespace": "ns", "name": "c", "devices": []},
+        {"uid": UID, "namespace": "ns", "name": "c",
+         "devices": [{"request": "r", "dra_pool": P, "pool": "p", "device": "../a"}]},
+    ):  # fmt: skip
+        (tmp_path / "state" / "claims.json").write_text(
+            json.dumps({"claims": {forged["uid"]: forged}}) + "\n"
+        )
+        async with side(tmp_path, api) as s:
+            assert s.claims.prepared == {} and s.claims.held() == {}
+        assert not (tmp_path / "state" / "claims.json").exists()
+        assert (tmp_path / "state" / "claims.json.unreadable").exists()
+
+
 async def test_the_handshake_accepts_only_the_pods_the_claim_is_reserved_for(
     tmp_path: Path, api: FakeApiServer
 ) -> None:

@@ -22,6 +22,7 @@ import anyio
 import pytest
 
 from afxdp import control
+from afxdp import status as st
 from afxdp.bpf import libbpf
 from afxdp.cni import shim
 from afxdp.dra.apiserver import ApiServerClaims
@@ -247,3 +248,25 @@ async def test_kill9_between_prepare_and_unprepare_keeps_the_claim_and_unprepare
         if node.proc is not None and node.proc.poll() is None:
             node.proc.kill()
             node.proc.wait()
+
+
+async def test_the_node_is_ready_only_once_kubelet_has_registered_the_dra_driver(
+    tmp_path: Path, lab: Lab
+) -> None:
+    [d0] = _devices(lab, 1)
+    node = NodeUnderTest(tmp_path, lab, [d0], pool_config([d0], api="dra"))
+    kubelet = FakeDraKubelet(tmp_path / "kubelet")
+    try:
+        async with running(node):
+            assert node.service is not None
+            assert node.service.readiness() == (
+                False, "not registered with kubelet: DRA driver afxdp.dev")  # fmt: skip
+            doc = st.decode(json.dumps(await node.call(control.read_status,
+                                                       node.paths.run_dir)).encode())  # fmt: skip
+            assert doc.unready_reasons() == ["not registered with kubelet: afxdp/pool1"]
+            kubelet.start()
+            await anyio.to_thread.run_sync(kubelet.wait_registrations, 1)
+            assert node.service.readiness() == (True, "")
+            assert doc.pools[0].api == "dra"
+    finally:
+        kubelet.stop()
