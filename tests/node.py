@@ -13,6 +13,7 @@ import anyio
 
 from afxdp import control
 from afxdp.config import load_config
+from afxdp.dra.claims import ClaimSource
 from afxdp.service import Paths, Service
 from tests.fakes import FakeSubfunctions
 from tests.kernel import Lab
@@ -55,6 +56,7 @@ async def running(
     secondary: FakeSubfunctions | None = None,
     *,
     registration: bool = True,
+    claim_source: ClaimSource | None = None,
 ) -> AsyncIterator[NodeUnderTest]:
     """The service up for the block's duration: its pools registered with the
     kubelet double (unless ``registration`` is False: kubelet.sock absent)."""
@@ -63,6 +65,8 @@ async def running(
     node.kubelet.start_pod_resources()
     config = load_config(json.dumps(node.config).encode()).config
     node.service = Service(config, "node1", node.paths, secondary or FakeSubfunctions())
+    if claim_source is not None:  # DRA: where NodePrepareResources reads claims
+        node.service.claim_source = claim_source
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(node.service.run)

@@ -25,6 +25,7 @@ from afxdp.config import MAX_FILE_BYTES
 from afxdp.pools import UNKNOWN_HOLDER
 from afxdp.status import (
     AllocationStatus,
+    ClaimStatus,
     DeviceStatus,
     PodRef,
     PoolStatus,
@@ -244,8 +245,8 @@ async def test_status_every_output_describes_the_running_service(
     node_t, pools_t, devices_t = tables(outputs[""])
     assert node_t == [["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS"],
                       ["node1", "yes", "1", "2", "1", "0"]]  # fmt: skip
-    assert pools_t == [["POOL", "RESOURCE", "MODE", "REGISTERED", "DEVICES", "FREE"],
-                       ["pool1", "afxdp/pool1", "primary", "yes", "2", "1"]]  # fmt: skip
+    assert pools_t == [["POOL", "RESOURCE", "API", "MODE", "REGISTERED", "DEVICES", "FREE"],
+                       ["pool1", "afxdp/pool1", "devicePlugin", "primary", "yes", "2", "1"]]  # fmt: skip
     assert devices_t == [
         ["POOL", "DEVICE", "STATE", "HEALTH", "POD"],
         ["pool1", d0, "allocated", "Healthy", "<none>"],  # no CNI ADD yet: no pod known
@@ -302,7 +303,7 @@ async def test_status_of_a_service_kubelet_has_not_registered_exits_1_with_the_r
     assert err == "not ready: not registered with kubelet: afxdp/pool1\n"
     node_t, pools_t, _ = tables(out)  # the status is printed all the same
     assert node_t[1][:2] == ["node1", "no"]
-    assert pools_t[1][:4] == ["pool1", "afxdp/pool1", "primary", "no"]
+    assert pools_t[1][:5] == ["pool1", "afxdp/pool1", "devicePlugin", "primary", "no"]
     doc = msgspec.json.decode(json_out, type=Status)
     assert doc.ready and not doc.pools[0].registered
 
@@ -414,6 +415,27 @@ def test_status_says_which_devices_wait_for_kubelet_and_which_setup_is_unknown()
         rows = [re.split(r"\s{2,}", line) for line in afxdpctl.status_lines(doc, wide=wide)]
         states = {row[1]: row[2] for row in rows if row[0] == "p" and row[1] in "abc"}
         assert states == {"a": "allocated", "b": "allocated, setup unknown", "c": "unknown"}
+
+
+def test_status_shows_each_pools_api_and_each_prepared_claim() -> None:
+    doc = Status(
+        node="n",
+        ready=True,
+        pools=[PoolStatus(resource="afxdp/p", mode="primary", registered=True, api="dra",
+                          devices=[DeviceStatus(id="a", state="allocated", health="Healthy",
+                                                pod=PodRef("web-0", "ns"))])],
+        claims=[ClaimStatus(uid="u1", namespace="ns", name="nic", devices=["p/a"],
+                            pods=["ns/web-0"])],
+    )  # fmt: skip
+    _, pools, devices, claims = (
+        [re.split(r"\s{2,}", line) for line in table.splitlines()]
+        for table in "\n".join(afxdpctl.status_lines(doc)).split("\n\n")
+    )
+    assert pools[1][:4] == ["p", "afxdp/p", "dra", "primary"]
+    assert devices[1] == ["p", "a", "allocated", "Healthy", "ns/web-0"]
+    assert claims == [["CLAIM", "UID", "DEVICES", "PODS"], ["ns/nic", "u1", "p/a", "ns/web-0"]]
+    doc.claims = []
+    assert len("\n".join(afxdpctl.status_lines(doc)).split("\n\n")) == 3  # no claims table
 
 
 def test_pod_comes_from_the_cni_args_kubernetes_adds() -> None:

@@ -105,6 +105,8 @@ def valid(data: bytes | str) -> Config:
         (doc(devices=[{"name": "d"}], udsTimeout=20), "pools[0].udsTimeout: must be -1, 0, or between 30 and 300 seconds, got 20"),
         (doc(devices=[{"name": "d"}], udsTimeout=-40), "pools[0].udsTimeout: must be -1, 0, or between 30 and 300 seconds, got -40"),
         (doc(devices=[{"name": "d"}], udsTimeout=999), "pools[0].udsTimeout: must be -1, 0, or between 30 and 300 seconds, got 999"),
+        (doc(devices=[{"name": "d"}], api="DRA"), "pools[0].api: must be one of devicePlugin, dra, got 'DRA'"),
+        (doc(devices=[{"name": "d"}], api=1), "pools[0].api: must be a string, got 1"),
         (doc(devices=[{"name": "d"}], uid=999), "pools[0].uid: must be 0 or between 1000 and 256000, got 999"),
         (doc(devices=[{"name": "d"}], uid=256001), "pools[0].uid: must be 0 or between 1000 and 256000, got 256001"),
         (doc(devices=[{"name": "d"}], bpfMapPinningEnable=True), "pools[0].bpfMapPinningEnable: requires udsServerDisable: true (the pinned map replaces the UDS handshake; with both, one XDP program would replace the other's)"),
@@ -374,3 +376,13 @@ def test_invalid_utf8_is_reported_at_each_json_path_key_or_value() -> None:
         "pools[0].drivers[1].name: is not valid UTF-8 (byte 0xff at character 1)",
         "k?y: key is not valid UTF-8 (byte 0xe8 at character 1)",
     ]
+
+
+def test_a_pool_is_offered_through_the_device_plugin_unless_it_says_dra() -> None:
+    """Every config written before the key means what it meant."""
+    plain = load_config(doc(devices=[{"name": "d"}])).config.pools[0]
+    assert (plain.api, plain.dra) == ("devicePlugin", False)
+    dra = load_config(doc(devices=[{"name": "d"}], api="dra")).config.pools[0]
+    assert (dra.api, dra.dra) == ("dra", True)
+    named = load_config(doc(devices=[{"name": "d"}], api="devicePlugin")).config.pools[0]
+    assert named == plain

@@ -125,6 +125,23 @@ async def test_reconcile_ends_only_old_allocations_no_pod_holds(tmp_path: Path) 
         assert await devices.reconcile(grace=0.0) == []  # kubelet cannot say: keep it
 
 
+async def test_a_dra_pools_allocation_is_its_claims_whatever_podresources_says(
+    tmp_path: Path,
+) -> None:
+    """Kubelet's PodResources lists no device-plugin pod for a claim's device:
+    neither reconcile, nor shutdown, nor another allocate of it ends the claim's."""
+    pool = _pool("a", api="dra")
+    async with node(pool, tmp_path) as (devices, _datapath, kubelet):
+        await devices.allocate("p", ["a"])
+        assert await devices.reconcile(grace=0.0) == []
+        with pytest.raises(DeviceError, match="a: allocated"):
+            await devices.allocate("p", ["a"])
+        assert kubelet.asked == 0
+        assert pool.devices["a"].state.value == "allocated"
+        assert await devices.release("a")  # its Unprepare
+        assert pool.devices["a"].state.value == "free"
+
+
 async def test_skip_unload_bpf_from_a_del_keeps_the_program_when_the_allocation_ends(
     tmp_path: Path,
 ) -> None:

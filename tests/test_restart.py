@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +63,7 @@ class Node:
              "--log-dir", str(self.tmp / "log"), "--metrics-address", ""],
             env=ENV, stderr=(self.tmp / "afxdpd.log").open("ab"),
         )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if control.read_status(self.run_dir)["ready"]:
-                    return
-            except OSError:
-                pass
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, "afxdpd never became ready\n" + self.log()
-            time.sleep(0.05)
+        until_ready(self.proc, self.run_dir, self.log)
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -127,6 +118,20 @@ class Node:
     def leases(self) -> set[str]:
         d = self.tmp / "ipam" / "restart-net"
         return {p.name for p in d.iterdir() if p.name.startswith(SUBNET)} if d.exists() else set()
+
+
+def until_ready(proc: subprocess.Popen[bytes], run_dir: Path, log: Callable[[], str]) -> None:
+    """Return once the afxdpd of ``proc`` says it is ready; fail if it exits or takes 20 s."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if control.read_status(run_dir)["ready"]:
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, log()
+        assert time.monotonic() < deadline, "afxdpd never became ready\n" + log()
+        time.sleep(0.05)
 
 
 def prog_on(dev: str, netns: str | None = None) -> int:

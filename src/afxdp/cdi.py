@@ -151,7 +151,12 @@ def write_spec(cdi_dir: Path, spec: dict[str, Any]) -> bool:
     the new file is written beside the old one under a name they skip (not
     ``.json``) and renamed over it: a reader sees the old spec or the new one.
     """
-    path = spec_path(cdi_dir, spec["kind"].split("/", 1)[1])
+    return write_spec_file(spec_path(cdi_dir, spec["kind"].split("/", 1)[1]), spec)
+
+
+def write_spec_file(path: Path, spec: dict[str, Any]) -> bool:
+    """``write_spec`` at ``path`` (a DRA claim's spec has a file of its own)."""
+    cdi_dir = path.parent
     data = (json.dumps(spec, indent=2) + "\n").encode()
     try:
         if path.read_bytes() == data:
@@ -173,6 +178,54 @@ def write_spec(cdi_dir: Path, spec: dict[str, Any]) -> bool:
     return True
 
 
+# -- DRA: one spec per prepared claim (dra/claims.py) -------------------------
+# Kind ``afxdp.dev/claim``, a CDI device per claimed netdev named
+# ``<claim uid>-<netdev>``: 38 characters at least, so never a pool's device
+# (a netdev name, at most 15) even in a pool named "claim". The file name does
+# not start with ``afxdp.dev-``: ``written_pools`` never takes it for a pool's.
+CLAIM_KIND = f"{VENDOR}/claim"
+CLAIM_PREFIX = f"{VENDOR}_claim-"
+
+
+def claim_device_name(uid: str, netdev: str) -> str:
+    """The fully qualified CDI name of ``netdev`` as claim ``uid`` has it."""
+    return f"{CLAIM_KIND}={uid}-{netdev}"
+
+
+def claim_spec_path(cdi_dir: Path, uid: str) -> Path:
+    return cdi_dir / f"{CLAIM_PREFIX}{uid}.json"
+
+
+def claim_spec(uid: str, devices: Iterable[tuple[Pool, str, list[tuple[str, str]]]]
+               ) -> dict[str, Any]:  # fmt: skip
+    """The CDI spec of claim ``uid``: each (pool, netdev, mounts) gets what the
+    device plugin's Allocate gives a container: the mounts (host, container),
+    ``AFXDP_DEVICES_<POOL>`` naming the claim's devices of that pool (the same
+    value in each of them, so the order a runtime applies them in does not
+    matter) and the device's own ``AFXDP_DEVICE_<POOL>_<NETDEV>``."""
+    devices = list(devices)
+    by_pool: dict[str, list[str]] = {}
+    for pool, netdev, _ in devices:
+        by_pool.setdefault(pool.name, []).append(netdev)
+    entries = []
+    for pool, netdev, mounts in devices:
+        env = [f"{pool.env_var}={' '.join(by_pool[pool.name])}",
+               f"{env_var(pool.name, netdev)}={netdev}"]  # fmt: skip
+        edits: dict[str, Any] = {"env": env}
+        if mounts:
+            edits["mounts"] = [
+                {"hostPath": host, "containerPath": container, "options": list(MOUNT_OPTIONS)}
+                for host, container in mounts
+            ]
+        entries.append({"name": f"{uid}-{netdev}", "containerEdits": edits})
+    return {"cdiVersion": SPEC_VERSION, "kind": CLAIM_KIND, "devices": entries}
+
+
+def written_claims(cdi_dir: Path) -> set[str]:
+    """The claim uids that have a spec of ours in ``cdi_dir``."""
+    return _written(cdi_dir, CLAIM_PREFIX)
+
+
 def remove_spec(cdi_dir: Path, pool: str) -> bool:
     """Remove the pool's spec; False when there was none."""
     try:
@@ -184,7 +237,11 @@ def remove_spec(cdi_dir: Path, pool: str) -> bool:
 
 def written_pools(cdi_dir: Path) -> set[str]:
     """The pools that have a spec of ours in ``cdi_dir``."""
-    prefix = f"{VENDOR}-"
+    return _written(cdi_dir, f"{VENDOR}-")
+
+
+def _written(cdi_dir: Path, prefix: str) -> set[str]:
+    """What follows ``prefix`` in the names of the ``.json`` files in ``cdi_dir``."""
     try:
         names = os.listdir(cdi_dir)
     except FileNotFoundError:

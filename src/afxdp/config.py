@@ -31,6 +31,9 @@ from afxdp.jsondepth import too_deep
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODES = ("primary", "cdq")
+# How a pool is offered to kubelet: the device plugin, or Dynamic Resource
+# Allocation (resource.k8s.io/v1). One API per pool: no device is handed out by two.
+APIS = ("devicePlugin", "dra")
 LOG_DIR = Path("/var/log/afxdp-k8s-plugins")
 
 # Bounds of the original (its error texts say 100 and 1000; the bounds are the truth).
@@ -56,6 +59,7 @@ _PCI_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2,4}:[0-9a-f]{2}\.[0-9a-f]")
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 Mode = Literal["primary", "cdq"]
+Api = Literal["devicePlugin", "dra"]
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -107,6 +111,12 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # Seconds; None means the idle timeout is disabled (the file's -1).
     uds_timeout: int | None = UDS_TIMEOUT_DEFAULT
     requires_unprivileged_bpf: bool = False
+    api: Api = "devicePlugin"
+
+    @property
+    def dra(self) -> bool:
+        """Whether the pool is offered through DRA (else the device plugin)."""
+        return self.api == "dra"
 
     @property
     def resource_name(self) -> str:
@@ -456,6 +466,7 @@ class _Validator:
                 "bpfMapPinningEnable",
                 "udsTimeout",
                 "requiresUnprivilegedBpf",
+                "api",
             ),
         )
         if obj is None:
@@ -498,6 +509,9 @@ class _Validator:
                 "with both, one XDP program would replace the other's)",
             )
         unpriv = self.typed(obj, "requiresUnprivilegedBpf", path, bool, False)
+        api = self.typed(obj, "api", path, str, "devicePlugin")
+        if api not in APIS:
+            self.error(f"{path}.api", f"must be one of {', '.join(APIS)}, got {api!r}")
         if len(self.errors) > start:
             return None
         return Pool(
@@ -511,6 +525,7 @@ class _Validator:
             bpf_map_pinning_enable=pinning,
             uds_timeout=None if timeout == -1 else (timeout or UDS_TIMEOUT_DEFAULT),
             requires_unprivileged_bpf=unpriv,
+            api="dra" if api == "dra" else "devicePlugin",
         )
 
     def driver(self, raw: Any, path: str) -> Driver | None:

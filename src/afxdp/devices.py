@@ -13,7 +13,10 @@ Rules, in order:
    lists a pod holding the device: found by ``reconcile`` (allocations older
    than a grace period) or at an Allocate naming a device we still count as
    allocated. Never at a CNI DEL: that only brings the device home; nor by
-   the config a reload or a restart brings (rule 6).
+   the config a reload or a restart brings (rule 6). In a pool offered
+   through DRA (``config.Pool.dra``) an allocation is a prepared claim's
+   (``dra/claims.py``): it ends at NodeUnprepareResources, never because
+   PodResources does not list it.
 2. One Allocate per pool at a time (kubelet admits pods one by one; this keeps
    two kubelets, or two pools' calls on a shared device, from interleaving).
 3. An allocated device's link belongs to its pod: link events for it are
@@ -202,13 +205,17 @@ class Devices:
                                   extra=about(pool=pool_name, device=",".join(ids)))  # fmt: skip
                 raise AllocateFailed(str(exc)) from exc
         self.changes[pool_name].bump()
-        if self._holders is not None:  # so the pod's handshake need not wait on kubelet
+        # So the pod's handshake need not wait on kubelet (a claim names its pods itself).
+        if self._holders is not None and not pool.config.dra:
             for dev_id in ids:
                 self.handouts.spawn(self._holders.prefetch, pool.config.resource_name, dev_id)
         return handouts
 
     async def _reclaim_stale(self, pool: Pool, ids: Sequence[str]) -> None:
-        """Release devices we still count as allocated although no pod holds them."""
+        """Release devices we still count as allocated although no pod holds them.
+        Not in a DRA pool: there its prepared claim holds it (rule 1)."""
+        if pool.config.dra:
+            return
         busy = [
             d for d in ids if d in pool.devices and pool.devices[d].state is DeviceState.ALLOCATED
         ]
@@ -347,7 +354,7 @@ class Devices:
             # and must not have that fresh allocation ended under it.
             async with self._allocating[name]:
                 pool = self.pools.get(name)  # as it is now: a reload may have replaced it
-                if pool is None:
+                if pool is None or pool.config.dra:  # a claim's ends at Unprepare (rule 1)
                     continue
                 now = anyio.current_time()
                 candidates = []

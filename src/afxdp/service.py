@@ -40,6 +40,8 @@ from afxdp.datapath import KernelDatapath
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
 from afxdp.devices import Devices
+from afxdp.dra.claims import Claims, ClaimSource, NoApiServer
+from afxdp.dra.registration import DraRegistration
 from afxdp.errors import ConfigError, ConfigIssue
 from afxdp.handouts import Handouts
 from afxdp.inventory import NetDev
@@ -49,6 +51,7 @@ from afxdp.netwatch import NetWatch
 from afxdp.podresources import PodResourcesChecker
 from afxdp.secondary import SecondaryDeviceProvider
 from afxdp.state import StateStore
+from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import ConnectionBudget
 from afxdp.unixserver import ServerStats
 from afxdp.workers import Work
@@ -128,6 +131,23 @@ def _trim_native_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
+def _same_apis(new: Config, old: Config) -> Config:
+    """``new``, each pool it keeps offered through the API it was: which allocator
+    ends an allocation (kubelet's PodResources, or a claim's Unprepare) must
+    not change under the pods that hold its devices. A change of ``api`` takes
+    effect at the next start (said so)."""
+    was = {p.name: p.api for p in old.pools}
+    pools = []
+    for pool in new.pools:
+        kept = pool
+        if pool.name in was and pool.api != was[pool.name]:
+            log.warning("reload: pool %s stays offered through %s; api %s takes effect at "
+                        "the next start", pool.name, was[pool.name], pool.api)  # fmt: skip
+            kept = msgspec.structs.replace(pool, api=was[pool.name])
+        pools.append(kept)
+    return msgspec.structs.replace(new, pools=tuple(pools))
+
+
 try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc: nothing to trim this way
@@ -144,6 +164,10 @@ class Service:
     fd_limit: tuple[int, int] = (0, 0)
     devices: Devices | None = None
     registrations: dict[str, Registration] = field(default_factory=dict)
+    # Where NodePrepareResources reads ResourceClaims (afxdpd --kube-api).
+    claim_source: ClaimSource = field(default_factory=NoApiServer)
+    claims: Claims | None = None
+    dra: DraRegistration | None = None  # served once a pool is offered through DRA
     servers: dict[str, ServerStats] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
     config_path: Path | None = None  # re-read on SIGHUP and when it changes
@@ -178,6 +202,8 @@ class Service:
             return False, "starting"
         waiting = [r.plugin.pool.config.resource_name
                    for r in self.registrations.values() if not r.registered]  # fmt: skip
+        if self.dra is not None and not self.dra.registered:
+            waiting.append(f"DRA driver {self.dra.driver}")
         if waiting:
             return False, "not registered with kubelet: " + ", ".join(waiting)
         return True, ""
@@ -190,6 +216,9 @@ class Service:
         return [(name, self._registered(name)) for name in self.devices.pools]
 
     def _registered(self, name: str) -> bool:
+        pool = self.devices.pools.get(name) if self.devices else None
+        if pool is not None and pool.config.dra and name not in self.registrations:
+            return self.dra is not None and self.dra.registered
         reg = self.registrations.get(name)  # none while a removed pool drains
         return reg is not None and reg.registered
 
@@ -255,7 +284,7 @@ class Service:
                 datapath=KernelDatapath(self.paths.pin_dir),
                 uds_dir=self.paths.uds_dir,
                 pin_dir=self.paths.pin_dir,
-                check_host=pod_resources.check,
+                check_host=partial(self._check_host, pod_resources),
                 secondary=self.secondary,
                 netdev_of=lambda name: netdevs.get(name) or in_pods.get(name),
                 uds_budget=ConnectionBudget.for_fd_limit(self.fd_limit[0] or 1024),
@@ -271,14 +300,22 @@ class Service:
                 netdevs=netdevs,
                 holders=pod_resources,
             )
+            # A DRA pool's devices reach containers through CDI only: claim specs
+            # are written whenever there is a CDI dir, whatever the config's cdi.
+            self.claims = claims = Claims(devs, self.claim_source, self.node_name,
+                                          state_dir=self.paths.state_dir or self.paths.run_dir,
+                                          cdi_dir=self.paths.cdi_dir)  # fmt: skip
+            claims.load()
             specs = None
             if self.config.cdi and self.paths.cdi_dir is not None:
                 specs = cdi.CdiSpecs(self.paths.cdi_dir, uds_dir=self.paths.uds_dir,
                                      pin_dir=self.paths.pin_dir)  # fmt: skip
-                await specs.start(self.config.pools)
+                await specs.start([p for p in self.config.pools if not p.dra])
+            await claims.clean_specs()
             try:
+                # The prepared claims hold their devices, whatever PodResources says.
                 kept = await devs.start(record, unreadable=state.unreadable,
-                                        ask=pod_resources.held)  # fmt: skip
+                                        ask=claims.held_too(pod_resources.held))  # fmt: skip
                 self.metrics.restarts_reconciled.inc(len(kept))
                 devs.prepare_all()  # fresh programs on free devices: Allocate need not wait
                 self._tg, self._specs = tg, specs
@@ -350,6 +387,9 @@ class Service:
         """Serve pool ``name`` (its CDI spec first, then its gRPC server, which
         registers with kubelet), in a scope of its own so a reload can stop it."""
         assert self.devices is not None and self._tg is not None
+        if self.devices.pools[name].config.dra:  # no device plugin: claims hand it out
+            await self._serve_dra()
+            return
         specs = self._specs
         if specs is not None:  # before kubelet can Allocate
             pool = self.devices.pools[name]
@@ -358,6 +398,24 @@ class Service:
         reg = Registration(plugin, self.paths.kubelet_dir)
         self.registrations[name] = reg
         self._pool_scopes[name] = await self._tg.start(self._pool_tasks, reg, specs)
+
+    async def _serve_dra(self) -> None:
+        """Serve the DRA driver (once: every DRA pool is one driver's)."""
+        assert self._tg is not None and self.claims is not None
+        if self.dra is None:
+            self.dra = DraRegistration(self.claims, self.paths.kubelet_dir)
+            await self._tg.start(self.dra.run)
+
+    async def _check_host(
+        self, pod_resources: PodResourcesChecker, hostname: str, *, resource: str, device: str
+    ) -> HostCheck:
+        """Whether ``hostname`` is the pod holding ``device``: the pods its
+        prepared claim is reserved for, else kubelet's PodResources."""
+        if self.claims is not None:
+            verdict = await self.claims.host_check(hostname, device)
+            if verdict is not None:
+                return verdict
+        return await pod_resources.check(hostname, resource=resource, device=device)
 
     async def _pool_tasks(
         self,
@@ -453,7 +511,7 @@ class Service:
             self.metrics.reloads.labels("invalid").inc()
             self.metrics.config_invalid.set(1)
             return False
-        new = loaded.config
+        new = _same_apis(loaded.config, self.config)
         if new.kind_cluster != self.config.kind_cluster:
             log.warning("reload: kindCluster changes take effect at the next start")
         assembly = pools.assemble(
@@ -469,7 +527,10 @@ class Service:
         self.config = new
         added, removed = await self.devices.replace_pools(assembly.pools)
         for name in removed:  # unregistered by stopping its server; allocations drain
-            self._pool_scopes.pop(name).cancel()
+            scope = self._pool_scopes.pop(name, None)
+            if scope is None:
+                continue  # a DRA pool: no server of its own
+            scope.cancel()
             await self._pool_stopped.pop(name).wait()
             self.registrations.pop(name, None)
             if self._specs is not None:
@@ -555,7 +616,7 @@ class Service:
                     parent=d.parent,
                     fault=d.fault or (pools.UNKNOWN_HOLDER if d.unknown else None),
                     health=st.HEALTHY if d.usable else st.UNHEALTHY,
-                    pod=pods.get(d.id) if d.allocated else None,
+                    pod=(pods.get(d.id) or self._claim_pod(d.id)) if d.allocated else None,
                     prepared=program is not None,
                     xdp_mode=program.mode_name if program else None,
                     xdp_prog_id=program.prog_id if program else None,
@@ -565,7 +626,16 @@ class Service:
             ],
             name=name,
             draining=self.devices is not None and name in self.devices.draining,
+            api=pool.config.api,
         )
+
+    def _claim_pod(self, device: str) -> st.PodRef | None:
+        """The (first) pod the claim holding ``device`` is reserved for."""
+        pods = self.claims.pods_of(device) if self.claims else None
+        if not pods:
+            return None
+        namespace, _, name = pods[0].partition("/")
+        return st.PodRef(name=name, namespace=namespace)
 
     def status(self) -> st.Status:
         devs = self.devices
@@ -595,4 +665,24 @@ class Service:
             pools=[self._pool_status(n, p, pods) for n, p in (devs.pools.items() if devs else [])],
             allocations=[h.status() for h in devs.handouts.handouts.values()] if devs else [],
             queued_dels=len(list(queue.glob("*.del"))),
+            dra=st.DraStatus(
+                driver=self.dra.driver,
+                registered=self.dra.registered,
+                registrations=self.dra.registrations,
+                error=self.dra.error,
+                socket=str(self.dra.socket),
+                endpoint=str(self.dra.endpoint),
+            )
+            if self.dra
+            else None,
+            claims=[
+                st.ClaimStatus(
+                    uid=c.uid,
+                    namespace=c.namespace,
+                    name=c.name,
+                    devices=[f"{d.pool}/{d.device}" for d in c.devices],
+                    pods=list(c.pods),
+                )
+                for c in (self.claims.prepared.values() if self.claims else [])
+            ],
         )

@@ -93,6 +93,9 @@ class PoolStatus(msgspec.Struct):
     # Removed by a reload, its allocated devices not yet released: unregistered
     # on purpose, so it does not make the node unready.
     draining: bool = False
+    # How kubelet is offered the pool: "devicePlugin" or "dra" (config.Pool.api);
+    # a dra pool is registered when the DRA driver is.
+    api: str = "devicePlugin"
 
     @property
     def label(self) -> str:
@@ -123,6 +126,27 @@ class AllocationStatus(msgspec.Struct):
     xdp_fault: str | None = None
 
 
+class ClaimStatus(msgspec.Struct):
+    """A ResourceClaim prepared on this node (``dra.claims.PreparedClaim``)."""
+
+    uid: str
+    namespace: str
+    name: str
+    devices: list[str] = msgspec.field(default_factory=list)  # "<pool>/<netdev>"
+    pods: list[str] = msgspec.field(default_factory=list)  # reservedFor, "namespace/name"
+
+
+class DraStatus(msgspec.Struct):
+    """The DRA driver's registration with kubelet (``dra.registration``)."""
+
+    driver: str
+    registered: bool
+    registrations: int = 0
+    error: str = ""  # kubelet's reason when it refused the driver
+    socket: str = ""  # the registration socket
+    endpoint: str = ""  # the DRA service's socket
+
+
 class Status(msgspec.Struct):
     """The whole document."""
 
@@ -141,6 +165,8 @@ class Status(msgspec.Struct):
     gc_frozen: int = 0
     # The collector is off while afxdpd starts, on again once ready (or a minute on).
     gc_enabled: bool = True
+    dra: DraStatus | None = None  # None: no pool is offered through DRA
+    claims: list[ClaimStatus] = msgspec.field(default_factory=list)
 
     def unready_reasons(self) -> list[str]:
         """Why this node cannot take pods yet; empty when it can.

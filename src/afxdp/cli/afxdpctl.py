@@ -160,7 +160,8 @@ def _prog(a: AllocationStatus) -> object:
 
 
 def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
-    """Three tables: the node, its pools, their devices (``-o wide``: more columns)."""
+    """Three tables: the node, its pools, their devices (``-o wide``: more
+    columns); a fourth with the prepared DRA claims when there are any."""
     devices = [(p, d) for p in doc.pools for d in p.devices]
     lines = _table(
         ["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS"],
@@ -169,8 +170,8 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
     )  # fmt: skip
     lines.append("")
     lines += _table(
-        ["POOL", "RESOURCE", "MODE", "REGISTERED", "DEVICES", "FREE"],
-        [(p.label, p.resource, p.mode, _yes(p.registered), len(p.devices),
+        ["POOL", "RESOURCE", "API", "MODE", "REGISTERED", "DEVICES", "FREE"],
+        [(p.label, p.resource, p.api, p.mode, _yes(p.registered), len(p.devices),
           sum(d.state == "free" for d in p.devices)) for p in doc.pools],
     )  # fmt: skip
     headers = ["POOL", "DEVICE", "STATE", "HEALTH", "POD"]
@@ -193,6 +194,13 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
         rows.append(row)
     lines.append("")
     lines += _table(headers, rows)
+    if doc.claims:  # DRA: each prepared ResourceClaim (one word per cell)
+        lines.append("")
+        lines += _table(
+            ["CLAIM", "UID", "DEVICES", "PODS"],
+            [(f"{c.namespace}/{c.name}", c.uid, ",".join(c.devices) or None,
+              ",".join(c.pods) or None) for c in doc.claims],
+        )  # fmt: skip
     return lines
 
 

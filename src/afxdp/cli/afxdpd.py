@@ -19,6 +19,7 @@ from afxdp import __version__, logsetup
 from afxdp.cli.common import Exit, default_node_name, load_or_report
 from afxdp.cli.heap import use_system_malloc
 from afxdp.config import LOG_DIR, refuse_pinned_maps
+from afxdp.dra.apiserver import ApiServerClaims
 from afxdp.kindnet import KindNetError
 from afxdp.metrics import DEFAULT_ADDRESS, MetricsBindError, parse_address
 from afxdp.secondary import DevlinkSubfunctions
@@ -70,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics-address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
                     help="serves /metrics, /healthz and /readyz over HTTP; empty disables "
                          f"(default: {DEFAULT_ADDRESS})")  # fmt: skip
+    ap.add_argument("--kube-api", metavar="URL", default=None,
+                    help="where DRA's NodePrepareResources reads ResourceClaims: http://HOST:PORT "
+                         "or unix:///PATH of an API server proxy (no TLS yet; default: none, "
+                         "every claim refused saying so)")  # fmt: skip
     ap.add_argument("--log-format", choices=logsetup.FORMATS, default="text",
                     help="text, or json: one JSON object per line (default: text)")  # fmt: skip
     return ap
@@ -179,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             parse_address(args.metrics_address)
         except ValueError as exc:
             ap.error(f"--metrics-address: {exc}")
+    claim_source = None
+    if args.kube_api:
+        try:
+            claim_source = ApiServerClaims(args.kube_api)
+        except ValueError as exc:
+            ap.error(f"--kube-api: {exc}")
     loaded = load_or_report(args.config, None if not args.no_pinned_maps else refuse_pinned_maps)
     if loaded is None:
         return Exit.CONFIG
@@ -212,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         pinned_maps=not args.no_pinned_maps,
         freeze_heap=True,
     )
+    if claim_source is not None:
+        service.claim_source = claim_source
     service.fd_limit = raise_fd_limit()
     log.info("fd limit: %d (hard %d)", *service.fd_limit)
     try:

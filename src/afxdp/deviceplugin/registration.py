@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -66,29 +68,7 @@ class Registration:
                 remove_own(self.socket, ours)
 
     async def _serve(self, *, wait: bool) -> Server:
-        """Serve on our socket path, in place of a stale file. A socket someone
-        answers on there is another afxdpd's with a pool of this name, not ours
-        to take: at start an error (afxdpd exits saying so); later (our socket
-        vanished and theirs took its place), with ``wait``, we wait for it to go,
-        unregistered, while the rest of the service (every pod's socket) goes on."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        said = False
-        while True:
-            try:
-                clear_stale(self.socket)
-                break
-            except OSError as exc:
-                if not wait or exc.errno != errno.EADDRINUSE:
-                    raise
-                if not said:
-                    log.warning("%s; serving again once it is gone", exc, extra=self.concerns)
-                    said = True
-                await anyio.sleep(RETRY)
-        # (The event loop too removes a socket file it finds at the path, in the
-        # same loop turn as clear_stale: no wider a window than sockfile's own.)
-        server = Server([self.plugin])
-        await server.start(path=str(self.socket))
-        return server
+        return await serve_socket(self.socket, [self.plugin], wait=wait, concerns=self.concerns)
 
     async def _register(self) -> FileId | None:
         """Register (waiting for kubelet as long as it takes); kubelet.sock's identity."""
@@ -138,3 +118,32 @@ class Registration:
             and file_id(self.kubelet_socket, follow_symlinks=True) == kubelet_inode
         ):
             await anyio.sleep(POLL)
+
+
+async def serve_socket(
+    path: Path, handlers: Sequence[Any], *, wait: bool, concerns: dict[str, Any]
+) -> Server:
+    """Serve ``handlers`` on ``path``, in place of a stale file. A socket someone
+    answers on there is another afxdpd's (a pool of this name, the same DRA
+    driver), not ours to take: at start an error (afxdpd exits saying so);
+    later (our socket vanished and theirs took its place), with ``wait``, we
+    wait for it to go, unregistered, while the rest of the service (every
+    pod's socket) goes on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    said = False
+    while True:
+        try:
+            clear_stale(path)
+            break
+        except OSError as exc:
+            if not wait or exc.errno != errno.EADDRINUSE:
+                raise
+            if not said:
+                log.warning("%s; serving again once it is gone", exc, extra=concerns)
+                said = True
+            await anyio.sleep(RETRY)
+    # (The event loop too removes a socket file it finds at the path, in the
+    # same loop turn as clear_stale: no wider a window than sockfile's own.)
+    server = Server(handlers)
+    await server.start(path=str(path))
+    return server
