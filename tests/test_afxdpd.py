@@ -212,7 +212,7 @@ def test_serves_reports_status_and_cleans_up_on_sigterm(tmp_path: Path, lab: Lab
         assert status.returncode == 0, status.stdout + status.stderr
         cells = [ln.split() for ln in status.stdout.splitlines()]
         assert cells[1][:2] == ["node1", "yes"]
-        assert ["demo", "afxdp/demo", "primary", "yes", "1", "0"] in cells
+        assert ["demo", "afxdp/demo", "devicePlugin", "primary", "yes", "1", "0"] in cells
         assert next(c for c in cells if c[:3] == ["demo", dev, "allocated"])[7] == "native"
         assert libbpf.xdp_query_id(socket.if_nametoindex(dev)) != 0
         # Once ready, the start-up heap is out of the collector's sight (service.py).
