@@ -114,6 +114,28 @@ async def test_a_uds_server_replaces_a_file_nobody_answers_on(
     assert not server.path.exists()
 
 
+async def test_a_symlink_a_pod_planted_to_a_live_socket_does_not_block_its_device(
+    tmp_path: Path,
+) -> None:
+    """The device directory is mounted read-write into the pod: a symlink the
+    pod puts in place of afxdp.sock, to a socket a host server answers on, is
+    nobody's server. It is replaced (the next pod gets the device), and the
+    socket it pointed to is left alone (issue 19 review)."""
+    server = uds_server(tmp_path)
+    live = tmp_path / "host.sock"
+    with other_server(live, socket.SOCK_SEQPACKET):
+        server.path.parent.mkdir(parents=True)
+        server.path.symlink_to(live)
+        theirs = file_id(live)
+        server.listen()
+        try:
+            assert stat.S_ISSOCK(server.path.lstat().st_mode)
+            assert file_id(server.path) != theirs
+        finally:
+            server.close()
+        assert file_id(live) == theirs and answers(live, socket.SOCK_SEQPACKET)
+
+
 async def _nothing(stream: SocketStream) -> None:
     pass
 

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,21 @@ def file_id(path: Path, *, follow_symlinks: bool = False) -> FileId | None:
 def clear_stale(path: Path) -> None:
     """Make way for bind() at ``path``: remove a file nobody answers on; raise
     OSError(EADDRINUSE) when a server does (another process's, not ours to take).
-    Other errors (not a directory, permission) are left for bind() to report."""
+    Other errors (not a directory, permission) are left for bind() to report.
+
+    Only a socket file itself is probed: a symlink (or any other file) at the
+    path is nobody's server, however live what it points to is; one a pod
+    planted in its device directory (mounted read-write into it) to a live
+    host socket would otherwise block that device for every later pod."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        return  # left for bind() to report
+    if not stat.S_ISSOCK(st.st_mode):
+        path.unlink(missing_ok=True)
+        return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.setblocking(False)  # a server with a full backlog says EAGAIN, not wait
         said = probe.connect_ex(str(path))
