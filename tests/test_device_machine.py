@@ -457,7 +457,7 @@ class DeviceMachine(RuleBasedStateMachine):
             loaded = load_config(doc)
         except ConfigError:
             return
-        assembly = assemble(loaded.config, list(self.devices.netdevs.values()), NODE,
+        assembly = assemble(loaded.config, await self.devices.inventory(), NODE,
                             unprivileged_bpf_disabled=0,
                             secondary=FakeSubfunctions())  # fmt: skip
         self.config = loaded.config

@@ -21,9 +21,11 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from grpclib import GRPCError, Status
 
 from afxdp import config as cfg
 from afxdp.bpf import pinning
+from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.devices import AllocateFailed, Devices
 from afxdp.errors import DeviceError
 from afxdp.handouts import Handouts
@@ -627,7 +629,8 @@ async def test_a_pool_back_in_the_config_before_it_drained_takes_allocates_again
         n.kubelet.held.add("a")
         await n.devices.replace_pools([])
         assert n.devices.draining == {"p"}
-        assert await n.devices.replace_pools([_named("p", "a", "b")]) == ([], [])
+        # Added: its server, stopped when it was dropped, is to be served again.
+        assert await n.devices.replace_pools([_named("p", "a", "b")]) == (["p"], [])
         assert n.devices.draining == set()
         await n.devices.allocate("p", ["b"])
         assert _states(n.devices.pools["p"]) == {"a": "allocated", "b": "allocated"}
@@ -956,6 +959,49 @@ async def test_a_device_a_reload_moves_to_another_pool_while_held_is_not_free_th
         assert _states(q) == {"a": "free", "c": "free"}
         [second] = await n.devices.allocate("q", ["a"])
         assert second.pool == "q"
+
+
+async def test_a_draining_pools_free_device_gets_no_program_when_its_link_comes_up(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 review (attack 11): a pool the config dropped only drains; a link
+    event of a free device of it prepares nothing (detaching its program fired one)."""
+    async with running(_named("p", "a", "b"), tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        n.kubelet.held.add("a")
+        await n.devices.replace_pools([])
+        await n.settle()
+        assert n.devices.draining == {"p"} and "b" not in n.handouts.prepared
+        n.datapath.log.clear()
+        n.devices.on_link(LinkEvent("b", Change.UP))
+        await n.settle()
+        assert n.datapath.log == [] and "b" not in n.handouts.prepared
+
+
+async def test_kubelet_naming_a_device_no_pool_may_have_makes_no_pool_hold_it(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 review: kubelet's word is not enough for afxdpd to hold a netdev
+    no pool could ever take (lo, eth0, ...): no draining stand-in pool for it."""
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        kept = await n.devices.start(Record(), unreadable=False,
+                                     ask=_answer({"afxdp/zz": {"lo", "eth0"}}))  # fmt: skip
+        assert kept == [] and list(n.devices.pools) == ["p"]
+
+
+async def test_a_call_on_a_server_whose_pool_a_reload_removed_is_refused_saying_so(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 review (attack 13): a call that reaches a pool's server as a
+    reload removes the pool gets FAILED_PRECONDITION, not grpclib's
+    "Application error" from a KeyError."""
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        plugin = PoolPlugin(n.devices, "p")
+        await n.devices.replace_pools([])  # nothing allocated: forgotten at once
+        with pytest.raises(GRPCError) as raised:
+            plugin.device_list()
+        assert raised.value.status is Status.FAILED_PRECONDITION
+        assert raised.value.message == "pool p was removed from the config"
 
 
 async def test_handouts_refuse_to_start_a_device_already_handed_out(tmp_path: Path) -> None:

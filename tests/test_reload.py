@@ -133,6 +133,85 @@ async def test_a_removed_pool_stops_advertising_and_drains_its_allocations(
         assert not (node.paths.uds_dir / d0).exists()
 
 
+@pytest.mark.anyio
+async def test_a_pool_removed_then_added_back_while_it_drains_is_served_again(
+    tmp_path: Path, lab: Lab, devices: list[str]
+) -> None:
+    """Issue 19 review (attacks 2, 3, 13): a pool the config drops and brings
+    back before its last allocation ended is served again (registered, its
+    Allocate answered), and dropped once more it drains again; reloads that come
+    at once (SIGHUP and the file watch) apply one after the other."""
+    d0, d1, _ = devices
+    node = NodeUnderTest(tmp_path, lab, [d0, d1], {"pools": [_pool("pool1", [d0, d1])]})
+    cfg = tmp_path / "config.json"
+    both = {"pools": [_pool("pool1", [d0, d1])]}
+    none: dict[str, Any] = {"pools": []}
+    async with running(node):
+        svc = node.service
+        assert svc is not None and svc.devices is not None
+        svc.config_path = cfg
+        await node.allocate(d0)
+        node.kubelet.hold("pod-a", "afxdp/pool1", d0)
+        plugin_sock = node.kubelet.plugin_dir / "afxdp-pool1.sock"
+        for _ in range(2):
+            cfg.write_text(json.dumps(none))
+            assert await svc.reload() is True
+            assert "pool1" in svc.devices.draining and not plugin_sock.exists()
+            cfg.write_text(json.dumps(both))
+            assert await svc.reload() is True
+            assert "pool1" not in svc.devices.draining and plugin_sock.exists()
+            assert svc.registrations["pool1"] is not None
+            resp = await node.call(node.plugin("pool1").allocate, [d1])  # served again
+            assert dict(resp.container_responses[0].envs) == {"AFXDP_DEVICES_POOL1": d1}
+            node.kubelet.hold("pod-b", "afxdp/pool1", d1)
+            assert await node.states() == {d0: "allocated", d1: "allocated"}
+            node.kubelet.pods[:] = [p for p in node.kubelet.pods if p.name != "pod-b"]
+            assert await svc.devices.reconcile(grace=0.0) == [d1]
+        # Two at once, each flipping the pool: applied one after the other, afxdpd up.
+        results = []
+
+        async def reload() -> None:
+            results.append(await svc.reload())
+
+        for doc in (none, both, none, both):
+            cfg.write_text(json.dumps(doc))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reload)
+                tg.start_soon(reload)
+        assert results == [True] * 8
+        assert plugin_sock.exists() and "pool1" not in svc.devices.draining
+        assert await node.states() == {d0: "allocated", d1: "free"}
+
+
+@pytest.mark.anyio
+async def test_a_reload_keeps_in_its_pool_a_device_that_is_in_its_pods_netns(
+    tmp_path: Path, lab: Lab, devices: list[str]
+) -> None:
+    """Issue 19 review (attack 9): a reload reads the links again, and a
+    device in its pod's netns (not among them) is still the config's: when its
+    pod ends it is free in its pool, not dropped from it."""
+    d0, d1, _ = devices
+    node = NodeUnderTest(tmp_path, lab, [d0, d1], {"pools": [_pool("pool1", [d0, d1])]})
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(node.config))
+    pod = lab.netns("rlpod")
+    async with running(node):
+        svc = node.service
+        assert svc is not None and svc.devices is not None
+        svc.config_path = cfg
+        await node.allocate(d0)
+        node.kubelet.hold("pod-a", "afxdp/pool1", d0)
+        ip("link", "set", d0, "netns", pod)  # as the CNI ADD moves it
+        await svc.devices.resync()  # links read again (as after lost events, or a restart)
+        assert await svc.reload() is True
+        assert not svc.devices.leaving.get("pool1")
+        ip("link", "set", d0, "netns", str(os.getpid()), netns=pod)  # its DEL brings it home
+        ip("link", "set", d0, "up")
+        node.kubelet.pods.clear()
+        assert await svc.devices.reconcile(grace=0.0) == [d0]
+        assert sorted(svc.devices.pools["pool1"].devices) == sorted([d0, d1])
+
+
 def test_sighup_and_a_swapped_configmap_symlink_reload_afxdpd(
     tmp_path: Path, devices: list[str]
 ) -> None:

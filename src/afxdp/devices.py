@@ -56,7 +56,7 @@ from afxdp.inventory import NetDev
 from afxdp.logsetup import about
 from afxdp.netdev import name_problem
 from afxdp.netwatch import Change, LinkEvent
-from afxdp.pools import UNKNOWN_HOLDER, DeviceState, Pool, PoolDevice
+from afxdp.pools import UNKNOWN_HOLDER, DeviceState, Pool, PoolDevice, is_prohibited
 from afxdp.state import Allocation, Record
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class Devices:
         self._read_link = read_link
         self._scan = scan
         self.netdevs = netdevs or {}
+        self._seen = dict(self.netdevs)  # the start's scan: a fallback for what moved away
         self._holders = holders
         self._allocating = {p.name: anyio.Lock() for p in pools}
         # Pools a reload removed that still have allocations: not advertised,
@@ -426,7 +427,8 @@ class Devices:
                     pool.devices[dev_id] = dev
                 elif dev_id in pool.devices:  # keep the health we know
                     pool.devices[dev_id].healthy = dev.healthy
-        added = [n for n in new_by_name if n not in self.pools]
+        # A pool back in the config before it drained is served again too.
+        added = [n for n in new_by_name if n not in self.pools or n in self.draining]
         removed = [n for n in self.pools if n not in new_by_name and n not in self.draining]
         for name in removed:
             self.draining.add(name)
@@ -537,9 +539,11 @@ class Devices:
             if name not in self.draining:
                 self.leaving.setdefault(name, set()).add(device)
         for other in self.pools.values():
-            if other is not pool and device in other.devices:
-                assert not other.devices[device].allocated, "one pool holds a device at a time"
-                other.devices[device].held_by = name
+            # Callers never hold one device in two pools (_take_over_held skips
+            # a device allocated anywhere); were one, it would keep its pool.
+            odev = other.devices.get(device) if other is not pool else None
+            if odev is not None and not odev.allocated:
+                odev.held_by = name
         return pool, dev
 
     def distrust(self) -> None:
@@ -583,8 +587,8 @@ class Devices:
             key=lambda c: (not self._configured(c[1], c[2]), c[0], c[2]),
         )  # fmt: skip
         for resource, name, dev_id in claims:
-            if name is None or name_problem(dev_id):
-                continue  # not ours to hold
+            if name is None or name_problem(dev_id) or is_prohibited(dev_id):
+                continue  # not ours to hold: no pool could ever have it
             found = self.find(dev_id)
             if found is not None and found[1].allocated:  # one pool holds it at a time
                 if found[0].name != name:
@@ -671,8 +675,8 @@ class Devices:
                 continue
             if event.change is Change.REMOVED:  # its program went with the link
                 self.handouts.forget_prepared(dev.id)
-            elif event.change is Change.UP:  # back (or new): give it one
-                self.handouts.spawn(self._prepare, pool, dev)
+            elif event.change is Change.UP and pool.name not in self.draining:  # back (or new)
+                self.handouts.spawn(self._prepare, pool, dev)  # a draining pool's get none
 
     def _destroyed(self, dev: PoolDevice, event: LinkEvent) -> bool:
         """Whether a link event of an allocated device is its link's destruction
@@ -715,6 +719,24 @@ class Devices:
                 log.info("%s: %s -> %s", pool.name, device, now,
                          extra=about(pool=pool.name, device=device))  # fmt: skip
                 self.changes[pool.name].bump()
+
+    async def inventory(self) -> list[NetDev]:
+        """The node's netdevs now, for a reload's pools: those in our netns (read
+        again: links come and go), and the allocated ones in their pods' netns as
+        the durable record (else the last scan) describes them, which a config
+        naming them still takes; without them a reload would see the config
+        drop every device a pod has (and the pool lose it when its pod ends)."""
+        self.netdevs = {nd.name: nd for nd in await self._scan()}
+        elsewhere = {}
+        for pool in self.pools.values():
+            for dev in pool.devices.values():
+                if dev.allocated and dev.id not in self.netdevs:
+                    alloc = self.handouts.store.record.allocations.get(dev.id)
+                    described = alloc.netdev if alloc is not None else {}
+                    elsewhere[dev.id] = (
+                        msgspec.convert(described, NetDev) if described else None
+                    ) or self._seen.get(dev.id)
+        return [*self.netdevs.values(), *(nd for nd in elsewhere.values() if nd is not None)]
 
     async def resync(self) -> None:
         """Re-read every link and apply what is true now (after lost events)."""

@@ -184,6 +184,9 @@ class Service:
     _pool_stopped: dict[str, anyio.Event] = field(default_factory=dict, init=False)
     _cni: _Counted | None = field(default=None, init=False)
     _config_reading: anyio.Lock = field(default_factory=anyio.Lock, init=False)
+    # One reload applied at a time (SIGHUP and the file watch may come at once):
+    # a pool one stops must not be one another just served again.
+    _reloading: anyio.Lock = field(default_factory=anyio.Lock, init=False)
     # Set when the config read a reload left behind (past its deadline) returns.
     _config_left: threading.Event | None = field(default=None, init=False)
 
@@ -286,7 +289,12 @@ class Service:
                 pin_dir=self.paths.pin_dir,
                 check_host=partial(self._check_host, pod_resources),
                 secondary=self.secondary,
-                netdev_of=lambda name: netdevs.get(name) or in_pods.get(name),
+                # As seen now (a reload or resync reads the links again), else at start.
+                netdev_of=lambda name: (
+                    (self.devices.netdevs.get(name) if self.devices else None)
+                    or netdevs.get(name)
+                    or in_pods.get(name)
+                ),
                 uds_budget=ConnectionBudget.for_fd_limit(self.fd_limit[0] or 1024),
                 store=state,
             )
@@ -502,6 +510,10 @@ class Service:
         load_config_file refuses a FIFO or a device without waiting on it);
         only applying the new config, after the read, touches the pools.
         """
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         assert self.devices is not None and self.config_path is not None
         try:
             loaded = await self._read_config(self.config_path)
@@ -516,7 +528,7 @@ class Service:
             log.warning("reload: kindCluster changes take effect at the next start")
         assembly = pools.assemble(
             new,
-            list(self.devices.netdevs.values()),
+            await self.devices.inventory(),
             self.node_name,
             unprivileged_bpf_disabled=inventory.unprivileged_bpf_disabled(),
             secondary=self.secondary,
@@ -524,6 +536,8 @@ class Service:
             if self.config.kind_cluster
             else (),
         )
+        for warning in assembly.warnings:
+            log.warning("reload: %s", warning)
         self.config = new
         added, removed = await self.devices.replace_pools(assembly.pools)
         for name in removed:  # unregistered by stopping its server; allocations drain

@@ -47,7 +47,13 @@ class PoolPlugin(api_grpc.DevicePluginBase):
 
     @property
     def pool(self) -> Pool:
-        return self.devices.pools[self.pool_name]
+        """The pool as it is now; a call on a server whose pool a reload just
+        removed (its server is stopping) is refused, saying so."""
+        pool = self.devices.pools.get(self.pool_name)
+        if pool is None:
+            raise GRPCError(Status.FAILED_PRECONDITION,
+                            f"pool {self.pool_name} was removed from the config")  # fmt: skip
+        return pool
 
     def device_list(self) -> pb.ListAndWatchResponse:
         devices = []
