@@ -342,7 +342,8 @@ class DeviceMachine(RuleBasedStateMachine):
                     self.lost.update(x for x in (left.prog_id, left.pinned) if x is not None)
             # afxdpd cannot know of a pod whose record a truncation lost silently
             # (an unreadable one says so: every device waits for kubelet's word)
-            if self.kubelet.down and not store.unreadable:
+            # (a cut exactly at a line's end is not seen; one inside a line is: torn)
+            if self.kubelet.down and not store.unreadable and not store.torn:
                 for p in self.kubelet.alive():
                     kept = record.allocations.get(p.device)
                     if kept is None or kept.pool != p.pool or kept.prog_id != p.prog:
@@ -368,7 +369,8 @@ class DeviceMachine(RuleBasedStateMachine):
                               read_link=self._read_link, scan=self._scan,
                               netdevs=netdevs)  # fmt: skip
             self.run = Run(tg, done, devices, hs)
-            await devices.start(record, unreadable=store.unreadable, ask=self.kubelet.held)
+            await devices.start(record, unreadable=store.unreadable, torn=store.torn,
+                                ask=self.kubelet.held)  # fmt: skip
             devices.prepare_all()
             await self._settle()
             return self.run

@@ -876,6 +876,40 @@ async def test_a_restart_takes_over_what_kubelet_lists_and_the_record_lacks(
         assert "a: a pod holds it (kubelet), the state record does not have it" in caplog.text
 
 
+async def test_a_record_cut_inside_its_last_change_leaves_the_rest_unknown_while_kubelet_is_down(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 review (attack 5): a kill -9 mid-write cuts the record's last
+    change short; what the record holds is kept, and, until kubelet can say,
+    every other device is unknown (the lost change may be a pod's Allocate):
+    never free, never prepared."""
+    pool = _named("p", "a", "b", "c")
+    async with running(pool, tmp_path=tmp_path) as n:
+        await n.devices.allocate("p", ["a"])
+        await n.devices.allocate("p", ["b"])
+    path = tmp_path / "state" / "state.json"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 10])  # b's line, cut
+    store = StateStore(tmp_path / "state", tmp_path / "pins")
+    record = store.load()
+    assert store.torn and not store.unreadable and sorted(record.allocations) == ["a"]
+    fresh = _named("p", "a", "b", "c")
+    async with running(fresh, tmp_path=tmp_path) as n:
+        n.datapath.stale.update({"a": 1, "b": 2})
+        asked: list[dict[str, set[str]] | None] = [None]
+
+        async def kubelet() -> dict[str, set[str]] | None:
+            return asked.pop(0) if asked else {"afxdp/p": {"a", "b"}}
+
+        assert await n.devices.start(record, unreadable=False, torn=True, ask=kubelet) == ["a"]
+        assert _states(fresh) == {"a": "allocated", "b": "unknown", "c": "unknown"}
+        with pytest.raises(DeviceError, match=f"b: {UNKNOWN_HOLDER}"):
+            await n.devices.allocate("p", ["b"])
+        await n.devices.ask_again(kubelet)  # kubelet answers: b is a pod's, c free
+        await n.settle()
+        assert _states(fresh) == {"a": "allocated", "b": "allocated", "c": "free"}
+
+
 def _answer(
     held: dict[str, set[str]] | None,
 ) -> Callable[[], Awaitable[dict[str, set[str]] | None]]:

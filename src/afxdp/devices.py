@@ -454,19 +454,28 @@ class Devices:
 
     # -- restart and shutdown ---------------------------------------------------
 
-    async def start(self, record: Record, *, unreadable: bool, ask: HeldFinder) -> list[str]:
+    async def start(self, record: Record, *, unreadable: bool, ask: HeldFinder,
+                    torn: bool = False) -> list[str]:  # fmt: skip
         """At start, take over what the last run handed out: from its durable
         ``record`` with kubelet's word (``restore``), or, when the record could
         not be trusted (``unreadable``), from kubelet's word alone, every device
         unknown until kubelet answers (rule 4: asked again in the background
-        while it does not). Returns the devices kept."""
+        while it does not). A record whose last change was cut short (``torn``)
+        is trusted for what it holds; while kubelet cannot say, every other
+        device is unknown too (the lost change may be an allocation). Returns
+        the devices kept."""
         if unreadable:
             self.distrust()
             held = await ask()
             if held is None:
                 self.handouts.spawn(self.settle_forever, ask)
             return await self.settle(held)
-        return await self.restore(record, await ask())
+        held = await ask()
+        kept = await self.restore(record, held)
+        if torn and held is None:
+            self.distrust(keep_allocated=True)
+            self.handouts.spawn(self.settle_forever, ask)
+        return kept
 
     async def restore(self, record: Record, held: dict[str, set[str]] | None) -> list[str]:
         """Take over what a previous run handed out (its durable ``record``),
@@ -546,13 +555,14 @@ class Devices:
                 odev.held_by = name
         return pool, dev
 
-    def distrust(self) -> None:
+    def distrust(self, *, keep_allocated: bool = False) -> None:
         """The durable record could not be trusted: every device is unknown
-        until ``settle`` (rule 4)."""
+        until ``settle`` (rule 4); with ``keep_allocated``, those it did hold
+        stay allocated (a record whose last change was cut short)."""
         self.distrusted = True
         for pool in self.pools.values():
             for dev in pool.devices.values():
-                dev.unknown = True
+                dev.unknown = not (keep_allocated and dev.allocated)
             self.changes[pool.name].bump()
 
     async def settle(self, held: dict[str, set[str]] | None) -> list[str]:

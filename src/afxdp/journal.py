@@ -97,6 +97,9 @@ class Journal(Generic[K, V]):
         self._changes = 0  # change lines in the file after its snapshot
         self._rewrite = True  # the file must be rewritten whole before appending
         self._writing = anyio.Lock()
+        # The last load skipped an unfinished last line: a change that may or
+        # may not have counted (its writer was killed mid-write) is not known.
+        self.torn = False
 
     def load(self) -> dict[K, V]:
         """The entries on disk (none when there is no file). A file that is
@@ -106,6 +109,7 @@ class Journal(Generic[K, V]):
         empty, none of its entries acted on."""
         self.entries.clear()  # in place: a store may share this dict
         self._rewrite = True
+        self.torn = False
         if self.path is None:
             return self.entries
         try:
@@ -133,6 +137,7 @@ class Journal(Generic[K, V]):
         if len(lines) == 1:  # the whole file as older versions wrote it (by rename)
             lines.append(b"")
         if lines[-1]:  # no newline after it: a write that never finished
+            self.torn = True
             log.warning(
                 "%s: skipping an unfinished last line (%d bytes)", self.path, len(lines[-1])
             )

@@ -322,7 +322,7 @@ class Service:
             await claims.clean_specs()
             try:
                 # The prepared claims hold their devices, whatever PodResources says.
-                kept = await devs.start(record, unreadable=state.unreadable,
+                kept = await devs.start(record, unreadable=state.unreadable, torn=state.torn,
                                         ask=claims.held_too(pod_resources.held))  # fmt: skip
                 self.metrics.restarts_reconciled.inc(len(kept))
                 devs.prepare_all()  # fresh programs on free devices: Allocate need not wait

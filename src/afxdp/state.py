@@ -81,6 +81,12 @@ class StateStore:
         # One dict: the record's allocations are the journal's entries.
         self.record.allocations = self._journal.entries
 
+    @property
+    def torn(self) -> bool:
+        """The last load skipped a change whose write never finished: the record
+        may lack the allocation it was recording (Allocate may have answered)."""
+        return self._journal.torn
+
     def load(self) -> Record:
         """The record on disk: an empty one when there is none, and when it
         cannot be trusted (then ``unreadable`` is set: an empty record is not
