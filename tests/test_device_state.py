@@ -910,6 +910,26 @@ async def test_a_record_cut_inside_its_last_change_leaves_the_rest_unknown_while
         assert _states(fresh) == {"a": "allocated", "b": "allocated", "c": "free"}
 
 
+async def test_an_add_of_a_device_taken_over_without_its_pods_program_fails_saying_why(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 review (attack 10): taken over from kubelet's word alone, here
+    with no program of ours on it (its link re-created while afxdpd was down),
+    the device cannot reach its pod with the pod's map: the CNI ADD (which asks
+    ensure_program first) fails saying so, and status says it too."""
+    pool = _named("p", "a")
+    async with running(pool, tmp_path=tmp_path) as n:
+        n.devices.distrust()
+        assert await n.devices.settle({"afxdp/p": {"a"}}) == ["a"]
+        handout = n.handouts.handouts["a"]
+        assert handout.setup_unknown and handout.xdp is None
+        with pytest.raises(DeviceError, match="a: its pod's program is not known"):
+            await n.devices.ensure_program("a")
+        assert handout.status().xdp_fault == (
+            "its pod's program is not known (the state record was lost)"
+        )
+
+
 def _answer(
     held: dict[str, set[str]] | None,
 ) -> Callable[[], Awaitable[dict[str, set[str]] | None]]:

@@ -383,6 +383,13 @@ class Handouts:
         program is on the link, ...); status shows the reason until it can."""
         async with self._device_lock(device):
             handout = self.handouts.get(device)
+            if handout is not None and handout.xdp is None and handout.setup_unknown:
+                # Taken over from kubelet's word alone, here with no program of
+                # ours (its link re-created, or the program gone): the pod could
+                # reach no map through it. Said, never moved as if it worked.
+                handout.xdp_fault = "its pod's program is not known (the state record was lost)"
+                raise DeviceError(f"{device}: {handout.xdp_fault}; it cannot reach its pod "
+                                  "with the pod's map")  # fmt: skip
             if handout is None or handout.xdp is None:
                 return False  # a raw netdev (or not handed out): nothing of ours on it
             lost = handout.xdp_fault is not None
