@@ -111,6 +111,17 @@ class FakeProgram:
         self._log.append(f"abandon {self.device}")
         self._left[self.device] = self.prog_id
 
+    carrier = None  # per-pod layout: a program per handout
+
+    def give(self, control_to_kernel: bool) -> FakeProgram:
+        raise DeviceError("per-pod fake: no slot")
+
+    def counters(self) -> None:
+        return None
+
+    def counters_fd(self) -> None:
+        return None
+
 
 class FakeHandshake:
     """FAKE UDS server: no socket; listen/serve/close are recorded."""
@@ -134,6 +145,8 @@ class FakeDatapath:
     """FAKE Datapath: records every step in ``log``; ``fail_attach`` names devices
     whose attach raises, ``in_pods`` devices that are in a pod's netns."""
 
+    layout = "per-pod"
+
     def __init__(self) -> None:
         self.log: list[str] = []
         self.fail_attach: set[str] = set()
@@ -156,6 +169,9 @@ class FakeDatapath:
         replaced = self.stale.pop(device, None)
         self.log.append(f"{'attach' if replaced is None else 'replace'} {device}")
         return FakeProgram(device, self._ids, self.log, self.stale, replaced)
+
+    def carry(self, device: str) -> FakeProgram:
+        raise DeviceError("per-pod fake: no slot program")
 
     def adopt(self, device: str, prog_id: int) -> FakeProgram:
         if prog_id in self.gone:
@@ -193,6 +209,8 @@ class FakeKernel:
     time afxdpd takes a program off a link (replaced, detached), at that very
     moment. ``delay`` (method name -> extra event-loop turns) is read by the
     test's stand-in for ``run_sync``, to make a call slow."""
+
+    layout = "per-pod"
 
     def __init__(self, links: dict[str, str]) -> None:
         self.links = links
@@ -234,6 +252,9 @@ class FakeKernel:
         self._ids += 1
         self.attached[device] = self._ids
         return KernelProgram(self, device, self._ids, replaced)
+
+    def carry(self, device: str) -> KernelProgram:
+        raise DeviceError("per-pod fake: no slot program")
 
     def adopt(self, device: str, prog_id: int) -> KernelProgram:
         if prog_id not in self.attached.values():
@@ -296,6 +317,17 @@ class KernelProgram:
 
     def abandon(self) -> None:
         pass  # stays attached: the kernel keeps it
+
+    carrier = None  # per-pod layout
+
+    def give(self, control_to_kernel: bool) -> KernelProgram:
+        raise DeviceError("per-pod fake: no slot")
+
+    def counters(self) -> None:
+        return None
+
+    def counters_fd(self) -> None:
+        return None
 
 
 class KernelHandshake(FakeHandshake):

@@ -106,6 +106,9 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # Seconds; None means the idle timeout is disabled (the file's -1).
     uds_timeout: int | None = UDS_TIMEOUT_DEFAULT
     requires_unprivileged_bpf: bool = False
+    # ARP and IPv6 neighbour discovery to the pod's kernel, not its socket
+    # (map-in-map datapath only: the per-pod program has no such check).
+    control_frames_to_kernel: bool = False
 
     @property
     def resource_name(self) -> str:
@@ -449,6 +452,7 @@ class _Validator:
                 "bpfMapPinningEnable",
                 "udsTimeout",
                 "requiresUnprivilegedBpf",
+                "controlFramesToKernel",
             ),
         )
         if obj is None:
@@ -491,6 +495,7 @@ class _Validator:
                 "with both, one XDP program would replace the other's)",
             )
         unpriv = self.typed(obj, "requiresUnprivilegedBpf", path, bool, False)
+        control = self.typed(obj, "controlFramesToKernel", path, bool, False)
         if len(self.errors) > start:
             return None
         return Pool(
@@ -504,6 +509,7 @@ class _Validator:
             bpf_map_pinning_enable=pinning,
             uds_timeout=None if timeout == -1 else (timeout or UDS_TIMEOUT_DEFAULT),
             requires_unprivileged_bpf=unpriv,
+            control_frames_to_kernel=control,
         )
 
     def driver(self, raw: Any, path: str) -> Driver | None:

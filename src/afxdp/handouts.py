@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 from afxdp import config, contracts
 from afxdp.bpf import pinning
 from afxdp.confine import confined
-from afxdp.datapath import Datapath, Handshake, Program
+from afxdp.datapath import MAP_IN_MAP, Datapath, Handshake, Program
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.inventory import NetDev
 from afxdp.pools import Pool, PoolDevice
@@ -158,7 +158,7 @@ class Handouts:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 for handout in reversed(done):
-                    await self._tear_down(handout)
+                    await self._tear_down(handout, keep_carrier=True)
                 for handout in done:
                     with suppress(OSError):
                         await self.store.remove(handout.device)
@@ -284,7 +284,10 @@ class Handouts:
                 program = None
             if program is not None:
                 self.swap_pending.discard(dev.id)  # it took the last pod's place
-            handout.xdp = program or await self._fresh(cfg, dev.id)
+            program = program or await self._fresh(cfg, dev.id)
+            if program is not None and self.datapath.layout == MAP_IN_MAP:
+                program = await self._give(dev.id, program, cfg)
+            handout.xdp = program
         if handout.xdp is None:
             return  # the pool hands out raw netdevs: nothing is loaded
         pod_dir = str(contracts.pod_device_dir(dev.id))
@@ -296,6 +299,16 @@ class Handouts:
             return
         await self._serve_uds(pool, dev.id, handout)
 
+    async def _give(self, device: str, carrier: Program, cfg: config.Pool) -> Program:
+        """Map-in-map: a fresh XSKMAP in the slot of the device's program, as
+        the pod's handout: one map update, no program change. When it fails,
+        the device keeps its program, slot empty: prepared again."""
+        try:
+            return await run_sync(Work.DEVICES, carrier.give, cfg.control_frames_to_kernel)
+        except BaseException:
+            self.prepared[device] = carrier
+            raise
+
     async def _fresh(
         self, cfg: config.Pool, device: str, work: Work = Work.DEVICES
     ) -> Program | None:
@@ -303,12 +316,19 @@ class Handouts:
         place of a program of ours found on it, in one kernel change: the
         previous pod's (``release`` leaves it for this swap), or one left over by
         skipUnloadBpf, a crash, or a device that came home while we were down.
-        Never one a pod of an allocation has a map fd for (those are handed out)."""
+        Never one a pod of an allocation has a map fd for (those are handed out).
+        Map-in-map: the device's program with an empty slot (``carry``), one of
+        ours of that kind found on it taken as it is."""
         program = None
         if not loads_program(cfg):
             stale = await run_sync(work, self.datapath.detach_stale, device)
             if stale is not None:
                 log.info("%s: detached program %d left over", device, stale)
+        elif self.datapath.layout == MAP_IN_MAP:
+            program = await run_sync(work, self.datapath.carry, device)
+            if program.replaced is not None:
+                log.info("%s: replaced program %d with our program for the device",
+                         device, program.replaced)  # fmt: skip
         else:
             program = await run_sync(work, self.datapath.attach, device)
             if program.replaced is not None:
@@ -443,13 +463,21 @@ class Handouts:
         handout.uds_scope, handout.uds_done = scope, done
         handout.mounts.append((str(server.path.parent), str(contracts.pod_device_dir(device))))
 
-    async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
+    async def _tear_down(
+        self, handout: Handout, keep_xdp: bool = False, *, keep_carrier: bool = False
+    ) -> None:
         """Undo a handout; every step runs even when an earlier one fails.
-        ``keep_xdp`` leaves the program attached (its handles closed)."""
+        ``keep_xdp`` leaves the program attached (its handles closed).
+        Map-in-map: the pod's slot is emptied; ``keep_carrier`` keeps the
+        device's program, prepared for the next pod, else it goes as a
+        per-pod program would."""
         await _stop_serving(handout)
         if handout.pinned is not None:
             self.datapath.unpin(handout.pinned)
-        if handout.xdp is not None and keep_xdp:
+        carrier = handout.xdp.carrier if handout.xdp is not None else None
+        if handout.xdp is not None and carrier is not None:
+            await self._take_back(handout.device, handout.xdp, carrier, keep_xdp, keep_carrier)
+        elif handout.xdp is not None and keep_xdp:
             handout.xdp.abandon()  # replaced at the device's next allocation
         elif handout.xdp is not None:
             try:
@@ -472,6 +500,32 @@ class Handouts:
             except AfxdpError as exc:
                 log.error("%s: deleting the secondary device failed: %s", handout.device, exc)
 
+    async def _take_back(
+        self, device: str, given: Program, carrier: Program, keep_xdp: bool, keep_carrier: bool
+    ) -> None:
+        """Map-in-map: empty the pod's slot and drop its map (frames go to the
+        kernel; no earlier pod's map can feed a later pod), then keep the
+        device's program for the next pod, leave it (``keep_xdp``), or detach
+        it. Under the device's lock: ``prepare`` must not take the program a
+        second time meanwhile."""
+        async with self._device_lock(device):
+            try:
+                await run_sync(Work.DEVICES, given.detach)
+            except (AfxdpError, OSError) as exc:  # the next give replaces what it holds
+                log.error("%s: emptying the slot failed: %s", device, exc)
+            if keep_carrier:
+                self.prepared[device] = carrier
+                return
+            if keep_xdp:
+                carrier.abandon()
+                return
+            try:
+                await run_sync(Work.DEVICES, carrier.detach)
+            except AfxdpError as exc:
+                log.error("%s: detaching XDP failed: %s", device, exc)
+            if not await run_sync(Work.DEVICES, self.datapath.in_host, device):
+                self.swap_pending.add(device)  # taken off when it comes home, as per-pod
+
     async def release(self, device: str, keep_xdp: bool = False, *, swap: bool = False) -> bool:
         """Take ``device``'s handout back; False when it had none.
 
@@ -487,10 +541,13 @@ class Handouts:
         if handout is None:
             return False
         swap = swap and not self.closing
-        if swap:
+        slot = handout.xdp is not None and handout.xdp.carrier is not None
+        if swap and not slot:
             self.swap_pending.add(device)
         with anyio.CancelScope(shield=True):
-            await self._tear_down(handout, keep_xdp or swap)
+            # Map-in-map (``slot``): the device keeps its program, the slot
+            # emptied: it is prepared again at once, and no swap is needed.
+            await self._tear_down(handout, keep_xdp or (swap and not slot), keep_carrier=swap)
             await self.store.remove(device)
         log.info("%s: released", device)
         return True

@@ -19,7 +19,7 @@ from afxdp.cni import shim
 from afxdp.config import LoadedConfig
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths
-from afxdp.status import AllocationStatus, Status
+from afxdp.status import AllocationStatus, DeviceStatus, Status
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -109,13 +109,23 @@ def _prog(a: AllocationStatus) -> object:
     return f"{a.xdp_prog_id}(detached)" if a.xdp_fault else a.xdp_prog_id
 
 
+def _frames(d: DeviceStatus) -> object:
+    """What its XDP program counted, one word: per queue, redirected/no
+    socket/control (``q0=200/5/0,q3=0/17/0``: frames arrive on queue 3, where
+    no socket is bound)."""
+    if d.xdp_frames is None:
+        return None
+    return ",".join(f"q{q.queue}={q.redirected}/{q.no_socket}/{q.control}"
+                    for q in d.xdp_frames) or "0"  # fmt: skip
+
+
 def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
     """Three tables: the node, its pools, their devices (``-o wide``: more columns)."""
     devices = [(p, d) for p in doc.pools for d in p.devices]
     lines = _table(
-        ["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS"],
+        ["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS", "DATAPATH"],
         [(doc.node, _yes(not doc.unready_reasons()), len(doc.pools), len(devices),
-          len(doc.allocations), doc.queued_dels)],
+          len(doc.allocations), doc.queued_dels, doc.datapath)],
     )  # fmt: skip
     lines.append("")
     lines += _table(
@@ -125,7 +135,8 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
     )  # fmt: skip
     headers = ["POOL", "DEVICE", "STATE", "HEALTH", "POD"]
     if wide:
-        headers += ["NUMA", "PARENT", "XDP-MODE", "PROG-ID", "SOCKET", "CONNECTIONS", "ACTIVE"]
+        headers += ["NUMA", "PARENT", "XDP-MODE", "PROG-ID", "SOCKET", "CONNECTIONS", "ACTIVE",
+                    "FRAMES(R/N/C)"]  # fmt: skip
     rows: list[list[object]] = []
     allocations = {a.device: a for a in doc.allocations}
     for pool, d in devices:
@@ -139,6 +150,7 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
                 a.xdp_mode, _prog(a), a.uds_socket or a.pinned_map,
                 a.uds_connections, a.uds_active,
             ]  # fmt: skip
+            row.append(_frames(d))
         rows.append(row)
     lines.append("")
     lines += _table(headers, rows)
