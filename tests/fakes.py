@@ -116,6 +116,9 @@ class FakeProgram:
     def give(self, control_to_kernel: bool) -> FakeProgram:
         raise DeviceError("per-pod fake: no slot")
 
+    def install(self) -> None:
+        pass
+
     def counters(self) -> None:
         return None
 
@@ -323,6 +326,9 @@ class KernelProgram:
     def give(self, control_to_kernel: bool) -> KernelProgram:
         raise DeviceError("per-pod fake: no slot")
 
+    def install(self) -> None:
+        pass
+
     def counters(self) -> None:
         return None
 
@@ -347,3 +353,65 @@ class KernelHandshake(FakeHandshake):
         if self.open:
             self.open = False
             self.kernel.listening[self.netdev] -= 1
+
+
+class FakeCarrier(FakeProgram):
+    """FAKE map-in-map device program (``FakeSlotDatapath``): ``give`` makes
+    a FakeGiven; detach and abandon are recorded."""
+
+    def __init__(self, datapath: FakeSlotDatapath, device: str, prog_id: int) -> None:
+        super().__init__(device, prog_id, datapath.log)
+        self.datapath = datapath
+
+    def give(self, control_to_kernel: bool) -> FakeProgram:
+        self._log.append(f"give {self.device}")
+        return FakeGiven(self)
+
+
+class FakeGiven(FakeProgram):
+    """FAKE pod's slot: ``install`` waits for its device's gate (a
+    threading.Event in ``FakeSlotDatapath.gates``, when there is one) and
+    fails for devices in ``fail_install``; ``detach`` takes it back."""
+
+    def __init__(self, carrier: FakeCarrier) -> None:
+        super().__init__(carrier.device, carrier.prog_id, carrier._log)
+        self._carrier = carrier
+        self.map_fd = 5000 + len(carrier._log)
+
+    @property
+    def carrier(self) -> FakeCarrier:  # type: ignore[override]
+        return self._carrier
+
+    def install(self) -> None:
+        gate = self._carrier.datapath.gates.get(self.device)
+        if gate is not None and not gate.wait(10):
+            raise AssertionError("the gate never opened")
+        if self.device in self._carrier.datapath.fail_install:
+            raise DeviceError(f"{self.device}: the map of maps refused the update (fake)")
+        self._log.append(f"install {self.device}")
+
+    def detach(self) -> None:
+        self._log.append(f"take back {self.device}")
+
+    def abandon(self) -> None:
+        self._log.append(f"leave slot {self.device}")
+
+
+class FakeSlotDatapath(FakeDatapath):
+    """FAKE Datapath of the map-in-map layout: ``carry`` puts a program on a
+    device ("carry"), its ``give`` a map for the pod ("give"), installed in
+    the background ("install"), taken back at release ("take back")."""
+
+    layout = "map-in-map"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, Any] = {}  # device -> threading.Event its installs wait for
+        self.fail_install: set[str] = set()
+
+    def carry(self, device: str) -> FakeProgram:
+        if device in self.fail_attach:
+            raise DeviceError(f"{device}: attach failed (fake)")
+        self._ids += 1
+        self.log.append(f"carry {device}")
+        return FakeCarrier(self, device, self._ids)

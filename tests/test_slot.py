@@ -15,7 +15,14 @@ import pytest
 from afxdp import frames, metrics
 from afxdp.bpf import libbpf, pinning, slot
 from afxdp.config import load_config
-from afxdp.datapath import LAYOUT_ENV, MAP_IN_MAP, PER_POD, KernelDatapath, choose_layout
+from afxdp.datapath import (
+    LAYOUT_ENV,
+    MAP_IN_MAP,
+    PER_POD,
+    KernelDatapath,
+    Program,
+    choose_layout,
+)
 from afxdp.errors import ConfigError, DeviceError
 from afxdp.metrics import Metrics
 from afxdp.netns import run_in
@@ -76,6 +83,13 @@ def test_this_kernel_takes_the_map_in_map_layout() -> None:
     assert choose_layout({})[0] == MAP_IN_MAP
 
 
+def installed(carrier: Program, control: bool = False) -> Program:
+    """A pod's handout, its map in the slot (afxdpd installs it in the background)."""
+    given = carrier.give(control)
+    given.install()
+    return given
+
+
 def _quiet_peer(peer_ns: str) -> None:
     """No IPv6 in the peer's netns: no neighbour discovery or MLD of its own
     reaches the device, so the counters hold only what a test sends."""
@@ -94,7 +108,7 @@ async def test_a_pods_map_in_the_slot_receives_and_every_frame_is_counted(
     _quiet_peer(peer_ns)
     datapath = KernelDatapath(tmp_path / "pins", MAP_IN_MAP)
     carrier = await anyio.to_thread.run_sync(datapath.carry, dev)
-    given = await anyio.to_thread.run_sync(carrier.give, False)
+    given = await anyio.to_thread.run_sync(installed, carrier)
     path = pinning.map_path(tmp_path / "pins", "pool1", dev)
     app = None
     try:
@@ -139,12 +153,14 @@ def test_taking_back_empties_the_slot_and_the_next_pod_gets_a_fresh_map(lab: Lab
     carrier = KernelDatapath(Path("/nonexistent"), MAP_IN_MAP).carry(dev)
     try:
         prog = libbpf.xdp_query_id(carrier.ifindex)
-        first = carrier.give(False)
+        first = installed(carrier)
         first_id = libbpf.map_info(first.map_fd).id
         assert libbpf.map_lookup_u32(carrier.map_fd, 0) == first_id
         first.detach()
         assert libbpf.map_lookup_u32(carrier.map_fd, 0) is None  # frames go to the kernel
-        second = carrier.give(False)
+        second = carrier.give(False)  # fast: no map of maps changes yet
+        assert libbpf.map_lookup_u32(carrier.map_fd, 0) is None
+        second.install()  # the slow part (a grace period): afxdpd's background
         second_id = libbpf.map_info(second.map_fd).id
         assert second_id != first_id
         assert libbpf.map_lookup_u32(carrier.map_fd, 0) == second_id
@@ -163,7 +179,7 @@ def test_a_restart_finds_the_pods_map_and_a_free_device_keeps_its_program(lab: L
     dev, _ = lab.veth(lab.name("sr"), lab.name("ss"))
     datapath = KernelDatapath(Path("/nonexistent"), MAP_IN_MAP)
     carrier = datapath.carry(dev)
-    given = carrier.give(False)
+    given = installed(carrier)
     pods_map = libbpf.map_info(given.map_fd).id
     given.abandon()  # afxdpd stops (or is killed): the pod's map stays in the slot
     adopted = datapath.adopt(dev, carrier.prog_id)
@@ -223,7 +239,7 @@ def test_arp_reaches_the_kernel_past_a_bound_socket_when_control_frames_are_on(
     dev, peer, pod_ns, peer_ns = wired
     _quiet_peer(peer_ns)
     carrier = KernelDatapath(Path("/nonexistent"), MAP_IN_MAP).carry(dev)
-    given = carrier.give(control)
+    given = installed(carrier, control)
     xsk = None
     try:
         plug(dev, peer, pod_ns, peer_ns)
@@ -271,7 +287,7 @@ async def test_frames_with_no_socket_on_their_queue_reach_the_kernel_and_metrics
     dev, peer, pod_ns, peer_ns = wired
     _quiet_peer(peer_ns)
     carrier = await anyio.to_thread.run_sync(KernelDatapath(Path("/x"), MAP_IN_MAP).carry, dev)
-    given = await anyio.to_thread.run_sync(carrier.give, False)
+    given = await anyio.to_thread.run_sync(installed, carrier)
     m = Metrics.create()
 
     async def read() -> list[frames.DeviceFrames]:

@@ -114,8 +114,14 @@ class Program(Protocol):
         ...
 
     def give(self, control_to_kernel: bool) -> Program:
-        """Map-in-map, the device's program: a fresh XSKMAP in its slot, as
-        the pod's handout (control frames to the kernel or not)."""
+        """Map-in-map, the device's program: a fresh XSKMAP for its slot, as
+        the pod's handout (control frames to the kernel or not); in the slot
+        once ``install`` has run."""
+        ...
+
+    def install(self) -> None:
+        """Map-in-map, a pod's handout: put its map in its device's slot (the
+        kernel waits an RCU grace period in it). Nothing to do for a program."""
         ...
 
     def counters(self) -> Counters | None:
@@ -241,6 +247,9 @@ class _Attached:
     def give(self, control_to_kernel: bool) -> Program:
         raise DeviceError(f"{self.xdp.netdev}: a per-pod program has no slot to give")
 
+    def install(self) -> None:
+        pass
+
     def counters(self) -> Counters | None:
         return None
 
@@ -301,6 +310,9 @@ class _Adopted:
     def give(self, control_to_kernel: bool) -> Program:
         raise DeviceError(f"{self.device}: a per-pod program has no slot to give")
 
+    def install(self) -> None:
+        pass
+
     def counters(self) -> Counters | None:
         return None
 
@@ -343,7 +355,15 @@ class _Carrier:
         return self.base.ensure_attached(ask=ask)
 
     def give(self, control_to_kernel: bool) -> Program:
-        return _Given(self, self.maps.give(control_to_kernel))
+        inner = self.maps.fresh(control_to_kernel)
+        try:
+            return _Given(self, inner)
+        except BaseException:
+            os.close(inner)
+            raise
+
+    def install(self) -> None:
+        pass
 
     def counters(self) -> Counters | None:
         return self.maps.counters()
@@ -363,11 +383,15 @@ class _Carrier:
 
 
 class _Given:
-    """Map-in-map: a pod's handout, the fresh XSKMAP in its device's slot
-    (``map_fd``: what the handshake sends and the pin is)."""
+    """Map-in-map: a pod's handout, the fresh XSKMAP for its device's slot
+    (``map_fd``: what the handshake sends and the pin is). It holds a slot fd
+    of its own: ``install`` and ``detach`` run in the background, and the
+    device's program may be closed meanwhile without the number being
+    recycled under them."""
 
     def __init__(self, carrier: _Carrier, inner_fd: int) -> None:
         self._carrier = carrier
+        self._slot_fd = os.dup(carrier.maps.slot_fd)
         self.map_fd = inner_fd
 
     @property
@@ -396,6 +420,9 @@ class _Given:
     def give(self, control_to_kernel: bool) -> Program:
         raise DeviceError("a pod's slot is given already")
 
+    def install(self) -> None:
+        slot.install(self._slot_fd, self.map_fd)
+
     def counters(self) -> Counters | None:
         return self._carrier.counters()
 
@@ -408,17 +435,20 @@ class _Given:
         if self.map_fd < 0:
             return
         try:
-            self._carrier.maps.take_back(self.map_fd)
+            slot.take_back(self._slot_fd, self.map_fd)
         finally:
-            os.close(self.map_fd)
-            self.map_fd = -1
+            self._close()
 
     def abandon(self) -> None:
         """The slot keeps the pod's map; our handles go."""
-        if self.map_fd >= 0:
-            os.close(self.map_fd)
-            self.map_fd = -1
+        self._close()
         self._carrier.abandon()
+
+    def _close(self) -> None:
+        for fd in (self.map_fd, self._slot_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.map_fd = self._slot_fd = -1
 
 
 class KernelDatapath:

@@ -64,6 +64,9 @@ class Handout:
     # Why ``xdp`` is not on the device's link now (its link was deleted, and
     # the program could not go on a link re-created under its name yet).
     xdp_fault: str | None = None
+    # Map-in-map: why the pod's map is not in its device's slot (putting it
+    # there failed; the CNI ADD fails saying so).
+    slot_fault: str | None = None
 
     def status(self) -> AllocationStatus:
         uds = self.uds
@@ -81,7 +84,7 @@ class Handout:
             uds_idle_timeout=uds.idle_timeout if uds else None,
             pinned_map=str(self.pinned) if self.pinned else None,
             setup_unknown=self.setup_unknown,
-            xdp_fault=self.xdp_fault,
+            xdp_fault=self.xdp_fault or self.slot_fault,
         )
 
 
@@ -139,6 +142,9 @@ class Handouts:
         # Devices an Allocate is setting up (not in ``handouts`` yet): like
         # handed-out ones, never prepared nor unprepared under it.
         self._starting: set[str] = set()
+        # Map-in-map: each device's last slot change in the background (set
+        # when it is done); each waits for the one before (``_slot_change``).
+        self._slot_changes: dict[str, anyio.Event] = {}
 
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
@@ -286,7 +292,9 @@ class Handouts:
                 self.swap_pending.discard(dev.id)  # it took the last pod's place
             program = program or await self._fresh(cfg, dev.id)
             if program is not None and self.datapath.layout == MAP_IN_MAP:
-                program = await self._give(dev.id, program, cfg)
+                given = await self._give(dev.id, program, cfg)
+                self._slot_change(handout, given.install, "putting the pod's map in the slot")
+                program = given
             handout.xdp = program
         if handout.xdp is None:
             return  # the pool hands out raw netdevs: nothing is loaded
@@ -300,14 +308,49 @@ class Handouts:
         await self._serve_uds(pool, dev.id, handout)
 
     async def _give(self, device: str, carrier: Program, cfg: config.Pool) -> Program:
-        """Map-in-map: a fresh XSKMAP in the slot of the device's program, as
-        the pod's handout: one map update, no program change. When it fails,
-        the device keeps its program, slot empty: prepared again."""
+        """Map-in-map: a fresh XSKMAP for the slot of the device's program, as
+        the pod's handout (no program change). When it fails, the device keeps
+        its program, slot empty: prepared again."""
         try:
             return await run_sync(Work.DEVICES, carrier.give, cfg.control_frames_to_kernel)
         except BaseException:
             self.prepared[device] = carrier
             raise
+
+    def _slot_change(self, handout: Handout, change: Callable[[], object], what: str) -> None:
+        """Run a change of the device's slot in the background, after every
+        earlier one of the device, in order. Every update of a map of maps
+        waits an RCU grace period in the kernel (8-16 ms here): Allocate and
+        release do not wait for it. Nothing depends on it being done before
+        the device moves into its pod: the pod's map receives nothing before
+        its pod binds a socket, and ``ensure_attached`` (the CNI ADD) waits
+        for it all the same, so that a failure is the ADD's."""
+        before = self._slot_changes.get(handout.device)
+        done = self._slot_changes[handout.device] = anyio.Event()
+        self._tg.start_soon(self._change_slot, handout, before, change, what, done)
+
+    async def _change_slot(self, handout: Handout, before: anyio.Event | None,
+                           change: Callable[[], object], what: str,
+                           done: anyio.Event) -> None:  # fmt: skip
+        device = handout.device
+        try:
+            with anyio.CancelScope(shield=True):  # a stop waits for it (``shutdown``)
+                if before is not None:
+                    await before.wait()
+                await run_sync(Work.DEVICES, change)
+        except (AfxdpError, OSError) as exc:
+            handout.slot_fault = f"{what} failed: {exc}"
+            log.error("%s: %s", device, handout.slot_fault)
+        finally:
+            done.set()
+            if self._slot_changes.get(device) is done:
+                del self._slot_changes[device]
+
+    async def slot_settled(self, device: str) -> None:
+        """Until the slot changes of ``device`` made so far are done."""
+        last = self._slot_changes.get(device)
+        if last is not None:
+            await last.wait()
 
     async def _fresh(
         self, cfg: config.Pool, device: str, work: Work = Work.DEVICES
@@ -392,10 +435,14 @@ class Handouts:
         again; ``lost_only``: only when its link is known to have gone
         (``link_gone``). Raises DeviceError saying why it cannot (another
         program is on the link, ...); status shows the reason until it can."""
+        await self.slot_settled(device)
         async with self._device_lock(device):
             handout = self.handouts.get(device)
             if handout is None or handout.xdp is None:
                 return False  # a raw netdev (or not handed out): nothing of ours on it
+            if handout.slot_fault is not None:
+                raise DeviceError(f"{device}: the pod's map is not in its device's slot: "
+                                  f"{handout.slot_fault}")  # fmt: skip
             lost = handout.xdp_fault is not None
             if lost_only and not lost:
                 return False
@@ -476,7 +523,7 @@ class Handouts:
             self.datapath.unpin(handout.pinned)
         carrier = handout.xdp.carrier if handout.xdp is not None else None
         if handout.xdp is not None and carrier is not None:
-            await self._take_back(handout.device, handout.xdp, carrier, keep_xdp, keep_carrier)
+            await self._take_back(handout, handout.xdp, carrier, keep_xdp, keep_carrier)
         elif handout.xdp is not None and keep_xdp:
             handout.xdp.abandon()  # replaced at the device's next allocation
         elif handout.xdp is not None:
@@ -501,21 +548,23 @@ class Handouts:
                 log.error("%s: deleting the secondary device failed: %s", handout.device, exc)
 
     async def _take_back(
-        self, device: str, given: Program, carrier: Program, keep_xdp: bool, keep_carrier: bool
-    ) -> None:
+        self, handout: Handout, given: Program, carrier: Program, keep_xdp: bool,
+        keep_carrier: bool,
+    ) -> None:  # fmt: skip
         """Map-in-map: empty the pod's slot and drop its map (frames go to the
         kernel; no earlier pod's map can feed a later pod), then keep the
         device's program for the next pod, leave it (``keep_xdp``), or detach
         it. Under the device's lock: ``prepare`` must not take the program a
-        second time meanwhile."""
+        second time meanwhile. The slot is emptied in the background, in
+        order with the device's other slot changes (``_slot_change``)."""
+        device = handout.device
         async with self._device_lock(device):
-            try:
-                await run_sync(Work.DEVICES, given.detach)
-            except (AfxdpError, OSError) as exc:  # the next give replaces what it holds
-                log.error("%s: emptying the slot failed: %s", device, exc)
+            self._slot_change(handout, given.detach, "emptying the slot")
             if keep_carrier:
                 self.prepared[device] = carrier
                 return
+        await self.slot_settled(device)  # the pod's map out before the program goes
+        async with self._device_lock(device):
             if keep_xdp:
                 carrier.abandon()
                 return
@@ -559,6 +608,8 @@ class Handouts:
         Free devices' prepared programs are detached (nobody uses them), and
         so are ended pods' programs still waiting for their swap."""
         self.closing = True
+        for device in list(self._slot_changes):  # slot changes under way end first
+            await self.slot_settled(device)
         # Each device's lock: a preparation under way finishes first, then goes.
         for device in [*self._locks, *sorted(self.swap_pending - self._locks.keys())]:
             await self.unprepare(device)

@@ -70,26 +70,26 @@ class SlotMaps:
             raise
         return cls(*dups)
 
-    def give(self, control_to_kernel: bool = False) -> int:
-        """A fresh XSKMAP in the slot, in place of whatever was there; its fd
+    def fresh(self, control_to_kernel: bool = False) -> int:
+        """A fresh XSKMAP for the slot (not in it yet: ``install``); its fd
         (the caller's: the pod's map lives while that fd, a pin, or the slot
-        holds it). Control frames to the kernel or not, as asked."""
+        holds it). Control frames to the kernel or not, as asked. Fast: no
+        map of maps changes."""
         self.set_control(control_to_kernel)
-        inner = new_xskmap()
+        return new_xskmap()
+
+    def give(self, control_to_kernel: bool = False) -> int:
+        """``fresh``, and in the slot at once (``install``)."""
+        inner = self.fresh(control_to_kernel)
         try:
-            libbpf.map_update_u32(self.slot_fd, 0, inner)
+            install(self.slot_fd, inner)
         except BaseException:
             os.close(inner)
             raise
         return inner
 
     def take_back(self, inner_fd: int) -> bool:
-        """Empty the slot if it holds ``inner_fd``'s map (never another pod's);
-        whether it did. The caller closes ``inner_fd``."""
-        held = libbpf.map_lookup_u32(self.slot_fd, 0)
-        if held is None or held != libbpf.map_info(inner_fd).id:
-            return False
-        return libbpf.map_delete_u32(self.slot_fd, 0)
+        return take_back(self.slot_fd, inner_fd)
 
     def empty(self) -> None:
         """Empty the slot, whatever it holds (a left-over program taken again
@@ -116,6 +116,23 @@ class SlotMaps:
             if fd >= 0:
                 os.close(fd)
         self.slot_fd = self.counters_fd = self.config_fd = -1
+
+
+def install(slot_fd: int, inner_fd: int) -> None:
+    """Put ``inner_fd``'s map in the slot, in place of whatever was there.
+    Slow: the kernel waits an RCU grace period in every update of a map of
+    maps (so that no program still runs with the old value when it returns),
+    8-16 ms here; hence afxdpd does it in the background (handouts.py)."""
+    libbpf.map_update_u32(slot_fd, 0, inner_fd)
+
+
+def take_back(slot_fd: int, inner_fd: int) -> bool:
+    """Empty the slot if it holds ``inner_fd``'s map (never another pod's);
+    whether it did. Slow as ``install``. The caller closes ``inner_fd``."""
+    held = libbpf.map_lookup_u32(slot_fd, 0)
+    if held is None or held != libbpf.map_info(inner_fd).id:
+        return False
+    return libbpf.map_delete_u32(slot_fd, 0)
 
 
 def read_counters(fd: int) -> Counters:
