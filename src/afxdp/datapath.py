@@ -47,14 +47,21 @@ LAYOUTS = (MAP_IN_MAP, PER_POD)
 LAYOUT_ENV = "AFXDP_DATAPATH"  # "per-pod" forces the fallback (tests; a kernel we distrust)
 
 
-def choose_layout(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
-    """The datapath layout this run uses and why: map-in-map where the kernel
-    takes it (``slot.probe``), else per-pod; ``AFXDP_DATAPATH`` forces either
-    (map-in-map on a kernel that refuses it is a ConfigError)."""
+def forced_layout(env: Mapping[str, str] = os.environ) -> str | None:
+    """The layout ``AFXDP_DATAPATH`` asks for; None when unset (probe).
+    ConfigError for any other value."""
     forced = env.get(LAYOUT_ENV, "")
     if forced not in ("", *LAYOUTS):
         raise ConfigError([ConfigIssue(LAYOUT_ENV, f"must be {' or '.join(LAYOUTS)} or unset, "
                                                    f"got {forced!r}")])  # fmt: skip
+    return forced or None
+
+
+def choose_layout(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """The datapath layout this run uses and why: map-in-map where the kernel
+    takes it (``slot.probe``), else per-pod; ``AFXDP_DATAPATH`` forces either
+    (map-in-map on a kernel that refuses it is a ConfigError)."""
+    forced = forced_layout(env)
     if forced == PER_POD:
         return PER_POD, f"{LAYOUT_ENV}={PER_POD}"
     problem = slot.probe()
