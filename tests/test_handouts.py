@@ -1077,3 +1077,18 @@ async def test_map_in_map_a_slot_that_cannot_take_the_pods_map_fails_the_add_say
         assert "not in its device's slot" in str(failed.value)
         assert "refused the update (fake)" in str(failed.value)
         assert handout.status().xdp_fault == handout.slot_fault
+
+
+async def test_a_pods_slot_left_by_a_map_in_map_run_is_swapped_out_by_a_per_pod_one(
+    tmp_path: Path,
+) -> None:
+    async with slot_node(tmp_path) as (handouts, datapath):
+        await handouts.start(_pool("a"), ["a"])
+        await handouts.slot_settled("a")
+        datapath.layout = "per-pod"  # what a restart forced to per-pod runs with
+        assert await handouts.release("a", swap=True)
+        await handouts.slot_settled("a")
+        # Emptied, and the program left for the per-pod one to replace; never
+        # handed out as a per-pod program (its map is a map of maps).
+        assert datapath.log[-2:] == ["take back a", "abandon a"]
+        assert "a" not in handouts.prepared and "a" in handouts.swap_pending

@@ -14,6 +14,7 @@ import pytest
 
 from afxdp import frames, metrics
 from afxdp.bpf import libbpf, pinning, slot
+from afxdp.bpf.xdp import XdpAttachment
 from afxdp.config import load_config
 from afxdp.datapath import (
     LAYOUT_ENV,
@@ -329,3 +330,21 @@ async def test_frames_with_no_socket_on_their_queue_reach_the_kernel_and_metrics
         await anyio.to_thread.run_sync(unplug, dev, pod_ns)
         given.detach()
         carrier.detach()
+
+
+@pytest.mark.privileged
+def test_either_layout_replaces_the_other_layouts_program_left_on_a_free_device(lab: Lab) -> None:
+    dev, _ = lab.veth(lab.name("sl"), lab.name("sm"))
+    index = socket.if_nametoindex(dev)
+    left = XdpAttachment.attach(dev)  # a per-pod run's program, left behind
+    left.abandon()
+    carrier = KernelDatapath(Path("/x"), MAP_IN_MAP).carry(dev)
+    assert carrier.replaced == left.prog_id  # in one change
+    assert libbpf.xdp_query_id(index) == carrier.prog_id
+    carrier.abandon()  # and back: a per-pod run replaces the slot program
+    program = KernelDatapath(Path("/x"), PER_POD).attach(dev)
+    try:
+        assert program.replaced == carrier.prog_id
+    finally:
+        program.detach()
+    assert libbpf.xdp_query_id(index) == 0

@@ -590,13 +590,15 @@ class Handouts:
         if handout is None:
             return False
         swap = swap and not self.closing
-        slot = handout.xdp is not None and handout.xdp.carrier is not None
-        if swap and not slot:
+        # Map-in-map: the device keeps its program, the slot emptied: it is
+        # prepared again at once, and no swap is needed. (A pod's slot of a run
+        # before this per-pod one is swapped as a per-pod program would be.)
+        keep = swap and self.datapath.layout == MAP_IN_MAP and handout.xdp is not None \
+            and handout.xdp.carrier is not None  # fmt: skip
+        if swap and not keep:
             self.swap_pending.add(device)
         with anyio.CancelScope(shield=True):
-            # Map-in-map (``slot``): the device keeps its program, the slot
-            # emptied: it is prepared again at once, and no swap is needed.
-            await self._tear_down(handout, keep_xdp or (swap and not slot), keep_carrier=swap)
+            await self._tear_down(handout, keep_xdp or (swap and not keep), keep_carrier=keep)
             await self.store.remove(device)
         log.info("%s: released", device)
         return True
