@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,8 @@ import msgspec
 import uvloop
 
 from afxdp import __version__, control, inventory, pools
-from afxdp.cli import doctor
-from afxdp.cli.common import Exit, default_node_name, load_or_report
+from afxdp.cli import doctor, top
+from afxdp.cli.common import Exit, default_node_name, load_or_report, table
 from afxdp.cni import shim
 from afxdp.config import LoadedConfig
 from afxdp.secondary import DevlinkSubfunctions
@@ -88,15 +87,6 @@ def _discover(args: argparse.Namespace) -> int:
 # original used when the host could not be served.
 READY, NOT_READY, NOT_RUNNING = Exit.OK, 1, Exit.HOST
 OUTPUTS = ("table", "wide", "json", "yaml")
-NONE = "<none>"  # kubectl's word for an empty cell
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """kubectl's layout: upper-case headers, columns left-aligned, three spaces apart."""
-    cells = [list(headers), *([NONE if c is None else str(c) for c in r] for r in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return ["   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in cells]  # fmt: skip
 
 
 def _yes(flag: bool) -> str:
@@ -122,13 +112,13 @@ def _frames(d: DeviceStatus) -> object:
 def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
     """Three tables: the node, its pools, their devices (``-o wide``: more columns)."""
     devices = [(p, d) for p in doc.pools for d in p.devices]
-    lines = _table(
+    lines = table(
         ["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS", "DATAPATH"],
         [(doc.node, _yes(not doc.unready_reasons()), len(doc.pools), len(devices),
           len(doc.allocations), doc.queued_dels, doc.datapath)],
     )  # fmt: skip
     lines.append("")
-    lines += _table(
+    lines += table(
         ["POOL", "RESOURCE", "MODE", "REGISTERED", "DEVICES", "FREE"],
         [(p.label, p.resource, p.mode, _yes(p.registered), len(p.devices),
           sum(d.state == "free" for d in p.devices)) for p in doc.pools],
@@ -153,7 +143,7 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
             row.append(_frames(d))
         rows.append(row)
     lines.append("")
-    lines += _table(headers, rows)
+    lines += table(headers, rows)
     return lines
 
 
@@ -234,6 +224,12 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     defaults = Paths()
     doctor.configure(doctor_p, kubelet_dir=defaults.kubelet_dir, pin_dir=defaults.pin_dir)
+    top_p = sub.add_parser(
+        "top",
+        help="each device's XDP verdicts per second by queue (redirected, no socket, control), "
+             "refreshed in the terminal",
+    )  # fmt: skip
+    top.configure(top_p, run_dir=defaults.run_dir)
     install = sub.add_parser(
         "install-cni", help="copy the CNI plugin (the static 'afxdp' shim) into a CNI bin dir"
     )
