@@ -12,7 +12,7 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-BPF_PROGRAMS = ["src/afxdp/bpf/xdp_redirect"]
+BPF_PROGRAMS = ["src/afxdp/bpf/xdp_redirect", "src/afxdp/bpf/xdp_slot"]
 SHIM_SOURCE = "cni_shim/afxdp.c"
 SHIM_OUTPUT = "src/afxdp/cni/afxdp-shim"
 # The wheel's platform tag. Nothing in the wheel uses the CPython ABI (the shim

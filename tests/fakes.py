@@ -111,6 +111,20 @@ class FakeProgram:
         self._log.append(f"abandon {self.device}")
         self._left[self.device] = self.prog_id
 
+    carrier = None  # per-pod layout: a program per handout
+
+    def give(self, control_to_kernel: bool) -> FakeProgram:
+        raise DeviceError("per-pod fake: no slot")
+
+    def install(self) -> None:
+        pass
+
+    def counters(self) -> None:
+        return None
+
+    def counters_fd(self) -> None:
+        return None
+
 
 class FakeHandshake:
     """FAKE UDS server: no socket; listen/serve/close are recorded."""
@@ -134,6 +148,8 @@ class FakeDatapath:
     """FAKE Datapath: records every step in ``log``; ``fail_attach`` names devices
     whose attach raises, ``in_pods`` devices that are in a pod's netns."""
 
+    layout = "per-pod"
+
     def __init__(self) -> None:
         self.log: list[str] = []
         self.fail_attach: set[str] = set()
@@ -156,6 +172,9 @@ class FakeDatapath:
         replaced = self.stale.pop(device, None)
         self.log.append(f"{'attach' if replaced is None else 'replace'} {device}")
         return FakeProgram(device, self._ids, self.log, self.stale, replaced)
+
+    def carry(self, device: str) -> FakeProgram:
+        raise DeviceError("per-pod fake: no slot program")
 
     def adopt(self, device: str, prog_id: int) -> FakeProgram:
         if prog_id in self.gone:
@@ -193,6 +212,8 @@ class FakeKernel:
     time afxdpd takes a program off a link (replaced, detached), at that very
     moment. ``delay`` (method name -> extra event-loop turns) is read by the
     test's stand-in for ``run_sync``, to make a call slow."""
+
+    layout = "per-pod"
 
     def __init__(self, links: dict[str, str]) -> None:
         self.links = links
@@ -234,6 +255,9 @@ class FakeKernel:
         self._ids += 1
         self.attached[device] = self._ids
         return KernelProgram(self, device, self._ids, replaced)
+
+    def carry(self, device: str) -> KernelProgram:
+        raise DeviceError("per-pod fake: no slot program")
 
     def adopt(self, device: str, prog_id: int) -> KernelProgram:
         if prog_id not in self.attached.values():
@@ -297,6 +321,20 @@ class KernelProgram:
     def abandon(self) -> None:
         pass  # stays attached: the kernel keeps it
 
+    carrier = None  # per-pod layout
+
+    def give(self, control_to_kernel: bool) -> KernelProgram:
+        raise DeviceError("per-pod fake: no slot")
+
+    def install(self) -> None:
+        pass
+
+    def counters(self) -> None:
+        return None
+
+    def counters_fd(self) -> None:
+        return None
+
 
 class KernelHandshake(FakeHandshake):
     """FAKE UDS server that counts, per link, the servers listening."""
@@ -315,3 +353,65 @@ class KernelHandshake(FakeHandshake):
         if self.open:
             self.open = False
             self.kernel.listening[self.netdev] -= 1
+
+
+class FakeCarrier(FakeProgram):
+    """FAKE map-in-map device program (``FakeSlotDatapath``): ``give`` makes
+    a FakeGiven; detach and abandon are recorded."""
+
+    def __init__(self, datapath: FakeSlotDatapath, device: str, prog_id: int) -> None:
+        super().__init__(device, prog_id, datapath.log)
+        self.datapath = datapath
+
+    def give(self, control_to_kernel: bool) -> FakeProgram:
+        self._log.append(f"give {self.device}")
+        return FakeGiven(self)
+
+
+class FakeGiven(FakeProgram):
+    """FAKE pod's slot: ``install`` waits for its device's gate (a
+    threading.Event in ``FakeSlotDatapath.gates``, when there is one) and
+    fails for devices in ``fail_install``; ``detach`` takes it back."""
+
+    def __init__(self, carrier: FakeCarrier) -> None:
+        super().__init__(carrier.device, carrier.prog_id, carrier._log)
+        self._carrier = carrier
+        self.map_fd = 5000 + len(carrier._log)
+
+    @property
+    def carrier(self) -> FakeCarrier:  # type: ignore[override]
+        return self._carrier
+
+    def install(self) -> None:
+        gate = self._carrier.datapath.gates.get(self.device)
+        if gate is not None and not gate.wait(10):
+            raise AssertionError("the gate never opened")
+        if self.device in self._carrier.datapath.fail_install:
+            raise DeviceError(f"{self.device}: the map of maps refused the update (fake)")
+        self._log.append(f"install {self.device}")
+
+    def detach(self) -> None:
+        self._log.append(f"take back {self.device}")
+
+    def abandon(self) -> None:
+        self._log.append(f"leave slot {self.device}")
+
+
+class FakeSlotDatapath(FakeDatapath):
+    """FAKE Datapath of the map-in-map layout: ``carry`` puts a program on a
+    device ("carry"), its ``give`` a map for the pod ("give"), installed in
+    the background ("install"), taken back at release ("take back")."""
+
+    layout = "map-in-map"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, Any] = {}  # device -> threading.Event its installs wait for
+        self.fail_install: set[str] = set()
+
+    def carry(self, device: str) -> FakeProgram:
+        if device in self.fail_attach:
+            raise DeviceError(f"{device}: attach failed (fake)")
+        self._ids += 1
+        self.log.append(f"carry {device}")
+        return FakeCarrier(self, device, self._ids)

@@ -22,6 +22,7 @@ from afxdp import __version__, control
 from afxdp.cli import afxdpctl
 from afxdp.cni import shim
 from afxdp.config import MAX_FILE_BYTES
+from afxdp.datapath import MAP_IN_MAP
 from afxdp.pools import UNKNOWN_HOLDER
 from afxdp.status import (
     AllocationStatus,
@@ -236,15 +237,28 @@ async def test_status_every_output_describes_the_running_service(
     assert alloc.uds_socket == str(node.paths.uds_dir / d0 / "afxdp.sock")
     assert alloc.xdp_prog_id and alloc.uds_connections == 0
     assert doc.queued_dels == 0
+    # Both devices carry a counting program in the map-in-map layout only.
+    counting = doc.datapath == MAP_IN_MAP
+    assert all((d.xdp_frames is not None) == counting for d in pool.devices)
+
     # --json is -o json; yaml is the same document (counters of the control
-    # server itself move between two reads, so pools and allocations are compared).
-    assert msgspec.json.decode(outputs["--json"], type=Status).pools == doc.pools
+    # server itself, and of the XDP programs, move between two reads, so pools
+    # without their frames and allocations are compared).
+    def still(doc: Status) -> list[PoolStatus]:
+        return [
+            msgspec.structs.replace(
+                p, devices=[msgspec.structs.replace(d, xdp_frames=None) for d in p.devices]
+            )
+            for p in doc.pools
+        ]
+
+    assert still(msgspec.json.decode(outputs["--json"], type=Status)) == still(doc)
     from_yaml = msgspec.yaml.decode(outputs["-o yaml"], type=Status)
-    assert (from_yaml.pools, from_yaml.allocations) == (doc.pools, doc.allocations)
+    assert (still(from_yaml), from_yaml.allocations) == (still(doc), doc.allocations)
 
     node_t, pools_t, devices_t = tables(outputs[""])
-    assert node_t == [["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS"],
-                      ["node1", "yes", "1", "2", "1", "0"]]  # fmt: skip
+    assert node_t == [["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS",
+                       "DATAPATH"], ["node1", "yes", "1", "2", "1", "0", doc.datapath]]  # fmt: skip
     assert pools_t == [["POOL", "RESOURCE", "API", "MODE", "REGISTERED", "DEVICES", "FREE"],
                        ["pool1", "afxdp/pool1", "devicePlugin", "primary", "yes", "2", "1"]]  # fmt: skip
     assert devices_t == [
@@ -253,6 +267,7 @@ async def test_status_every_output_describes_the_running_service(
         ["pool1", d1, "free", "Healthy", "<none>"],
     ]
     *_, wide = tables(outputs["-o wide"])
+    frames = [row.pop() for row in wide]  # read later than the JSON: compared by form
     assert wide == [
         ["POOL", "DEVICE", "STATE", "HEALTH", "POD", "NUMA", "PARENT", "XDP-MODE", "PROG-ID",
          "SOCKET", "CONNECTIONS", "ACTIVE"],
@@ -261,6 +276,8 @@ async def test_status_every_output_describes_the_running_service(
         ["pool1", d1, "free", "Healthy", "<none>", "<none>", "<none>", *on_d1,
          *["<none>"] * 3],
     ]  # fmt: skip
+    cell = r"(0|q\d+=\d+/\d+/\d+(,q\d+=\d+/\d+/\d+)*)" if counting else "<none>"
+    assert frames[0] == "FRAMES(R/N/C)" and all(re.fullmatch(cell, f) for f in frames[1:])
 
 
 @pytest.mark.privileged

@@ -38,6 +38,20 @@ def test_invalid_config_exits_1_naming_every_error(tmp_path: Path) -> None:
     assert "pools[0].mode: must be one of primary, cdq" in done.stderr
 
 
+def test_an_unknown_datapath_layout_exits_1_naming_the_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"pools": [{"name": "p", "mode": "primary", "drivers": [{"name": "ice"}]}]}')
+    done = subprocess.run(
+        afxdpd("--config", str(cfg), "--run-dir", str(tmp_path / "run")), capture_output=True,
+        text=True, env={**ENV, "AFXDP_DATAPATH": "slots"}, check=False, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "AFXDP_DATAPATH: must be map-in-map or per-pod or unset, got 'slots'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+    helped = subprocess.run(afxdpd("--help"), capture_output=True, text=True, env=ENV, check=True)
+    assert "AFXDP_DATAPATH=map-in-map or per-pod" in " ".join(helped.stdout.split())
+
+
 def test_no_pinned_maps_refuses_a_pinned_map_pool_at_start_naming_it(tmp_path: Path) -> None:
     # The capabilities DaemonSet: its pin dir cannot reach kubelet, so a
     # pinned-map pool must stop afxdpd, not serve pods an empty directory.

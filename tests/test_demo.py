@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from afxdp.datapath import LAYOUT_ENV, LAYOUTS
+
 pytestmark = pytest.mark.privileged
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -73,12 +75,16 @@ def tag() -> Iterator[str]:
 
 
 @pytest.mark.timeout(120)
-def test_demo_pods_receive_frames_over_af_xdp_and_nothing_is_left(tag: str) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_demo_pods_receive_frames_over_af_xdp_and_nothing_is_left(tag: str, layout: str) -> None:
     started = time.monotonic()
-    done = subprocess.run(demo(tag), capture_output=True, text=True, env=ENV, timeout=100)
+    env = {**ENV, LAYOUT_ENV: layout}  # both datapath layouts, the fallback forced
+    done = subprocess.run(demo(tag), capture_output=True, text=True, env=env, timeout=100)
     took = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
+    # afxdpctl status says which layout runs (the node table's last column).
+    assert re.search(rf"│ \S+ +yes +.* {layout}$", out, re.MULTILINE), out
     # Both pods went through every step, each on its own device.
     assert re.findall(r"env   AFXDP_DEVICES_DEMO=(\S+)", out) == [f"nic0-{tag}", f"nic1-{tag}"]
     for pod in ("a", "b"):

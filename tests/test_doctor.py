@@ -36,10 +36,12 @@ GOOD = Facts(
     device_plugins_dir=True,
     pod_resources_socket=True,
     unprivileged_bpf_disabled=2,
+    datapath="map-in-map",
+    datapath_reason="the kernel takes an XSKMAP in a map of maps",
 )
 NAMES = [
     "kernel", "af_xdp socket", "bpffs", "memlock", "libbpf", "xdp program", "cni bin dir",
-    "kubelet device-plugins", "kubelet pod-resources", "unprivileged bpf",
+    "kubelet device-plugins", "kubelet pod-resources", "unprivileged bpf", "datapath",
 ]  # fmt: skip
 
 
@@ -55,6 +57,15 @@ def test_a_node_with_everything_passes_every_check() -> None:
     assert "clang is not needed at run time" in results["xdp program"].detail
     assert results["unprivileged bpf"].info
     assert "requiresUnprivilegedBpf take no devices" in results["unprivileged bpf"].detail
+    assert results["datapath"].info and results["datapath"].detail.startswith("map-in-map")
+
+
+def test_doctor_says_which_datapath_layout_runs_and_why_never_failing() -> None:
+    per_pod = verdicts(datapath="per-pod", datapath_reason="AFXDP_DATAPATH=per-pod")["datapath"]
+    assert per_pod.ok and per_pod.info
+    assert per_pod.detail.startswith("per-pod (AFXDP_DATAPATH=per-pod)")
+    unknown = verdicts(datapath=None, datapath_reason="no libbpf")["datapath"]
+    assert unknown.ok and unknown.detail == "not known: no libbpf"
 
 
 @pytest.mark.parametrize(

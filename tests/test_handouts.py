@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,13 @@ from afxdp.state import Allocation, StateStore
 from afxdp.uds.handshake import HostCheck
 from afxdp.uds.server import ConnectionBudget
 from afxdp.workers import Work, limiter
-from tests.fakes import FakeDatapath, FakeHandshake, FakeProgram, FakeSubfunctions
+from tests.fakes import (
+    FakeDatapath,
+    FakeHandshake,
+    FakeProgram,
+    FakeSlotDatapath,
+    FakeSubfunctions,
+)
 
 pytestmark = pytest.mark.anyio
 LOGGER = "afxdp.handouts"
@@ -983,3 +991,106 @@ async def test_a_stale_prepare_never_touches_a_device_a_pod_holds(tmp_path: Path
         await n.handouts.unprepare("a")
         assert n.datapath.log == [] and n.handouts.prepared == {}
         assert handout.xdp is not None and n.datapath.stale == {}
+
+
+# -- the map-in-map layout: a pod's map in its device's slot ------------------
+
+
+@asynccontextmanager
+async def slot_node(tmp_path: Path) -> AsyncIterator[tuple[Handouts, FakeSlotDatapath]]:
+    datapath = FakeSlotDatapath()
+    async with anyio.create_task_group() as tg:
+        handouts = Handouts(task_group=tg, datapath=datapath, uds_dir=tmp_path / "uds",
+                            pin_dir=tmp_path / "pins", check_host=_check,
+                            secondary=FakeSubfunctions(), netdev_of=lambda _: None,
+                            store=StateStore(tmp_path / "state"))  # fmt: skip
+        yield handouts, datapath
+        tg.cancel_scope.cancel()
+
+
+async def test_map_in_map_allocate_does_not_wait_for_the_slot_but_the_cni_add_does(
+    tmp_path: Path,
+) -> None:
+    async with slot_node(tmp_path) as (handouts, datapath):
+        gate = datapath.gates["a"] = threading.Event()  # the kernel's grace period, held
+        with anyio.fail_after(DEADLINE):
+            await handouts.start(_pool("a"), ["a"])  # returns while the slot is unchanged
+        assert datapath.log == ["carry a", "give a", "listen a"]
+        added = anyio.Event()
+
+        async def add() -> None:
+            await handouts.ensure_attached("a")  # the CNI ADD's step before the move
+            added.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(add)
+            await anyio.wait_all_tasks_blocked()
+            assert not added.is_set()  # the ADD waits for the pod's map to be in the slot
+            gate.set()
+            with anyio.fail_after(DEADLINE):
+                await added.wait()
+        assert datapath.log[-1] == "install a"
+
+
+async def test_map_in_map_release_empties_the_slot_in_order_and_keeps_the_program(
+    tmp_path: Path,
+) -> None:
+    async with slot_node(tmp_path) as (handouts, datapath):
+        gate = datapath.gates["a"] = threading.Event()
+        pool = _pool("a")
+        await handouts.start(pool, ["a"])
+        with anyio.fail_after(DEADLINE):
+            assert await handouts.release("a", swap=True)  # before the install is done
+        gate.set()
+        with anyio.fail_after(DEADLINE):
+            await handouts.slot_settled("a")
+        # The pod's map went in, then out; the device keeps its program, prepared.
+        assert datapath.log == ["carry a", "give a", "listen a", "close a", "install a",
+                                "take back a"]  # fmt: skip
+        assert "a" in handouts.prepared and "a" not in handouts.swap_pending
+        await handouts.start(pool, ["a"])  # the next pod: a fresh map, no program change
+        await handouts.slot_settled("a")
+        assert datapath.log[6:] == ["give a", "listen a", "install a"]
+
+
+async def test_map_in_map_a_device_that_leaves_loses_its_program_after_its_slot_empties(
+    tmp_path: Path,
+) -> None:
+    async with slot_node(tmp_path) as (handouts, datapath):
+        gate = datapath.gates["a"] = threading.Event()
+        await handouts.start(_pool("a"), ["a"])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(handouts.release, "a", swap=False))
+            await anyio.wait_all_tasks_blocked()
+            assert "detach a" not in datapath.log  # not before the slot is emptied
+            gate.set()
+        assert datapath.log[-3:] == ["install a", "take back a", "detach a"]
+        assert "a" not in handouts.prepared
+
+
+async def test_map_in_map_a_slot_that_cannot_take_the_pods_map_fails_the_add_saying_why(
+    tmp_path: Path,
+) -> None:
+    async with slot_node(tmp_path) as (handouts, datapath):
+        datapath.fail_install.add("a")
+        (handout,) = await handouts.start(_pool("a"), ["a"])
+        with anyio.fail_after(DEADLINE), pytest.raises(DeviceError) as failed:
+            await handouts.ensure_attached("a")
+        assert "not in its device's slot" in str(failed.value)
+        assert "refused the update (fake)" in str(failed.value)
+        assert handout.status().xdp_fault == handout.slot_fault
+
+
+async def test_a_pods_slot_left_by_a_map_in_map_run_is_swapped_out_by_a_per_pod_one(
+    tmp_path: Path,
+) -> None:
+    async with slot_node(tmp_path) as (handouts, datapath):
+        await handouts.start(_pool("a"), ["a"])
+        await handouts.slot_settled("a")
+        datapath.layout = "per-pod"  # what a restart forced to per-pod runs with
+        assert await handouts.release("a", swap=True)
+        await handouts.slot_settled("a")
+        # Emptied, and the program left for the per-pod one to replace; never
+        # handed out as a per-pod program (its map is a map of maps).
+        assert datapath.log[-2:] == ["take back a", "abandon a"]
+        assert "a" not in handouts.prepared and "a" in handouts.swap_pending

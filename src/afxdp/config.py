@@ -118,6 +118,10 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
         """Whether the pool is offered through DRA (else the device plugin)."""
         return self.api == "dra"
 
+    # ARP and IPv6 neighbour discovery to the pod's kernel, not its socket
+    # (map-in-map datapath only: the per-pod program has no such check).
+    control_frames_to_kernel: bool = False
+
     @property
     def resource_name(self) -> str:
         return contracts.resource_name(self.name)
@@ -467,6 +471,7 @@ class _Validator:
                 "udsTimeout",
                 "requiresUnprivilegedBpf",
                 "api",
+                "controlFramesToKernel",
             ),
         )
         if obj is None:
@@ -512,6 +517,7 @@ class _Validator:
         api = self.typed(obj, "api", path, str, "devicePlugin")
         if api not in APIS:
             self.error(f"{path}.api", f"must be one of {', '.join(APIS)}, got {api!r}")
+        control = self.typed(obj, "controlFramesToKernel", path, bool, False)
         if len(self.errors) > start:
             return None
         return Pool(
@@ -526,6 +532,7 @@ class _Validator:
             uds_timeout=None if timeout == -1 else (timeout or UDS_TIMEOUT_DEFAULT),
             requires_unprivileged_bpf=unpriv,
             api="dra" if api == "dra" else "devicePlugin",
+            control_frames_to_kernel=control,
         )
 
     def driver(self, raw: Any, path: str) -> Driver | None:

@@ -8,10 +8,11 @@ interrupted ``afxdpctl status``) is normal, not an error.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,15 @@ SEND_TIMEOUT = 10.0
 
 async def serve(
     run_dir: Path,
-    status: Callable[[], status_doc.Status | dict[str, Any]],
+    status: Callable[[], Awaitable[status_doc.Status] | status_doc.Status | dict[str, Any]],
     *,
     stats: ServerStats | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     async def answer(stream: SocketStream) -> None:
-        doc = msgspec.json.encode(status())
+        made = status()
+        # The service's reads the datapath's counters in a worker thread first.
+        doc = msgspec.json.encode(await made if inspect.isawaitable(made) else made)
         # A client that neither reads nor hangs up must not hold a task forever.
         with anyio.move_on_after(SEND_TIMEOUT):
             try:

@@ -50,6 +50,7 @@ import anyio
 import msgspec
 
 from afxdp import config, contracts
+from afxdp.datapath import Program
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.handouts import Handout, Handouts, loads_program
 from afxdp.inventory import NetDev
@@ -166,6 +167,20 @@ class Devices:
         """What the host knows of ``device`` (kept with a CNI attachment)."""
         nd = self.netdevs.get(device)
         return msgspec.to_builtins(nd) if nd is not None else {}
+
+    def counting(self) -> list[tuple[str, str, Program]]:
+        """(pool, device, program) of every device that carries a program of
+        ours: a pod's (in the pool that holds it), or a free device's."""
+        out = []
+        for name, pool in self.pools.items():
+            for dev in pool.devices.values():
+                handout = self.handouts.handouts.get(dev.id)
+                if handout is not None:
+                    if handout.pool == name and handout.xdp is not None:
+                        out.append((name, dev.id, handout.xdp))
+                elif dev.held_by is None and dev.id in self.handouts.prepared:
+                    out.append((name, dev.id, self.handouts.prepared[dev.id]))
+        return out
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(pool, state, health) of every device, for metrics."""

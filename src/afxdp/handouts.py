@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 from afxdp import config, contracts
 from afxdp.bpf import pinning
 from afxdp.confine import confined
-from afxdp.datapath import Datapath, Handshake, Program
+from afxdp.datapath import MAP_IN_MAP, Datapath, Handshake, Program
 from afxdp.errors import AfxdpError, DeviceError
 from afxdp.inventory import NetDev
 from afxdp.logsetup import about
@@ -65,6 +65,9 @@ class Handout:
     # Why ``xdp`` is not on the device's link now (its link was deleted, and
     # the program could not go on a link re-created under its name yet).
     xdp_fault: str | None = None
+    # Map-in-map: why the pod's map is not in its device's slot (putting it
+    # there failed; the CNI ADD fails saying so).
+    slot_fault: str | None = None
 
     def status(self) -> AllocationStatus:
         uds = self.uds
@@ -82,7 +85,7 @@ class Handout:
             uds_idle_timeout=uds.idle_timeout if uds else None,
             pinned_map=str(self.pinned) if self.pinned else None,
             setup_unknown=self.setup_unknown,
-            xdp_fault=self.xdp_fault,
+            xdp_fault=self.xdp_fault or self.slot_fault,
         )
 
 
@@ -140,6 +143,9 @@ class Handouts:
         # Devices an Allocate is setting up (not in ``handouts`` yet): like
         # handed-out ones, never prepared nor unprepared under it.
         self._starting: set[str] = set()
+        # Map-in-map: each device's last slot change in the background (set
+        # when it is done); each waits for the one before (``_slot_change``).
+        self._slot_changes: dict[str, anyio.Event] = {}
 
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
@@ -159,7 +165,7 @@ class Handouts:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 for handout in reversed(done):
-                    await self._tear_down(handout)
+                    await self._tear_down(handout, keep_carrier=True)
                 for handout in done:
                     with suppress(OSError):
                         await self.store.remove(handout.device)
@@ -289,7 +295,12 @@ class Handouts:
                 program = None
             if program is not None:
                 self.swap_pending.discard(dev.id)  # it took the last pod's place
-            handout.xdp = program or await self._fresh(cfg, dev.id)
+            program = program or await self._fresh(cfg, dev.id)
+            if program is not None and self.datapath.layout == MAP_IN_MAP:
+                given = await self._give(dev.id, program, cfg)
+                self._slot_change(handout, given.install, "putting the pod's map in the slot")
+                program = given
+            handout.xdp = program
         if handout.xdp is None:
             return  # the pool hands out raw netdevs: nothing is loaded
         pod_dir = str(contracts.pod_device_dir(dev.id))
@@ -301,6 +312,54 @@ class Handouts:
             return
         await self._serve_uds(pool, dev.id, handout)
 
+    async def _give(self, device: str, carrier: Program, cfg: config.Pool) -> Program:
+        """Map-in-map: a fresh XSKMAP for the slot of the device's program, as
+        the pod's handout (no program change). When it fails, the device keeps
+        its program, slot empty: prepared again. On the event loop, as the
+        pin's unlink and the UDS server's bind: a map creation (about 10 us;
+        no I/O, no lock another process holds) costs less than a worker
+        thread's turn (0.3-0.5 ms here), and Allocate waits on it."""
+        try:
+            return carrier.give(cfg.control_frames_to_kernel)
+        except BaseException:
+            self.prepared[device] = carrier
+            raise
+
+    def _slot_change(self, handout: Handout, change: Callable[[], object], what: str) -> None:
+        """Run a change of the device's slot in the background, after every
+        earlier one of the device, in order. Every update of a map of maps
+        waits an RCU grace period in the kernel (8-16 ms here): Allocate and
+        release do not wait for it. Nothing depends on it being done before
+        the device moves into its pod: the pod's map receives nothing before
+        its pod binds a socket, and ``ensure_attached`` (the CNI ADD) waits
+        for it all the same, so that a failure is the ADD's."""
+        before = self._slot_changes.get(handout.device)
+        done = self._slot_changes[handout.device] = anyio.Event()
+        self._tg.start_soon(self._change_slot, handout, before, change, what, done)
+
+    async def _change_slot(self, handout: Handout, before: anyio.Event | None,
+                           change: Callable[[], object], what: str,
+                           done: anyio.Event) -> None:  # fmt: skip
+        device = handout.device
+        try:
+            with anyio.CancelScope(shield=True):  # a stop waits for it (``shutdown``)
+                if before is not None:
+                    await before.wait()
+                await run_sync(Work.DEVICES, change)
+        except (AfxdpError, OSError) as exc:
+            handout.slot_fault = f"{what} failed: {exc}"
+            log.error("%s: %s", device, handout.slot_fault)
+        finally:
+            done.set()
+            if self._slot_changes.get(device) is done:
+                del self._slot_changes[device]
+
+    async def slot_settled(self, device: str) -> None:
+        """Until the slot changes of ``device`` made so far are done."""
+        last = self._slot_changes.get(device)
+        if last is not None:
+            await last.wait()
+
     async def _fresh(
         self, cfg: config.Pool, device: str, work: Work = Work.DEVICES
     ) -> Program | None:
@@ -308,12 +367,20 @@ class Handouts:
         place of a program of ours found on it, in one kernel change: the
         previous pod's (``release`` leaves it for this swap), or one left over by
         skipUnloadBpf, a crash, or a device that came home while we were down.
-        Never one a pod of an allocation has a map fd for (those are handed out)."""
+        Never one a pod of an allocation has a map fd for (those are handed out).
+        Map-in-map: the device's program with an empty slot (``carry``), one of
+        ours of that kind found on it taken as it is."""
         program = None
         if not loads_program(cfg):
             stale = await run_sync(work, self.datapath.detach_stale, device)
             if stale is not None:
                 log.info("%s: detached program %d left over", device, stale,
+                         extra=about(pool=cfg.name, device=device))  # fmt: skip
+        elif self.datapath.layout == MAP_IN_MAP:
+            program = await run_sync(work, self.datapath.carry, device)
+            if program.replaced is not None:
+                log.info("%s: replaced program %d with our program for the device",
+                         device, program.replaced,
                          extra=about(pool=cfg.name, device=device))  # fmt: skip
         else:
             program = await run_sync(work, self.datapath.attach, device)
@@ -381,6 +448,7 @@ class Handouts:
         again; ``lost_only``: only when its link is known to have gone
         (``link_gone``). Raises DeviceError saying why it cannot (another
         program is on the link, ...); status shows the reason until it can."""
+        await self.slot_settled(device)
         async with self._device_lock(device):
             handout = self.handouts.get(device)
             if handout is not None and handout.xdp is None and handout.setup_unknown:
@@ -392,6 +460,9 @@ class Handouts:
                                   "with the pod's map")  # fmt: skip
             if handout is None or handout.xdp is None:
                 return False  # a raw netdev (or not handed out): nothing of ours on it
+            if handout.slot_fault is not None:
+                raise DeviceError(f"{device}: the pod's map is not in its device's slot: "
+                                  f"{handout.slot_fault}")  # fmt: skip
             lost = handout.xdp_fault is not None
             if lost_only and not lost:
                 return False
@@ -463,13 +534,21 @@ class Handouts:
         handout.uds_scope, handout.uds_done = scope, done
         handout.mounts.append((str(server.path.parent), str(contracts.pod_device_dir(device))))
 
-    async def _tear_down(self, handout: Handout, keep_xdp: bool = False) -> None:
+    async def _tear_down(
+        self, handout: Handout, keep_xdp: bool = False, *, keep_carrier: bool = False
+    ) -> None:
         """Undo a handout; every step runs even when an earlier one fails.
-        ``keep_xdp`` leaves the program attached (its handles closed)."""
+        ``keep_xdp`` leaves the program attached (its handles closed).
+        Map-in-map: the pod's slot is emptied; ``keep_carrier`` keeps the
+        device's program, prepared for the next pod, else it goes as a
+        per-pod program would."""
         await _stop_serving(handout)
         if handout.pinned is not None:
             self.datapath.unpin(handout.pinned)
-        if handout.xdp is not None and keep_xdp:
+        carrier = handout.xdp.carrier if handout.xdp is not None else None
+        if handout.xdp is not None and carrier is not None:
+            await self._take_back(handout, handout.xdp, carrier, keep_xdp, keep_carrier)
+        elif handout.xdp is not None and keep_xdp:
             handout.xdp.abandon()  # replaced at the device's next allocation
         elif handout.xdp is not None:
             try:
@@ -495,6 +574,34 @@ class Handouts:
                 log.error("%s: deleting the secondary device failed: %s", handout.device, exc,
                           extra=about(pool=handout.pool, device=handout.device))  # fmt: skip
 
+    async def _take_back(
+        self, handout: Handout, given: Program, carrier: Program, keep_xdp: bool,
+        keep_carrier: bool,
+    ) -> None:  # fmt: skip
+        """Map-in-map: empty the pod's slot and drop its map (frames go to the
+        kernel; no earlier pod's map can feed a later pod), then keep the
+        device's program for the next pod, leave it (``keep_xdp``), or detach
+        it. Under the device's lock: ``prepare`` must not take the program a
+        second time meanwhile. The slot is emptied in the background, in
+        order with the device's other slot changes (``_slot_change``)."""
+        device = handout.device
+        async with self._device_lock(device):
+            self._slot_change(handout, given.detach, "emptying the slot")
+            if keep_carrier:
+                self.prepared[device] = carrier
+                return
+        await self.slot_settled(device)  # the pod's map out before the program goes
+        async with self._device_lock(device):
+            if keep_xdp:
+                carrier.abandon()
+                return
+            try:
+                await run_sync(Work.DEVICES, carrier.detach)
+            except AfxdpError as exc:
+                log.error("%s: detaching XDP failed: %s", device, exc)
+            if not await run_sync(Work.DEVICES, self.datapath.in_host, device):
+                self.swap_pending.add(device)  # taken off when it comes home, as per-pod
+
     async def release(self, device: str, keep_xdp: bool = False, *, swap: bool = False) -> bool:
         """Take ``device``'s handout back; False when it had none.
 
@@ -510,10 +617,15 @@ class Handouts:
         if handout is None:
             return False
         swap = swap and not self.closing
-        if swap:
+        # Map-in-map: the device keeps its program, the slot emptied: it is
+        # prepared again at once, and no swap is needed. (A pod's slot of a run
+        # before this per-pod one is swapped as a per-pod program would be.)
+        keep = swap and self.datapath.layout == MAP_IN_MAP and handout.xdp is not None \
+            and handout.xdp.carrier is not None  # fmt: skip
+        if swap and not keep:
             self.swap_pending.add(device)
         with anyio.CancelScope(shield=True):
-            await self._tear_down(handout, keep_xdp or swap)
+            await self._tear_down(handout, keep_xdp or (swap and not keep), keep_carrier=keep)
             await self.store.remove(device)
         log.info("%s: released", device, extra=about(pool=handout.pool, device=device))
         return True
@@ -525,6 +637,8 @@ class Handouts:
         Free devices' prepared programs are detached (nobody uses them), and
         so are ended pods' programs still waiting for their swap."""
         self.closing = True
+        for device in list(self._slot_changes):  # slot changes under way end first
+            await self.slot_settled(device)
         # Each device's lock: a preparation under way finishes first, then goes.
         for device in [*self._locks, *sorted(self.swap_pending - self._locks.keys())]:
             await self.unprepare(device)

@@ -27,7 +27,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
@@ -45,12 +45,13 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from afxdp import __version__
 from afxdp.bpf import libbpf
 from afxdp.errors import AfxdpError
+from afxdp.frames import DeviceFrames
 from afxdp.unixserver import ServerStats, serve_listener
 
 # Process-wide in prometheus_client (a flag read when a metric is made and
@@ -139,6 +140,27 @@ class _Live(Collector):
         yield registered
 
 
+class _XdpFrames(Collector):
+    """``afxdp_xdp_frames_total``: what our XDP programs counted, as read
+    just before this scrape (``Metrics.refresh``)."""
+
+    def __init__(self) -> None:
+        self.read: list[DeviceFrames] = []
+
+    def collect(self) -> Iterator[Metric]:
+        frames = CounterMetricFamily(
+            "afxdp_xdp_frames",
+            "Frames our XDP program gave a verdict on, by queue and action: redirected "
+            "(to the pod's AF_XDP socket), no_socket (none bound on that queue: to the "
+            "kernel), control (ARP or IPv6 neighbour discovery: to the kernel)",
+            labels=["pool", "device", "queue", "action"],
+        )
+        for d in self.read:
+            for (queue, action), n in sorted(d.counts.items()):
+                frames.add_metric([d.pool, d.device, str(queue), action], n)
+        yield frames
+
+
 @dataclass
 class Metrics:
     """The service's instruments; ``registry`` is what /metrics serves."""
@@ -151,6 +173,15 @@ class Metrics:
     config_invalid: Gauge
     restarts_reconciled: Counter
     build_info: Gauge
+    xdp_frames: _XdpFrames
+    # Read what the registry shows from the kernel, before each scrape (off the
+    # event loop); None: nothing to read.
+    read_frames: Callable[[], Awaitable[list[DeviceFrames]]] | None = None
+
+    async def refresh(self) -> None:
+        """Before a scrape: read the datapath counters it shows."""
+        if self.read_frames is not None:
+            self.xdp_frames.read = await self.read_frames()
 
     @classmethod
     def create(cls, devices: DeviceRows = lambda: (), pools: PoolRows = lambda: ()) -> Metrics:
@@ -166,7 +197,10 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         build_info.labels(**labels).set(1)
+        xdp_frames = _XdpFrames()
+        r.register(xdp_frames)
         return cls(
+            xdp_frames=xdp_frames,
             registry=r,
             allocate=Histogram(
                 "afxdp_allocate_seconds",
@@ -234,12 +268,18 @@ def _response(status: str, body: bytes, content_type: str, head_only: bool) -> b
     return head if head_only else head + body
 
 
+def _path(request_line: bytes) -> bytes:
+    """The path a request line asks for (without its query); empty if none."""
+    parts = request_line.split()
+    return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
+
+
 def route(request_line: bytes, metrics: Metrics, ready: Readiness) -> bytes:
     """The whole response to one request line (no I/O: tested on its own)."""
     parts = request_line.split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         return _response("400 Bad Request", b"bad request line\n", "text/plain", False)
-    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    method, target = parts[0], _path(request_line)
     if method not in (b"GET", b"HEAD"):
         return _response("405 Method Not Allowed", b"GET or HEAD\n", "text/plain", False)
     head_only = method == b"HEAD"
@@ -305,7 +345,10 @@ async def serve(
         if head is None:
             reply = _response("400 Bad Request", b"bad or slow request\n", "text/plain", False)
         else:
-            reply = route(head.split(b"\n", 1)[0].rstrip(b"\r"), metrics, ready)
+            line = head.split(b"\n", 1)[0].rstrip(b"\r")
+            if _path(line) == b"/metrics":
+                await metrics.refresh()  # what the datapath counted, read off the loop
+            reply = route(line, metrics, ready)
         # A client that left has nothing to be told.
         gone = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
         with anyio.move_on_after(READ_TIMEOUT), suppress(*gone):

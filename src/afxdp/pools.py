@@ -93,9 +93,13 @@ class PoolDevice:
             "state": self.state.value,
             "numa": self.numa_node,
             "parent": self.parent,
-            "fault": self.fault
-            or (f"a pod of pool {self.held_by} holds it" if self.held_by else None),
+            "fault": self.problem,
         }
+
+    @property
+    def problem(self) -> str | None:
+        """Why it cannot be handed out although its link may be fine; None: nothing."""
+        return self.fault or (f"a pod of pool {self.held_by} holds it" if self.held_by else None)
 
 
 @dataclass

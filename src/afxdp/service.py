@@ -27,7 +27,7 @@ import msgspec
 from anyio.abc import SocketStream, TaskGroup, TaskStatus
 from anyio.streams.stapled import MultiListener
 
-from afxdp import cdi, control, inventory, kindnet, metrics, pools, workers
+from afxdp import cdi, control, frames, inventory, kindnet, metrics, pools, workers
 from afxdp import status as st
 from afxdp.cni import server as cni_server
 from afxdp.cni.attachments import AttachmentStore
@@ -36,7 +36,7 @@ from afxdp.cni.frame import Request
 from afxdp.cni.handler import CniHandler
 from afxdp.cni.netconf import peek_version
 from afxdp.config import Config, LoadedConfig, load_config_file, refuse_pinned_maps
-from afxdp.datapath import KernelDatapath
+from afxdp.datapath import KernelDatapath, choose_layout
 from afxdp.deviceplugin.plugin import PoolPlugin
 from afxdp.deviceplugin.registration import Registration
 from afxdp.devices import Devices
@@ -177,6 +177,8 @@ class Service:
     # Freeze the start-up heap once ready (afxdpd does; a test that runs services
     # in its own process must not: its garbage would stay).
     freeze_heap: bool = False
+    layout: str | None = None  # the datapath layout (datapath.choose_layout), once probed
+    layout_reason: str | None = None
     _tg: TaskGroup | None = field(default=None, init=False)
     _specs: cdi.CdiSpecs | None = field(default=None, init=False)
     _attachments: AttachmentStore | None = field(default=None, init=False)
@@ -194,6 +196,11 @@ class Service:
         self.metrics = Metrics.create(
             lambda: self.devices.rows() if self.devices else [], self.pool_registrations
         )
+        self.metrics.read_frames = self.read_frames
+
+    async def read_frames(self) -> list[frames.DeviceFrames]:
+        """What every device's XDP program counted (off the event loop)."""
+        return await frames.read(self.devices.counting() if self.devices else [])
 
     @property
     def ready(self) -> bool:
@@ -279,12 +286,16 @@ class Service:
         pod_resources = PodResourcesChecker(
             self.paths.kubelet_dir / "pod-resources" / "kubelet.sock"
         )
+        # Probed once: loads the map-in-map program and puts an XSKMAP in its slot.
+        layout, why = await workers.run_sync(Work.DEVICES, choose_layout)
+        log.info("datapath: %s layout (%s)", layout, why)
+        self.layout, self.layout_reason = layout, why
         async with anyio.create_task_group() as tg:
             if metrics_listener is not None:
                 await self._serve_metrics(tg, metrics_listener)
             handouts = Handouts(
                 task_group=tg,
-                datapath=KernelDatapath(self.paths.pin_dir),
+                datapath=KernelDatapath(self.paths.pin_dir, layout),
                 uds_dir=self.paths.uds_dir,
                 pin_dir=self.paths.pin_dir,
                 check_host=partial(self._check_host, pod_resources),
@@ -336,7 +347,7 @@ class Service:
                 await tg.start(
                     partial(control.serve, stats=self.servers["control"]),
                     self.paths.run_dir,
-                    self.status,
+                    self.status_read,
                 )
                 cni = CniHandler(devs, store, after=tg)
                 self._cni = _Counted(cni, self.metrics)
@@ -613,8 +624,9 @@ class Service:
                 log.exception("reconciling allocations with kubelet failed")
             await workers.run_sync(Work.DISK, _trim_native_heap)
 
-    def _pool_status(self, name: str, pool: pools.Pool,
-                     pods: dict[str, st.PodRef]) -> st.PoolStatus:  # fmt: skip
+    def _pool_status(self, name: str, pool: pools.Pool, pods: dict[str, st.PodRef],
+                     counted: dict[tuple[str, str], list[st.QueueFrames]]
+                     ) -> st.PoolStatus:  # fmt: skip
         reg = self.registrations.get(name)  # none while a removed pool drains
         prepared = self.devices.handouts.prepared if self.devices else {}
         return st.PoolStatus(
@@ -628,12 +640,13 @@ class Service:
                     state=d.state.value,
                     numa=d.numa_node,
                     parent=d.parent,
-                    fault=d.fault or (pools.UNKNOWN_HOLDER if d.unknown else None),
+                    fault=d.problem or (pools.UNKNOWN_HOLDER if d.unknown else None),
                     health=st.HEALTHY if d.usable else st.UNHEALTHY,
                     pod=(pods.get(d.id) or self._claim_pod(d.id)) if d.allocated else None,
                     prepared=program is not None,
                     xdp_mode=program.mode_name if program else None,
                     xdp_prog_id=program.prog_id if program else None,
+                    xdp_frames=counted.get((name, d.id)),
                 )
                 for d in pool.devices.values()
                 for program in [prepared.get(d.id)]
@@ -651,8 +664,13 @@ class Service:
         namespace, _, name = pods[0].partition("/")
         return st.PodRef(name=name, namespace=namespace)
 
-    def status(self) -> st.Status:
+    async def status_read(self) -> st.Status:
+        """The status with what the datapath counted (read off the event loop)."""
+        return self.status(await self.read_frames())
+
+    def status(self, counted: list[frames.DeviceFrames] | None = None) -> st.Status:
         devs = self.devices
+        by_device = {(f.pool, f.device): st.QueueFrames.of(f.counts) for f in counted or []}
         budget = devs.handouts.uds_budget if devs else None
         attachments = self._attachments.all() if self._attachments else []
         pods = st.pods_by_device((a.device, a.env) for a in attachments)
@@ -676,7 +694,12 @@ class Service:
             )
             if budget
             else None,
-            pools=[self._pool_status(n, p, pods) for n, p in (devs.pools.items() if devs else [])],
+            pools=[
+                self._pool_status(n, p, pods, by_device)
+                for n, p in (devs.pools.items() if devs else [])
+            ],
+            datapath=self.layout,
+            datapath_reason=self.layout_reason,
             allocations=[h.status() for h in devs.handouts.handouts.values()] if devs else [],
             queued_dels=len(list(queue.glob("*.del"))),
             dra=st.DraStatus(

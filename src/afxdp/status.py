@@ -65,6 +65,23 @@ class PodRef(msgspec.Struct, frozen=True):
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
+class QueueFrames(msgspec.Struct):
+    """Frames our XDP program gave a verdict on at one queue of a device,
+    since the program was loaded (``frames.DeviceFrames``)."""
+
+    queue: int
+    redirected: int = 0  # to the pod's AF_XDP socket
+    no_socket: int = 0  # no socket bound on the queue (or no pod's map): to the kernel
+    control: int = 0  # ARP or IPv6 neighbour discovery (controlFramesToKernel): to the kernel
+
+    @classmethod
+    def of(cls, counts: dict[tuple[int, str], int]) -> list[QueueFrames]:
+        by_queue: dict[int, dict[str, int]] = {}
+        for (queue, action), n in counts.items():
+            by_queue.setdefault(queue, {})[action] = n
+        return [msgspec.convert({"queue": q, **a}, cls) for q, a in sorted(by_queue.items())]
+
+
 class DeviceStatus(msgspec.Struct):
     """One device of a pool. ``state``: free, allocated, unhealthy or unknown (whether a pod
     holds it, while kubelet has not said: ``pools.DeviceState``)."""
@@ -81,6 +98,9 @@ class DeviceStatus(msgspec.Struct):
     # allocated device's are in its AllocationStatus.
     xdp_mode: str | None = None
     xdp_prog_id: int | None = None
+    # What its XDP program counted, by queue (queues it saw frames on); None:
+    # its program counts nothing (per-pod layout), or it carries none.
+    xdp_frames: list[QueueFrames] | None = None
 
 
 class PoolStatus(msgspec.Struct):
@@ -167,6 +187,9 @@ class Status(msgspec.Struct):
     gc_enabled: bool = True
     dra: DraStatus | None = None  # None: no pool is offered through DRA
     claims: list[ClaimStatus] = msgspec.field(default_factory=list)
+    # The datapath layout (map-in-map or per-pod) and why; None: an older afxdpd.
+    datapath: str | None = None
+    datapath_reason: str | None = None
 
     def unready_reasons(self) -> list[str]:
         """Why this node cannot take pods yet; empty when it can.

@@ -47,6 +47,9 @@ class XdpFlags(enum.IntFlag):
     REPLACE = 1 << 4
 
 
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_MAP_TYPE_XSKMAP = 17
 BPF_ANY = 0
 BPF_OBJ_NAME_LEN = 16
@@ -115,6 +118,14 @@ def _load() -> ctypes.CDLL:
         "bpf_obj_pin": (c_int, [c_int, c_char_p]),
         "bpf_obj_get": (c_int, [c_char_p]),
         "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
+        "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+        "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
+        "bpf_map_lookup_batch": (
+            c_int,
+            [c_int, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.POINTER(c_uint32), c_void_p],
+        ),
+        "bpf_map_create": (c_int, [c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p]),
+        "libbpf_num_possible_cpus": (c_int, []),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
         "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
         "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
@@ -248,6 +259,72 @@ def map_update_u32(fd: int, key: int, value: int) -> None:
     )
 
 
+def map_delete_u32(fd: int, key: int) -> bool:
+    """Delete ``key``; False when there was none (ENOENT)."""
+    k = c_uint32(key)
+    rc = _lib().bpf_map_delete_elem(fd, ctypes.byref(k))
+    if rc == -errno_mod.ENOENT:
+        return False
+    _check("bpf_map_delete_elem", rc, f"key {key}")
+    return True
+
+
+def map_lookup_u32(fd: int, key: int) -> int | None:
+    """The u32 value at ``key``; None when there is none (ENOENT). In a map
+    of maps, the value is the inner map's ID."""
+    k, v = c_uint32(key), c_uint32(0)
+    rc = _lib().bpf_map_lookup_elem(fd, ctypes.byref(k), ctypes.byref(v))
+    if rc == -errno_mod.ENOENT:
+        return None
+    _check("bpf_map_lookup_elem", rc, f"key {key}")
+    return v.value
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """A new map; the caller owns the returned fd (the map lives while an fd,
+    a pin or a map holding it does)."""
+    return _check(
+        "bpf_map_create",
+        _lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None),
+        name,
+    )
+
+
+@functools.cache
+def possible_cpus() -> int:
+    """How many values a per-CPU map's element has."""
+    return _check("libbpf_num_possible_cpus", _lib().libbpf_num_possible_cpus())
+
+
+def percpu_u64_sums(fd: int, entries: int) -> list[int]:
+    """Each element of a per-CPU array of u64 (keys 0 to ``entries`` - 1),
+    summed over CPUs: one batch read (kernels before 5.6 refuse it with
+    EINVAL: then one read per element)."""
+    cpus = possible_cpus()
+    values = (c_uint64 * (entries * cpus))()
+    keys = (c_uint32 * entries)()
+    count = c_uint32(entries)
+    out_batch = c_uint32(0)
+    rc = _lib().bpf_map_lookup_batch(
+        fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count), None
+    )
+    if rc < 0 and -rc == errno_mod.ENOENT:  # the whole map fit: read to its end
+        rc = 0
+    if rc < 0 and -rc in (errno_mod.EINVAL, errno_mod.ENOTSUP, 524):  # 524: ENOTSUPP
+        one = (c_uint64 * cpus)()
+        sums = []
+        for key in range(entries):
+            k = c_uint32(key)
+            _check("bpf_map_lookup_elem", _lib().bpf_map_lookup_elem(fd, ctypes.byref(k), one))
+            sums.append(sum(one))
+        return sums
+    _check("bpf_map_lookup_batch", rc)
+    sums = [0] * entries
+    for i in range(count.value):
+        sums[keys[i]] = sum(values[i * cpus : (i + 1) * cpus])
+    return sums
+
+
 def _info(fd: int, info: ctypes.Structure) -> None:
     size = c_uint32(ctypes.sizeof(info))
     _check(
@@ -279,21 +356,49 @@ def prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
-def prog_map_fd(prog_id: int) -> int:
-    """An fd of the (first) map that loaded program ``prog_id`` uses: how a
-    restarted afxdpd gets the XSKMAP of a program it left attached. The caller
-    closes it."""
+def map_fd(map_id: int) -> int:
+    """An fd of map ``map_id``; the caller closes it."""
+    return _check("bpf_map_get_fd_by_id", _lib().bpf_map_get_fd_by_id(map_id), f"id {map_id}")
+
+
+MAX_PROG_MAPS = 8  # more than any program of ours uses
+
+
+def prog_map_ids(prog_id: int) -> list[int]:
+    """The IDs of the maps loaded program ``prog_id`` uses."""
     fd = prog_fd(prog_id)
     try:
-        ids = (c_uint32 * 1)()
+        ids = (c_uint32 * MAX_PROG_MAPS)()
         info = ProgInfo()
-        info.nr_map_ids = 1
+        info.nr_map_ids = MAX_PROG_MAPS
         info.map_ids = ctypes.addressof(ids)
         _info(fd, info)
-        if info.nr_map_ids < 1:
-            raise BpfError(
-                "bpf_obj_get_info_by_fd", errno_mod.ENOENT, f"program {prog_id} has no map"
-            )
     finally:
         os.close(fd)
-    return _check("bpf_map_get_fd_by_id", _lib().bpf_map_get_fd_by_id(ids[0]), f"id {ids[0]}")
+    return list(ids[: min(info.nr_map_ids, MAX_PROG_MAPS)])
+
+
+def prog_map_fds(prog_id: int) -> dict[str, int]:
+    """Fds of the maps loaded program ``prog_id`` uses, by map name (cut at 15
+    characters by the kernel): how a restarted afxdpd gets the maps of a
+    program it left attached. The caller closes them."""
+    fds: dict[str, int] = {}
+    try:
+        for map_id in prog_map_ids(prog_id):
+            fd = map_fd(map_id)
+            fds[map_info(fd).name.decode()] = fd
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def prog_map_fd(prog_id: int) -> int:
+    """An fd of the (first) map that loaded program ``prog_id`` uses: how a
+    restarted afxdpd gets the XSKMAP of a per-pod program it left attached.
+    The caller closes it."""
+    ids = prog_map_ids(prog_id)
+    if not ids:
+        raise BpfError("bpf_obj_get_info_by_fd", errno_mod.ENOENT, f"program {prog_id} has no map")
+    return map_fd(ids[0])

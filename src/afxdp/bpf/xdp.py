@@ -29,13 +29,21 @@ from afxdp.errors import DeviceError
 from afxdp.inventory import index_of
 from afxdp.netns import run_in
 
-PROGRAM = "xdp_afxdp_redirect"
+PROGRAM = "xdp_afxdp_redirect"  # per-pod layout: one program (and XSKMAP) per handout
 MAP = contracts.MAP_NAME
+SLOT_PROGRAM = "xdp_afxdp_slot"  # map-in-map layout: one program per device (bpf/slot.py)
+SLOT_MAP = "slot"
+# What each program's object file is, and the map its ``map_fd`` is.
+OBJECTS = {PROGRAM: ("xdp_redirect", MAP), SLOT_PROGRAM: ("xdp_slot", SLOT_MAP)}
+# Our programs as the kernel names them (15 characters kept): either is ours,
+# whichever layout this run uses (a previous run may have used the other).
+OURS = frozenset(name[: libbpf.BPF_OBJ_NAME_LEN - 1] for name in OBJECTS)
 
 
-def object_path() -> Path:
+def object_path(program: str = PROGRAM) -> Path:
     """The compiled program shipped in the package (built by hatch_build.py)."""
-    path = Path(str(resources.files("afxdp.bpf") / "xdp_redirect.o"))
+    stem = OBJECTS[program][0]
+    path = Path(str(resources.files("afxdp.bpf") / f"{stem}.o"))
     if not path.is_file():
         raise DeviceError(f"{path}: XDP object missing; the package was built without clang")
     return path
@@ -63,11 +71,11 @@ def ifindex_of(netdev: str) -> int:
 
 
 def _ours(ifindex: int) -> tuple[AttachMode, int] | None:
-    """Our program on ``ifindex`` (by name: the kernel keeps 15 characters of
-    it) and the mode it is attached in; None when there is none."""
+    """A program of ours on ``ifindex`` (by name: the kernel keeps 15
+    characters of it) and the mode it is attached in; None when there is none."""
     for mode in AttachMode:
         prog_id = xdp_query_id(ifindex, mode.flag)
-        if prog_id and libbpf.prog_name(prog_id) == PROGRAM[: libbpf.BPF_OBJ_NAME_LEN - 1]:
+        if prog_id and libbpf.prog_name(prog_id) in OURS:
             return mode, prog_id
     return None
 
@@ -170,12 +178,15 @@ def detach_stale(netdev: str, netns: Path | None = None) -> int | None:
 class XdpAttachment:
     """Our program attached to ``netdev``, and its XSKMAP."""
 
-    def __init__(self, netdev: str, obj: BpfObject, netns: Path | None) -> None:
+    def __init__(
+        self, netdev: str, obj: BpfObject, netns: Path | None, program: str = PROGRAM
+    ) -> None:
         self.netdev = netdev
         self.netns = netns
         self._obj = obj
-        self.prog_fd = obj.program_fd(PROGRAM)
-        self.map_fd = obj.map_fd(MAP)
+        self.program = program
+        self.prog_fd = obj.program_fd(program)
+        self.map_fd = obj.map_fd(OBJECTS[program][1])
         self.ifindex = 0
         self.mode = AttachMode.NATIVE
         self.prog_id = 0
@@ -191,8 +202,9 @@ class XdpAttachment:
         netns: Path | None = None,
         *,
         replace_ours: bool = False,
+        program: str = PROGRAM,
     ) -> XdpAttachment:
-        """Load a fresh copy of the program (its own XSKMAP) and attach it to
+        """Load a fresh copy of ``program`` (its own maps) and attach it to
         ``netdev`` in ``netns`` (a netns file; the caller's netns when None).
 
         Without ``mode``, native is tried first and generic used when the driver
@@ -201,9 +213,9 @@ class XdpAttachment:
         ``replace_ours``, a program of ours found there (left over: nobody owns
         it) is replaced in place, in its mode (``replaced`` says which).
         """
-        obj = BpfObject(object_path())
+        obj = BpfObject(object_path(program))
         try:
-            self = cls(netdev, obj, netns)
+            self = cls(netdev, obj, netns, program)
             modes = [mode] if mode else [AttachMode.NATIVE, AttachMode.GENERIC]
             self.ifindex, self.mode, self.prog_id, self.replaced = run_in(
                 netns, _attach_here, netdev, self.prog_fd, modes, replace_ours
@@ -233,6 +245,10 @@ class XdpAttachment:
             self.netdev, self.prog_fd, self.prog_id, modes, self.netns
         )
         return again
+
+    def other_map_fd(self, name: str) -> int:
+        """The fd of the program's map ``name`` (closed with the program)."""
+        return self._obj.map_fd(name)
 
     def pin_map(self, path: Path) -> None:
         """Pin the XSKMAP at ``path`` (on bpffs) for pinned-map pools."""

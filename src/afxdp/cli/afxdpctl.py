@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,13 @@ import msgspec
 import uvloop
 
 from afxdp import __version__, control, inventory, pools
-from afxdp.cli import doctor
-from afxdp.cli.common import Exit, default_node_name, load_or_report
+from afxdp.cli import doctor, top
+from afxdp.cli.common import Exit, default_node_name, load_or_report, table
 from afxdp.cni import shim
 from afxdp.config import LoadedConfig
 from afxdp.secondary import DevlinkSubfunctions
 from afxdp.service import Paths
-from afxdp.status import AllocationStatus, NotStatus, Status
+from afxdp.status import AllocationStatus, DeviceStatus, NotStatus, Status
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -62,7 +61,7 @@ def discover_lines(report: dict[str, Any], *, wide: bool = False) -> list[str]:
     """Three tables, as ``status`` prints them: the node, its netdevs, the
     devices each pool would offer (``-o wide``: more columns)."""
     pools_ = report["pools"]
-    lines = _table(
+    lines = table(
         ["NODE", "NETDEVS", "POOLS", "DEVICES"],
         [(report["node"], len(report["netdevs"]), len(pools_),
           sum(len(p["devices"]) for p in pools_))],
@@ -78,7 +77,7 @@ def discover_lines(report: dict[str, Any], *, wide: bool = False) -> list[str]:
             row += [nd["kind"], nd["numa_node"], nd["rx_queues"], nd["tx_queues"],
                     _yes(nd["virtual"])]  # fmt: skip
         rows.append(row)
-    lines += ["", *_table(headers, rows)]
+    lines += ["", *table(headers, rows)]
     headers = ["POOL", "RESOURCE", "MODE", "DEVICE", "STATE"]
     if wide:
         headers += ["NUMA", "PARENT"]
@@ -87,7 +86,7 @@ def discover_lines(report: dict[str, Any], *, wide: bool = False) -> list[str]:
         for d in p["devices"]:
             row = [p["name"], p["resource"], p["mode"], d["id"], d["state"]]
             rows.append([*row, d["numa"], d["parent"]] if wide else row)
-    lines += ["", *_table(headers, rows)]
+    lines += ["", *table(headers, rows)]
     return lines
 
 
@@ -116,7 +115,6 @@ def _discover(args: argparse.Namespace) -> int:
 READY, NOT_READY, NOT_RUNNING = Exit.OK, 1, Exit.HOST
 OUTPUTS = ("table", "wide", "json", "yaml")
 DOCUMENTS = ("json", "yaml")  # the whole document, not tables
-NONE = "<none>"  # kubectl's word for an empty cell
 
 
 def _add_output(command: argparse.ArgumentParser, more: str = "") -> None:
@@ -141,14 +139,6 @@ def _print_document(doc: object, output: str) -> int:
     return Exit.OK
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """kubectl's layout: upper-case headers, columns left-aligned, three spaces apart."""
-    cells = [list(headers), *([NONE if c is None else str(c) for c in r] for r in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return ["   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in cells]  # fmt: skip
-
-
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -159,24 +149,35 @@ def _prog(a: AllocationStatus) -> object:
     return f"{a.xdp_prog_id}(detached)" if a.xdp_fault else a.xdp_prog_id
 
 
+def _frames(d: DeviceStatus) -> object:
+    """What its XDP program counted, one word: per queue, redirected/no
+    socket/control (``q0=200/5/0,q3=0/17/0``: frames arrive on queue 3, where
+    no socket is bound)."""
+    if d.xdp_frames is None:
+        return None
+    return ",".join(f"q{q.queue}={q.redirected}/{q.no_socket}/{q.control}"
+                    for q in d.xdp_frames) or "0"  # fmt: skip
+
+
 def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
     """Three tables: the node, its pools, their devices (``-o wide``: more
     columns); a fourth with the prepared DRA claims when there are any."""
     devices = [(p, d) for p in doc.pools for d in p.devices]
-    lines = _table(
-        ["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS"],
+    lines = table(
+        ["NODE", "READY", "POOLS", "DEVICES", "ALLOCATED", "QUEUED-DELS", "DATAPATH"],
         [(doc.node, _yes(not doc.unready_reasons()), len(doc.pools), len(devices),
-          len(doc.allocations), doc.queued_dels)],
+          len(doc.allocations), doc.queued_dels, doc.datapath)],
     )  # fmt: skip
     lines.append("")
-    lines += _table(
+    lines += table(
         ["POOL", "RESOURCE", "API", "MODE", "REGISTERED", "DEVICES", "FREE"],
         [(p.label, p.resource, p.api, p.mode, _yes(p.registered), len(p.devices),
           sum(d.state == "free" for d in p.devices)) for p in doc.pools],
     )  # fmt: skip
     headers = ["POOL", "DEVICE", "STATE", "HEALTH", "POD"]
     if wide:
-        headers += ["NUMA", "PARENT", "XDP-MODE", "PROG-ID", "SOCKET", "CONNECTIONS", "ACTIVE"]
+        headers += ["NUMA", "PARENT", "XDP-MODE", "PROG-ID", "SOCKET", "CONNECTIONS", "ACTIVE",
+                    "FRAMES(R/N/C)"]  # fmt: skip
     rows: list[list[object]] = []
     allocations = {a.device: a for a in doc.allocations}
     for pool, d in devices:
@@ -191,12 +192,13 @@ def status_lines(doc: Status, *, wide: bool = False) -> list[str]:
                 a.xdp_mode, _prog(a), a.uds_socket or a.pinned_map,
                 a.uds_connections, a.uds_active,
             ]  # fmt: skip
+            row.append(_frames(d))
         rows.append(row)
     lines.append("")
-    lines += _table(headers, rows)
+    lines += table(headers, rows)
     if doc.claims:  # DRA: each prepared ResourceClaim (one word per cell)
         lines.append("")
-        lines += _table(
+        lines += table(
             ["CLAIM", "UID", "DEVICES", "PODS"],
             [(f"{c.namespace}/{c.name}", c.uid, ",".join(c.devices) or None,
               ",".join(c.pods) or None) for c in doc.claims],
@@ -272,6 +274,12 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     defaults = Paths()
     doctor.configure(doctor_p, kubelet_dir=defaults.kubelet_dir, pin_dir=defaults.pin_dir)
+    top_p = sub.add_parser(
+        "top",
+        help="each device's XDP verdicts per second by queue (redirected, no socket, control), "
+             "refreshed in the terminal",
+    )  # fmt: skip
+    top.configure(top_p, run_dir=defaults.run_dir)
     install = sub.add_parser(
         "install-cni", help="copy the CNI plugin (the static 'afxdp' shim) into a CNI bin dir"
     )

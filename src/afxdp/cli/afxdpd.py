@@ -19,7 +19,9 @@ from afxdp import __version__, logsetup
 from afxdp.cli.common import Exit, default_node_name, load_or_report
 from afxdp.cli.heap import use_system_malloc
 from afxdp.config import LOG_DIR, refuse_pinned_maps
+from afxdp.datapath import LAYOUT_ENV, MAP_IN_MAP, PER_POD, forced_layout
 from afxdp.dra.apiserver import ApiServerClaims
+from afxdp.errors import ConfigError
 from afxdp.kindnet import KindNetError
 from afxdp.metrics import DEFAULT_ADDRESS, MetricsBindError, parse_address
 from afxdp.secondary import DevlinkSubfunctions
@@ -36,7 +38,14 @@ DRAIN_TIMEOUT = 25.0
 
 def parser() -> argparse.ArgumentParser:
     d = Paths()
-    ap = argparse.ArgumentParser(prog="afxdpd", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="afxdpd",
+        description=__doc__,
+        epilog=f"environment: {LAYOUT_ENV}={MAP_IN_MAP} or {PER_POD} forces the datapath "
+        "layout (default: map-in-map, one XDP program per device and a pod's XSKMAP in its "
+        "slot, where the kernel takes it, else per-pod, one XDP program per pod); "
+        "afxdpctl doctor says which one runs here",
+    )
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--config", type=Path, default=Path("config.json"),
                     help="config file (default: ./config.json, as the original)")  # fmt: skip
@@ -194,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     if loaded is None:
         return Exit.CONFIG
     try:
+        forced_layout()
+    except ConfigError as exc:
+        print(f"afxdpd: {exc}", file=sys.stderr)
+        return Exit.CONFIG
+    try:
         logsetup.setup(
             loaded.config.log_level, loaded.config.log_file, args.log_dir, args.log_format
         )
@@ -232,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # A part that fails to start reaches us inside its task groups' groups.
         failures = list(_leaves(exc))
-        if not all(isinstance(e, KindNetError | MetricsBindError | OSError) for e in failures):
+        if not all(isinstance(e, KindNetError | MetricsBindError | OSError | ConfigError)
+                   for e in failures):  # fmt: skip
             raise
         for failure in failures:
             if isinstance(failure, KindNetError):
@@ -246,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return Exit.METRICS
         if any(isinstance(e, KindNetError) for e in failures):
             return Exit.KIND
+        if any(isinstance(e, ConfigError) for e in failures):  # map-in-map forced, refused
+            return Exit.CONFIG
         return Exit.POOL
     return Exit.OK
 

@@ -6,7 +6,7 @@ import enum
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from afxdp.config import Config, LoadedConfig, load_config_file
@@ -46,3 +46,14 @@ def load_or_report(
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
         return None
+
+
+NONE = "<none>"  # kubectl's word for an empty cell
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """kubectl's layout: upper-case headers, columns left-aligned, three spaces apart."""
+    cells = [list(headers), *([NONE if c is None else str(c) for c in r] for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return ["   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells]  # fmt: skip

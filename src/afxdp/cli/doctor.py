@@ -25,6 +25,8 @@ import msgspec
 
 from afxdp.bpf import libbpf
 from afxdp.bpf.pinning import fs_type
+from afxdp.datapath import choose_layout
+from afxdp.errors import AfxdpError
 from afxdp.inventory import unprivileged_bpf_disabled
 
 AF_XDP = 44  # not in the socket module
@@ -59,6 +61,10 @@ class Facts(msgspec.Struct):
     device_plugins_dir: bool
     pod_resources_socket: bool
     unprivileged_bpf_disabled: int | None
+    # The datapath layout afxdpd would run here (datapath.choose_layout) and
+    # why; None: it could not be said (the reason says why).
+    datapath: str | None = None
+    datapath_reason: str | None = None
 
 
 class Check(msgspec.Struct):
@@ -100,8 +106,19 @@ def _libbpf() -> tuple[str | None, str | None]:
 
 
 def _xdp_object() -> str | None:
-    path = Path(str(resources.files("afxdp.bpf") / "xdp_redirect.o"))
-    return str(path) if path.is_file() else None
+    """The compiled programs' directory; None when either program is missing."""
+    where = Path(str(resources.files("afxdp.bpf")))
+    found = all((where / f"{stem}.o").is_file() for stem in ("xdp_redirect", "xdp_slot"))
+    return str(where / "xdp_redirect.o") if found else None
+
+
+def _datapath() -> tuple[str | None, str]:
+    """The layout afxdpd would choose here, and why (it loads our program,
+    attaching it nowhere)."""
+    try:
+        return choose_layout()
+    except (AfxdpError, OSError) as exc:
+        return None, str(exc)
 
 
 def _writable_dir(path: Path) -> str | None:
@@ -128,6 +145,7 @@ def probe(pin_dir: Path, cni_bin_dir: Path, kubelet_dir: Path) -> Facts:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     af_xdp_error, af_xdp_errno = _af_xdp()
     libbpf_version, libbpf_error = _libbpf()
+    layout, layout_reason = _datapath() if libbpf_version is not None else (None, "no libbpf")
     return Facts(
         kernel=os.uname().release,
         bpffs_mounts=_bpffs_mounts(),
@@ -145,6 +163,8 @@ def probe(pin_dir: Path, cni_bin_dir: Path, kubelet_dir: Path) -> Facts:
         device_plugins_dir=(kubelet_dir / "device-plugins").is_dir(),
         pod_resources_socket=_is_socket(kubelet_dir / "pod-resources" / "kubelet.sock"),
         unprivileged_bpf_disabled=unprivileged_bpf_disabled(),
+        datapath=layout,
+        datapath_reason=layout_reason,
     )
 
 
@@ -266,6 +286,19 @@ def _unprivileged_bpf(f: Facts) -> Check:
     return Check("unprivileged bpf", True, detail, info=True)
 
 
+def _datapath_check(f: Facts) -> Check:
+    """Which layout afxdpd runs here: informational (both work)."""
+    if f.datapath is None:
+        detail = f"not known: {f.datapath_reason}"
+    elif f.datapath == "map-in-map":
+        detail = (f"map-in-map ({f.datapath_reason}): one program per device, a pod's "
+                  "XSKMAP put in its slot; frames counted")  # fmt: skip
+    else:
+        detail = (f"{f.datapath} ({f.datapath_reason}): a program per pod, each "
+                  "Allocate changes the device's program; no counters")  # fmt: skip
+    return Check("datapath", True, detail, info=True)
+
+
 def checks(f: Facts) -> list[Check]:
     """Every verdict on ``f``, in the order a reader fixes them."""
     return [
@@ -278,6 +311,7 @@ def checks(f: Facts) -> list[Check]:
         _cni_bin(f),
         *_kubelet(f),
         _unprivileged_bpf(f),
+        _datapath_check(f),
     ]
 
 
