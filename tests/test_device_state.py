@@ -930,6 +930,30 @@ async def test_an_add_of_a_device_taken_over_without_its_pods_program_fails_sayi
         )
 
 
+async def test_a_program_left_in_a_pod_by_an_allocation_that_ended_there_goes_when_it_comes_home(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 (state machine, finding 6): an allocation that ends while its
+    device is in its pod's netns cannot detach the pod's program (out of
+    reach); when the DEL brings the device home to no pool, it is taken off."""
+    async with running(_named("p", "a"), tmp_path=tmp_path) as n:
+        [handout] = await n.devices.allocate("p", ["a"])
+        assert handout.xdp is not None
+        n.kubelet.held.add("a")
+        n.datapath.in_pods.add("a")  # the CNI ADD moved it into its pod
+        await n.devices.replace_pools([])  # the config drops its pool: it drains
+        n.kubelet.held.clear()  # the pod ends, its device still in its netns
+        assert await n.devices.reconcile(grace=0.0) == ["a"]
+        await n.settle()
+        assert "p" not in n.devices.pools and "a" in n.handouts.swap_pending
+        n.datapath.in_pods.discard("a")  # its DEL brings it home, the program on it
+        n.datapath.stale["a"] = handout.xdp.prog_id
+        n.datapath.log.clear()
+        await n.devices.came_home("a", False)
+        await n.settle()
+        assert n.datapath.log == ["detach_stale a"] and not n.handouts.swap_pending
+
+
 def _answer(
     held: dict[str, set[str]] | None,
 ) -> Callable[[], Awaitable[dict[str, set[str]] | None]]:

@@ -25,6 +25,7 @@ from afxdp import control
 from afxdp import status as st
 from afxdp.bpf import libbpf
 from afxdp.cni import shim
+from afxdp.datapath import MAP_IN_MAP
 from afxdp.dra.apiserver import ApiServerClaims
 from afxdp.dra.claims import journal as claims_journal
 from afxdp.state import StateStore
@@ -62,12 +63,16 @@ def prog_exists(prog_id: int) -> bool:
 
 
 def until_fresh_program(read_status: Callable[[], Any], dev: str, pods: int) -> int:
-    """The fresh program a released device gets in place of its pod's (in the
-    background, after Unprepare answered), once status says it is on."""
+    """The program a released device carries for the next pod (in the
+    background, after Unprepare answered), once status says it is on: a fresh
+    one in place of its pod's (per-pod layout), or the same one with its slot
+    emptied (map-in-map: the pod's map is what goes)."""
     deadline = time.monotonic() + 10
     while True:
-        [d] = [d for p in read_status()["pools"] for d in p["devices"] if d["id"] == dev]
-        if d["prepared"] and d["xdp_prog_id"] not in (None, pods):
+        status = read_status()
+        [d] = [d for p in status["pools"] for d in p["devices"] if d["id"] == dev]
+        kept = status["datapath"] == MAP_IN_MAP
+        if d["prepared"] and d["xdp_prog_id"] is not None and (d["xdp_prog_id"] == pods) == kept:
             return int(d["xdp_prog_id"])
         assert time.monotonic() < deadline, f"{dev} never got a fresh program: {d}"
         time.sleep(0.02)
@@ -136,7 +141,7 @@ async def test_a_claim_prepared_serves_its_pods_handshake_and_unprepare_leaves_n
             assert not (node.paths.uds_dir / d0).exists()
             read = partial(control.read_status, node.paths.run_dir)
             fresh = await anyio.to_thread.run_sync(until_fresh_program, read, d0, pods_prog)
-            assert prog_on(d0) == fresh and not prog_exists(pods_prog)
+            assert prog_on(d0) == fresh and prog_exists(pods_prog) == (fresh == pods_prog)
             assert claims_journal(tmp_path / "state").load() == {}
             assert StateStore(tmp_path / "state").load().allocations == {}
     finally:
@@ -237,7 +242,7 @@ async def test_kill9_between_prepare_and_unprepare_keeps_the_claim_and_unprepare
         assert not (tmp_path / "cdi" / f"afxdp.dev_claim-{UID}.json").exists()
         assert not (node.uds_dir / d0).exists()
         fresh = await anyio.to_thread.run_sync(until_fresh_program, node.status, d0, prog)
-        assert prog_on(d0) == fresh and not prog_exists(prog)
+        assert prog_on(d0) == fresh and prog_exists(prog) == (fresh == prog)
         node.proc.send_signal(signal.SIGTERM)
         assert node.proc.wait(timeout=20) == 0, node.log()
         assert StateStore(tmp_path / "state").load().allocations == {}
