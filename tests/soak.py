@@ -59,13 +59,14 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -167,7 +168,8 @@ def connections_on(pid: int, port: int) -> int:
 
 @dataclass(frozen=True)
 class Bounds:
-    """How much the last sample may exceed the one after the first 10 %.
+    """How much the last sample may exceed the one after the first 10 % (RSS:
+    the median of the last three, the first three's; ``growth``).
 
     fds: the same allocations are live at every sample, so a lasting increase
     is a leak; the margin covers a gRPC or PodResources connection caught
@@ -227,9 +229,15 @@ class Summary:
 
 
 def growth(samples: Sequence[Sample], bounds: Bounds) -> list[str]:
-    """What grew past ``bounds`` from the first sample to the last."""
+    """What grew past ``bounds`` from the first sample to the last. RSS is
+    compared as the median of the first three samples and of the last three:
+    one sample can catch the heap between the service's trims (a 40 MB spike
+    was seen once), while a leak raises every later sample."""
     first, last = samples[0], samples[-1]
     found = []
+    if len(samples) >= 6:
+        first = replace(first, rss_kib=statistics.median_low(s.rss_kib for s in samples[:3]))
+        last = replace(last, rss_kib=statistics.median_low(s.rss_kib for s in samples[-3:]))
     if last.fds > first.fds + bounds.fds:
         found.append(f"fds {first.fds} after {first.after} -> {last.fds} after {last.after}")
     if last.threads > first.threads + bounds.threads:

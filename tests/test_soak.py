@@ -159,3 +159,18 @@ def test_holder_problems_name_what_the_soaks_record_rules_out() -> None:
     ]
     assert problems(_status(*right, draining=True))[0].startswith("pool soak is not served")
     assert problems(_status(*right, registered=False))[0].startswith("pool soak is not served")
+
+
+def test_rss_growth_is_a_rise_of_the_last_samples_not_one_spike() -> None:
+    """One sample caught between the service's heap trims is no leak; a rise of
+    every later sample is (the soak's growth check, on its own)."""
+
+    def run(*rss: int) -> list[soak.Sample]:
+        return [soak.Sample(after=100 * (i + 1), fds=50, threads=10, rss_kib=r)
+                for i, r in enumerate(rss)]  # fmt: skip
+
+    flat = [60_000, 59_700, 62_200, 61_300, 59_700, 61_800, 61_100, 60_600, 62_800]
+    bounds = soak.Bounds()
+    assert soak.growth(run(*flat, 102_800), bounds) == []  # one spike at the end
+    leak = soak.growth(run(*flat[:6], 66_000, 67_000, 68_000, 69_000), bounds)
+    assert len(leak) == 1 and leak[0].startswith("RSS 60000 KiB after 100 -> 68000 KiB after 1000")
