@@ -164,6 +164,11 @@ class FakeDatapath:
             self.log.append(f"detach_stale {device}")
         return prog
 
+    def detach_at(self, ifindex: int, prog_id: int | None) -> int | None:
+        """Recorded ("detach_at <ifindex> <prog_id>"): the FAKE knows no ifindexes."""
+        self.log.append(f"detach_at {ifindex} {prog_id}")
+        return prog_id
+
     def attach(self, device: str) -> FakeProgram:
         """Attaches in place of a program of ours left on ``device`` ("replace")."""
         if device in self.fail_attach:
@@ -248,6 +253,15 @@ class FakeKernel:
     def detach_stale(self, device: str) -> int | None:
         self._here(device)
         return self.take_off(device, "detach_stale")
+
+    def detach_at(self, ifindex: int, prog_id: int | None) -> int | None:
+        """By the link's ifindex, whatever its name (only ours: prog_id, or any)."""
+        for link, index in self.ifindexes.items():
+            on = self.attached.get(link)
+            if index == ifindex and self.in_host(link) and on is not None \
+                    and prog_id in (None, on):  # fmt: skip
+                return self.take_off(link, "detach_at")
+        return None
 
     def attach(self, device: str) -> KernelProgram:
         self._here(device)

@@ -51,8 +51,8 @@ def _named(name: str, *ids: str, **extra: object) -> Pool:
     return Pool(config, {i: PoolDevice(i) for i in ids})
 
 
-def _netdev(name: str, *, up: bool = True, driver: str = "veth") -> NetDev:
-    return NetDev(name=name, ifindex=1, driver=driver, oper_state="up" if up else "down",
+def _netdev(name: str, *, up: bool = True, driver: str = "veth", ifindex: int = 1) -> NetDev:
+    return NetDev(name=name, ifindex=ifindex, driver=driver, oper_state="up" if up else "down",
                   admin_up=up)  # fmt: skip
 
 
@@ -62,16 +62,17 @@ class Links:
 
     def __init__(self, *up: str) -> None:
         self.up: dict[str, bool] = dict.fromkeys(up, True)
+        self.index: dict[str, int] = {}  # a link's ifindex, by name (1 when not said)
 
     def get(self, name: str) -> NetDev | None:
         state = self.up.get(name)
-        return None if state is None else _netdev(name, up=state)
+        return None if state is None else _netdev(name, up=state, ifindex=self.index.get(name, 1))
 
     async def read(self, name: str) -> NetDev | None:
         return self.get(name)
 
     async def scan(self) -> list[NetDev]:
-        return [_netdev(n, up=u) for n, u in self.up.items()]
+        return [nd for n in self.up if (nd := self.get(n)) is not None]
 
 
 class AskedKubelet(Kubelet):
@@ -466,6 +467,33 @@ async def test_a_recreated_link_is_healthy_again_with_a_fresh_program(tmp_path: 
         assert _states(pool) == {"a": "free"}
         assert n.devices.handouts.prepared["a"] is not first
         assert n.datapath.log == ["attach a", "abandon a", "attach a"]
+
+
+async def test_a_rename_a_resync_finds_withdraws_the_device_and_takes_its_program_off(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 review, attack 8, when the rename's event was lost (a socket
+    overflow): the re-read finds the device's ifindex under another name."""
+    pool = _named("p", "a")
+    links = Links("a")
+    links.index["a"] = 7
+    start = {"a": links.get("a")}
+    async with running(pool, tmp_path=tmp_path, links=links,
+                       netdevs={k: v for k, v in start.items() if v}) as n:  # fmt: skip
+        n.devices.prepare_all()
+        await n.settle()
+        prog = n.handouts.prepared["a"].prog_id
+        del links.up["a"]
+        links.up["a2"], links.index["a2"] = True, 7
+        await n.devices.resync()
+        await n.settle()
+        assert _states(pool) == {"a": "unhealthy"} and n.handouts.prepared == {}
+        assert pool.devices["a"].problem == "its link was renamed to a2"
+        assert f"detach_at 7 {prog}" in n.datapath.log
+        links.up["a"], links.index["a"] = True, 8  # a new link of the name
+        n.devices.on_link(LinkEvent("a", Change.UP, 8))
+        await n.settle()
+        assert _states(pool) == {"a": "free"} and pool.devices["a"].problem is None
 
 
 async def test_a_free_device_whose_link_is_down_gets_no_program_until_it_is_up(

@@ -13,15 +13,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import grpc
 import pytest
 
 from afxdp import control, inventory, logsetup
+from afxdp.bpf import libbpf
+from afxdp.datapath import LAYOUT_ENV, MAP_IN_MAP, PER_POD
 from afxdp.deviceplugin.v1beta1 import api_pb2 as dp
 from afxdp.netwatch import Change, LinkEvent, NetWatch
 from tests.kernel import Lab, ip
 from tests.node import NodeUnderTest as Node
 from tests.node import running
-from tests.test_deviceplugin import health, until
+from tests.test_deviceplugin import health, socket_index, until
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
 
@@ -256,3 +259,103 @@ async def test_netlink_messages_not_from_the_kernel_are_ignored(lab: Lab) -> Non
                 await anyio.sleep(0.01)
     assert Change.REMOVED not in [e.change for e in seen if e.name == dev]
     assert watch.foreign == 1
+
+
+@pytest.fixture(params=[MAP_IN_MAP, PER_POD])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The datapath layout the service runs with, forced (both are tested)."""
+    monkeypatch.setenv(LAYOUT_ENV, request.param)
+    return str(request.param)
+
+
+async def _device_status(node: Node, device: str) -> dict[str, object]:
+    status = await node.call(control.read_status, node.paths.run_dir)
+    [dev] = [d for p in status["pools"] for d in p["devices"] if d["id"] == device]
+    return dict(dev)
+
+
+async def _until_status(node: Node, device: str, done: Callable[[dict[str, object]], bool]
+                        ) -> dict[str, object]:  # fmt: skip
+    """The device's status once ``done`` holds for it (status has no change stream)."""
+    with anyio.fail_after(10):
+        while not done(dev := await _device_status(node, device)):
+            await anyio.sleep(0.02)
+    return dev
+
+
+async def _until_off(index: int) -> None:
+    """Until no XDP program is on link ``index`` (taken off in the background)."""
+    with anyio.fail_after(10):
+        while libbpf.xdp_query_id(index):
+            await anyio.sleep(0.02)
+
+
+async def test_a_free_devices_link_renamed_is_withdrawn_and_our_program_leaves_it(
+    node: Node, lab: Lab, layout: str
+) -> None:
+    """Issue 19 review, attack 8: a free device's link renamed is no longer
+    the device (Unhealthy, status saying why, never handed out), and the
+    program we prepared on it is taken off the renamed link; a link named
+    the device later is a new one, prepared as any."""
+    d0, d1, _ = node.devices
+    renamed = lab.name("hrn")
+    async with running(node):
+        stream = node.plugin().list_and_watch()
+        try:
+            assert health(await node.call(next, stream)) == dict.fromkeys(node.devices, "Healthy")
+            await _until_status(node, d1, lambda d: bool(d["prepared"]))
+            index = socket_index(d1)
+            assert libbpf.xdp_query_id(index)
+            ip("link", "set", d1, "name", renamed)
+            lab.host_links.append(renamed)
+            got = await until(node, stream, {d1: "Unhealthy"})
+            assert got[d0] == "Healthy"
+            dev = await _device_status(node, d1)
+            assert dev["fault"] == f"its link was renamed to {renamed}" and not dev["prepared"]
+            await _until_off(index)  # the renamed link carries nothing of ours
+            with pytest.raises(grpc.RpcError, match=f"{d1}: unhealthy"):
+                await node.allocate(d1)
+            # A new link under the device's name: a new device, prepared as any.
+            lab.veth(d1, lab.name("hnw"))
+            ip("link", "set", d1, "up")
+            ip("link", "set", lab.name("hnw"), "up")
+            await until(node, stream, {d1: "Healthy"})
+            dev = await _until_status(node, d1, lambda d: bool(d["prepared"]))
+            assert dev["fault"] is None
+            assert libbpf.xdp_query_id(socket_index(d1)) == dev["xdp_prog_id"]
+            assert libbpf.xdp_query_id(index) == 0
+        finally:
+            stream.cancel()
+
+
+async def test_an_allocated_devices_link_renamed_says_so_and_loses_the_pods_program_at_the_end(
+    node: Node, lab: Lab, layout: str
+) -> None:
+    """Issue 19 review, attack 7: an allocated device's link renamed while its
+    pod holds it is a fault status shows; when the allocation ends, the pod's
+    program is taken off the renamed link (by its index: no link of the
+    device's name will ever bring it home)."""
+    d0, d1, _ = node.devices
+    renamed = lab.name("hrm")
+    async with running(node):
+        assert node.service is not None and node.service.devices is not None
+        stream = node.plugin().list_and_watch()
+        try:
+            assert health(await node.call(next, stream)) == dict.fromkeys(node.devices, "Healthy")
+            await node.allocate(d0)
+            node.kubelet.hold("pod-a", "afxdp/pool1", d0)
+            index = socket_index(d0)
+            assert libbpf.xdp_query_id(index)
+            ip("link", "set", d0, "name", renamed)
+            lab.host_links.append(renamed)
+            got = await until(node, stream, {d0: "Unhealthy"})
+            assert got[d1] == "Healthy"
+            dev = await _device_status(node, d0)
+            assert dev["fault"] == f"its link was renamed to {renamed}"
+            assert libbpf.xdp_query_id(index)  # still the pod's, while it holds the device
+            node.kubelet.pods.clear()  # the pod ends
+            assert await node.service.devices.reconcile(grace=0.0) == [d0]
+            assert libbpf.xdp_query_id(index) == 0
+            assert await node.states() == {d0: "unhealthy", d1: "free", node.devices[2]: "free"}
+        finally:
+            stream.cancel()

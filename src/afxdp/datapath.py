@@ -33,6 +33,7 @@ from afxdp.bpf.xdp import (
     AttachMode,
     XdpAttachment,
     attach_again,
+    detach_at,
     detach_stale,
     ifindex_of,
     ours_on,
@@ -175,6 +176,12 @@ class Datapath(Protocol):
 
     def detach_stale(self, device: str) -> int | None:
         """Detach a program of ours left on a free device; its id, or None."""
+        ...
+
+    def detach_at(self, ifindex: int, prog_id: int | None) -> int | None:
+        """Take our program ``prog_id`` (None: any of ours) off the link
+        ``ifindex`` of our netns, whatever it is called now (a device's link
+        renamed away); its id, or None when it is not there."""
         ...
 
     def attach(self, device: str) -> Program:
@@ -492,6 +499,9 @@ class KernelDatapath:
 
     def detach_stale(self, device: str) -> int | None:
         return detach_stale(device)
+
+    def detach_at(self, ifindex: int, prog_id: int | None) -> int | None:
+        return detach_at(ifindex, prog_id)
 
     def attach(self, device: str) -> Program:
         return _Attached(XdpAttachment.attach(device, replace_ours=True))

@@ -37,6 +37,11 @@ Rules, in order:
    and a pool the config moved it to waits (``held_by``, Unhealthy to
    kubelet) until that allocation ends. The same at a restart, from the
    record and from kubelet's word (what kubelet lists is never free).
+7. A device's link renamed (a link event of its ifindex under another name)
+   is no longer the device: Unhealthy, status saying so, until a link is
+   named the device's name again (a new link, prepared as any). What we put
+   on the renamed link is taken off it by its ifindex: a free device's
+   program at once, a pod's when its allocation ends.
 """
 
 from __future__ import annotations
@@ -127,6 +132,10 @@ class Devices:
         self._scan = scan
         self.netdevs = netdevs or {}
         self._seen = dict(self.netdevs)  # the start's scan: a fallback for what moved away
+        # The name of each link of our netns by ifindex, from the start's scan
+        # and every link event since: a link event of a known ifindex under
+        # another name is a rename (``_renamed``).
+        self._names = {nd.ifindex: nd.name for nd in self.netdevs.values() if nd.ifindex}
         self._holders = holders
         self._allocating = {p.name: anyio.Lock() for p in pools}
         # Pools a reload removed that still have allocations: not advertised,
@@ -442,6 +451,7 @@ class Devices:
                     pool.devices[dev_id] = dev
                 elif dev_id in pool.devices:  # keep the health we know
                     pool.devices[dev_id].healthy = dev.healthy
+                    pool.devices[dev_id].renamed = dev.renamed
         # A pool back in the config before it drained is served again too.
         added = [n for n in new_by_name if n not in self.pools or n in self.draining]
         removed = [n for n in self.pools if n not in new_by_name and n not in self.draining]
@@ -683,13 +693,23 @@ class Devices:
 
         An allocated device's link belongs to its pod: the CNI takes it down
         and moves it into the pod's netns, which must not make it Unhealthy.
-        Only its destruction counts (and its re-creation: rule 4); its real
-        state is read again later.
+        Only its destruction counts (and its re-creation: rule 4), or its
+        rename (rule 7); its real state is read again later.
         """
+        if event.index:
+            if event.change in (Change.REMOVED, Change.MOVED_OUT):
+                self._names.pop(event.index, None)
+            else:
+                was = self._names.get(event.index)
+                self._names[event.index] = event.name
+                if was is not None and was != event.name:
+                    self._renamed(was, event.name, event.index)
         for pool in self.pools.values():
             dev = pool.devices.get(event.name)
             if dev is not None and dev.parent is not None:
                 continue  # a secondary's own link comes and goes with its handout
+            if dev is not None and event.change in (Change.UP, Change.DOWN):
+                self._named_again(pool, dev, event.index)
             if dev is not None and dev.allocated and not self._destroyed(dev, event):
                 continue
             if pool.set_link(event.name, event.change is Change.UP):
@@ -702,6 +722,32 @@ class Devices:
                 self.handouts.forget_prepared(dev.id)
             elif event.change is Change.UP and pool.name not in self.draining:  # back (or new)
                 self.handouts.spawn(self._prepare, pool, dev)  # a draining pool's get none
+
+    def _renamed(self, old: str, new: str, index: int) -> None:
+        """The link ``index`` named ``old`` is named ``new`` now: for a device
+        named ``old`` (rule 7), its link is gone as if destroyed (Unhealthy,
+        status saying why), and what we put on it is taken off that link, by
+        its index: a free device's program now, an allocated one's when its
+        allocation ends (``Handouts.link_renamed``)."""
+        for pool in self.pools.values():
+            dev = pool.devices.get(old)
+            if dev is None or dev.parent is not None:
+                continue  # a secondary's link is made and deleted by its handout
+            dev.renamed = new
+            pool.set_link(old, False)
+            log.warning("%s: %s: its link was renamed to %s; no longer the device", pool.name,
+                        old, new, extra=about(pool=pool.name, device=old))  # fmt: skip
+            self.changes[pool.name].bump()
+        if self.find(old) is not None:
+            self.handouts.link_renamed(old, index)
+
+    def _named_again(self, pool: Pool, dev: PoolDevice, index: int) -> None:
+        """A link is named ``dev``'s name (a new one, or the one renamed away
+        coming back): the rename is over."""
+        if dev.renamed is not None:
+            dev.renamed = None
+            self.changes[pool.name].bump()
+        self.handouts.link_back(dev.id, index)
 
     def _destroyed(self, dev: PoolDevice, event: LinkEvent) -> bool:
         """Whether a link event of an allocated device is its link's destruction
@@ -764,8 +810,16 @@ class Devices:
         return [*self.netdevs.values(), *(nd for nd in elsewhere.values() if nd is not None)]
 
     async def resync(self) -> None:
-        """Re-read every link and apply what is true now (after lost events)."""
+        """Re-read every link and apply what is true now (after lost events),
+        a rename among them (a link known by its ifindex under another name)."""
         self.netdevs = {nd.name: nd for nd in await self._scan()}
+        names, self._names = self._names, {}
+        for nd in self.netdevs.values():
+            if nd.ifindex:
+                self._names[nd.ifindex] = nd.name
+                was = names.get(nd.ifindex)
+                if was is not None and was != nd.name:
+                    self._renamed(was, nd.name, nd.ifindex)
         for pool in self.pools.values():
             for dev in pool.devices.values():
                 if not dev.allocated:  # an allocated one's link is in its pod's netns

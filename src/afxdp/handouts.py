@@ -146,6 +146,10 @@ class Handouts:
         # Map-in-map: each device's last slot change in the background (set
         # when it is done); each waits for the one before (``_slot_change``).
         self._slot_changes: dict[str, anyio.Event] = {}
+        # Handed-out devices whose link was renamed away from the device's
+        # name (device -> the link's ifindex): the pod's program is taken off
+        # that link by its index when the allocation ends (``link_renamed``).
+        self.renamed: dict[str, int] = {}
 
     async def start(self, pool: Pool, ids: Sequence[str]) -> list[Handout]:
         """Hand out ``ids`` of ``pool``; all of them, or raise having undone everything."""
@@ -433,6 +437,53 @@ class Handouts:
                           extra=about(device=device))  # fmt: skip
             self.swap_pending.discard(device)
 
+    def link_renamed(self, device: str, ifindex: int) -> None:
+        """The link of ``device`` (``ifindex``) was renamed: it lives on under
+        another name, with what we put on it, and is no longer the device
+        (a link named ``device`` later is a new one, prepared as any). A free
+        device's program (prepared, or its last pod's left for a swap) is
+        taken off that link now, by its index: never handed out on a link
+        that is not the device's. A handed-out device's (or one an Allocate
+        is setting up) is taken off when its allocation ends (``release``)."""
+        if self._taken(device):
+            self.renamed[device] = ifindex
+            return
+        program = self.prepared.pop(device, None)
+        pending = device in self.swap_pending
+        self.swap_pending.discard(device)
+        if program is not None or pending:
+            self.spawn(self._free_off_renamed, device, ifindex, program)
+
+    def link_back(self, device: str, ifindex: int) -> None:
+        """A link is named ``device`` again (``ifindex``): when it is the one
+        renamed away while handed out, its pod's program is on its link again."""
+        if self.renamed.get(device) == ifindex:
+            del self.renamed[device]
+
+    async def _free_off_renamed(self, device: str, ifindex: int, program: Program | None
+                                ) -> None:  # fmt: skip
+        """A free device's ``program`` (None: its last pod's, any of ours) off
+        its link renamed since (``ifindex``); our handles of it go."""
+        try:
+            await self._off_renamed(device, ifindex, program.prog_id if program else None)
+        finally:
+            if program is not None:
+                program.abandon()  # only our handles: it is off, or on no link of the device
+
+    async def _off_renamed(self, device: str, ifindex: int, prog_id: int | None) -> None:
+        """Take program ``prog_id`` (None: any of ours) off the link
+        ``ifindex``, once ``device``'s, renamed since. A failure is logged:
+        the device goes on without that link either way."""
+        try:
+            gone = await run_sync(Work.DEVICES, self.datapath.detach_at, ifindex, prog_id)
+        except (AfxdpError, OSError) as exc:
+            log.error("%s: taking our program off its renamed link (ifindex %d) failed: %s",
+                      device, ifindex, exc, extra=about(device=device))  # fmt: skip
+            return
+        if gone is not None:
+            log.info("%s: program %d taken off its link renamed away (ifindex %d)", device,
+                     gone, ifindex, extra=about(device=device))  # fmt: skip
+
     def forget_prepared(self, device: str) -> None:
         """The device's link is gone, and the prepared program with it."""
         self.swap_pending.discard(device)
@@ -617,11 +668,17 @@ class Handouts:
         if handout is None:
             return False
         swap = swap and not self.closing
+        renamed = self.renamed.pop(device, None)
+        if renamed is not None and handout.xdp is not None:
+            # Its link was renamed away while the pod held it: the pod's
+            # program is on a link that is no longer the device (by its index:
+            # the name is another's, or nobody's). Never kept for the next pod.
+            await self._off_renamed(device, renamed, handout.xdp.prog_id)
         # Map-in-map: the device keeps its program, the slot emptied: it is
         # prepared again at once, and no swap is needed. (A pod's slot of a run
         # before this per-pod one is swapped as a per-pod program would be.)
         keep = swap and self.datapath.layout == MAP_IN_MAP and handout.xdp is not None \
-            and handout.xdp.carrier is not None  # fmt: skip
+            and handout.xdp.carrier is not None and renamed is None  # fmt: skip
         if swap and not keep:
             self.swap_pending.add(device)
         with anyio.CancelScope(shield=True):

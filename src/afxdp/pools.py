@@ -72,6 +72,9 @@ class PoolDevice:
     # was allocated in that one. Not this pool's to hand out until that
     # allocation ends; kubelet is told it is Unhealthy meanwhile.
     held_by: str | None = None
+    # The name its link was renamed to (that link is no longer the device);
+    # cleared when a link is named the device's name again.
+    renamed: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -99,6 +102,8 @@ class PoolDevice:
     @property
     def problem(self) -> str | None:
         """Why it cannot be handed out although its link may be fine; None: nothing."""
+        if self.renamed is not None:
+            return f"its link was renamed to {self.renamed}"
         return self.fault or (f"a pod of pool {self.held_by} holds it" if self.held_by else None)
 
 

@@ -161,6 +161,31 @@ def _detach_stale_here(netdev: str) -> int | None:
     return prog_id
 
 
+def detach_at(ifindex: int, prog_id: int | None = None) -> int | None:
+    """Take our program ``prog_id`` (None: any program of ours) off the link
+    ``ifindex`` in the calling thread's netns, by its index, not its name: a
+    link renamed away from a device's name still carries what we put on it.
+    Its id, or None when it is not there (nor, maybe, the link: nothing to do).
+    The detach names the program it expects: never another's, nor one
+    attached in between."""
+    for mode in AttachMode:
+        on = xdp_query_id(ifindex, mode.flag)
+        if not on or (on != prog_id if prog_id is not None else libbpf.prog_name(on) not in OURS):
+            continue
+        fd = libbpf.prog_fd(on)
+        try:
+            xdp_detach(ifindex, mode.flag, expected_prog_fd=fd)
+        except BpfError as exc:
+            # ENODEV: the link went meanwhile; EEXIST: another program took its place.
+            if exc.errno not in (errno.ENODEV, errno.ENOENT, errno.EEXIST):
+                raise
+            return None
+        finally:
+            os.close(fd)
+        return on
+    return None
+
+
 def ours_on(netdev: str) -> int | None:
     """The id of our program attached to ``netdev`` in the calling thread's
     netns; None when there is none, or no such netdev here (in a pod's netns)."""
