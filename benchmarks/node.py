@@ -29,6 +29,7 @@ from afxdp.workers import Work, run_program, run_sync
 START_TIMEOUT = 120.0  # 1,000 devices on 2 shared cores
 STOP_TIMEOUT = 20.0
 ALLOCATE_TIMEOUT = 120.0
+STREAM_HOLD = 3600.0  # ListAndWatch's deadline: longer than any full run
 POLL = 0.005  # status polling while waiting for an outcome (not a fixed wait)
 
 
@@ -123,7 +124,9 @@ class BenchNode:
         seconds = time.perf_counter() - t0
         self.plugin = PluginClient(self.kubelet.plugin_dir / f"afxdp-{self.POOL}.sock")
         stack.callback(self.plugin.close)
-        self.stream = self.plugin.list_and_watch(read_timeout=0.5)
+        # Held for the whole run, as kubelet holds it: the small node's figures
+        # together outlast the double's default deadline (meant for tests).
+        self.stream = self.plugin.list_and_watch(read_timeout=0.5, deadline=STREAM_HOLD)
         stack.callback(self.stream.cancel)
         return seconds
 

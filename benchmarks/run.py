@@ -7,8 +7,8 @@ measurement fails is still in the document, unmet, with its error; the exit
 code is then 1.
 
 Keys, in the order measured: startup_1000_devices_s, rss_mb
-(benchmarks/scale.py: one afxdpd on 1,000 veths); allocate_ms, cni_add_del_ms,
-handshake_ms, handshake_first_ms, health_event_ms (benchmarks/paths.py: a small node, whose
+(benchmarks/scale.py: one afxdpd on 1,000 veths); allocate_ms,
+allocate_reused_ms, cni_add_del_ms, handshake_ms, handshake_first_ms, health_event_ms (benchmarks/paths.py: a small node, whose
 start-up is also startup_1000_devices_s's baseline);
 pod_lifecycle_per_s and xsk_rx_pps (benchmarks/rates.py).
 """
@@ -35,15 +35,20 @@ RESULTS = HERE / "results.json"
 SAMPLES = HERE / "samples.json"
 
 GOALS = {
-    "allocate_ms": Goal("p50 <= 2 ms, p99 <= 5 ms", p50_max=2, p99_max=5),
-    "cni_add_del_ms": Goal("p50 <= 0.75x host-device", ratio_max=0.75),
+    # Issue 20: a free device's Allocate, and one whose last pod ended a second
+    # before (reclaimed inline), the common case on a node that recycles NICs.
+    "allocate_ms": Goal("p50 <= 1 ms", p50_max=1),
+    "allocate_reused_ms": Goal("p50 <= 1 ms, p99 <= 3 ms", p50_max=1, p99_max=3),
+    # Issue 20 adds "within 5 ms of the two-move floor": shown beside it, not checked.
+    "cni_add_del_ms": Goal("p50 <= host-device's p50", ratio_max=1.0),
     "handshake_ms": Goal("p99 <= 1 ms", p99_max=1),
     # A pod's first handshake, right after its ADD (issue 20): no wait on kubelet.
     "handshake_first_ms": Goal("p99 <= 1 ms", p99_max=1),
     # Not set by the issue: kubelet should learn of a dead link well inside a
     # scheduling decision; the kernel's own notification takes well under 1 ms.
     "health_event_ms": Goal("p99 <= 5 ms", p99_max=5),
-    "pod_lifecycle_per_s": Goal(">= 50/s", min=50),
+    # Issue 20: the kernel's floor here is below the earlier 50/s.
+    "pod_lifecycle_per_s": Goal(">= host-device's in the same run", ratio_min=1.0),
     "startup_1000_devices_s": Goal("<= 2 s", max=2),
     "rss_mb": Goal("<= 80 MB", max=80),
     # AF_XDP exists to beat the kernel's stack; in Python, at least match it.
@@ -61,13 +66,14 @@ class Counts:
     sessions: int = 1000
     events: int = 100
     first_handshakes: int = 200  # pods one after another on one device
+    reused: int = 100  # the same, a second apart: one reclaiming Allocate each
     pods: int = 200
     concurrency: int = 4
     rx_seconds: float = 3.0
 
 
 QUICK = Counts(allocations=30, cni_rounds=25, sessions=200, events=30, first_handshakes=40,
-               pods=40, rx_seconds=1.5)  # fmt: skip
+               reused=30, pods=40, rx_seconds=1.5)  # fmt: skip
 
 
 class Document:
@@ -114,10 +120,13 @@ async def measure_all(counts: Counts, work: Path) -> Document:
     async def small_node() -> None:
         run = await paths.measure(work / "paths", counts.allocations, counts.cni_rounds,
                                   counts.sessions, counts.events,
-                                  pods=counts.first_handshakes)  # fmt: skip
+                                  pods=counts.first_handshakes,
+                                  reused=counts.reused)  # fmt: skip
         at_scale = doc.samples.pop("allocate_ms", {})
         doc.latency("allocate_ms", run.allocate_ms, "raw libbpf attach", run.raw_attach_ms,
                     **at_scale)  # fmt: skip
+        doc.latency("allocate_reused_ms", run.allocate_reused_ms,
+                    "a free, prepared device's Allocate", run.allocate_ms)  # fmt: skip
         doc.latency("cni_add_del_ms", run.cni_ms, "host-device + host-local", run.host_device_ms,
                     **{"netns move floor": run.move_floor_ms})  # fmt: skip
         floor = figures.latency(run.move_floor_ms, "", run.move_floor_ms, Goal(""))
@@ -150,8 +159,8 @@ async def measure_all(counts: Counts, work: Path) -> Document:
 
     big = scale.ScaleRun()
     await doc.measure(["startup_1000_devices_s", "rss_mb"], big_node)
-    keys = ["allocate_ms", "cni_add_del_ms", "handshake_ms", "handshake_first_ms",
-            "health_event_ms"]  # fmt: skip
+    keys = ["allocate_ms", "allocate_reused_ms", "cni_add_del_ms", "handshake_ms",
+            "handshake_first_ms", "health_event_ms"]  # fmt: skip
     await doc.measure([*keys, "startup_1000_devices_s"], small_node)
     await doc.measure(["pod_lifecycle_per_s"], lifecycle)
     await doc.measure(["xsk_rx_pps"], rx)

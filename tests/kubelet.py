@@ -149,15 +149,18 @@ class PluginClient:
         resp: dp.AllocateResponse = self.call("Allocate", req)
         return resp
 
-    def list_and_watch(self, read_timeout: float = 5.0) -> WatchStream:
-        """The ListAndWatch stream: ``next()`` it for device lists; ``.cancel()`` it when done."""
+    def list_and_watch(
+        self, read_timeout: float = 5.0, deadline: float | None = None
+    ) -> WatchStream:
+        """The ListAndWatch stream: ``next()`` it for device lists; ``.cancel()`` it when done.
+        ``deadline`` (seconds; STREAM_DEADLINE unless given) ends it all the same."""
         fn = self.channel.unary_stream(
             "/v1beta1.DevicePlugin/ListAndWatch",
             request_serializer=dp.Empty.SerializeToString,
             response_deserializer=dp.ListAndWatchResponse.FromString,
         )
         # The call's own deadline ends the stream even if a test forgets to cancel it.
-        return WatchStream(fn(dp.Empty(), timeout=STREAM_DEADLINE), read_timeout)
+        return WatchStream(fn(dp.Empty(), timeout=deadline or STREAM_DEADLINE), read_timeout)
 
     def close(self) -> None:
         self.channel.close()
