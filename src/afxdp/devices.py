@@ -55,9 +55,8 @@ import anyio
 import msgspec
 
 from afxdp import config, contracts
-from afxdp.datapath import Program
 from afxdp.errors import AfxdpError, DeviceError
-from afxdp.handouts import Handout, Handouts, loads_program
+from afxdp.handouts import Carried, Handout, Handouts, loads_program
 from afxdp.inventory import NetDev
 from afxdp.logsetup import about
 from afxdp.netdev import name_problem
@@ -177,7 +176,7 @@ class Devices:
         nd = self.netdevs.get(device)
         return msgspec.to_builtins(nd) if nd is not None else {}
 
-    def counting(self) -> list[tuple[str, str, Program]]:
+    def counting(self) -> list[tuple[str, str, Carried]]:
         """(pool, device, program) of every device that carries a program of
         ours: a pod's (in the pool that holds it), or a free device's."""
         out = []

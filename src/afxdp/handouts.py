@@ -46,6 +46,10 @@ from afxdp.workers import Work, run_sync
 
 log = logging.getLogger(__name__)
 
+# A program of ours on a device (a pod's, or a free device's), as Devices names
+# it: Devices reaches the datapath only through this module.
+Carried = Program
+
 
 @dataclass
 class Handout:
