@@ -232,7 +232,8 @@ def test_sighup_and_a_swapped_configmap_symlink_reload_afxdpd(
         [sys.executable, "-m", "afxdp.cli.afxdpd", "--config", str(cfg), "--node-name", "n1",
          "--kubelet-dir", str(kubelet.dir), "--uds-dir", str(tmp_path / "uds"),
          "--pin-dir", str(tmp_path / "pins"), "--run-dir", str(run_dir),
-         "--state-dir", str(tmp_path / "state"), "--metrics-address", ""],
+         "--state-dir", str(tmp_path / "state"), "--cdi-dir", str(tmp_path / "cdi"),
+         "--metrics-address", ""],
         env=ENV, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

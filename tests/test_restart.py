@@ -60,7 +60,8 @@ class Node:
              "--node-name", "n1", "--kubelet-dir", str(self.kubelet.dir),
              "--uds-dir", str(self.uds_dir), "--pin-dir", str(self.tmp / "pins"),
              "--run-dir", str(self.run_dir), "--state-dir", str(self.tmp / "state"),
-             "--log-dir", str(self.tmp / "log"), "--metrics-address", ""],
+             "--log-dir", str(self.tmp / "log"), "--cdi-dir", str(self.tmp / "cdi"),
+             "--metrics-address", ""],
             env=ENV, stderr=(self.tmp / "afxdpd.log").open("ab"),
         )  # fmt: skip
         until_ready(self.proc, self.run_dir, self.log)
