@@ -74,7 +74,26 @@ def _ip(*args: str) -> None:
         raise DeviceError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
-class FakeProgram:
+class PerPod:
+    """What a FAKE program of the per-pod layout answers for the map-in-map
+    parts of Program: no slot, no counters."""
+
+    carrier = None  # a program per handout
+
+    def give(self, control_to_kernel: bool) -> Any:
+        raise DeviceError("per-pod fake: no slot")
+
+    def install(self) -> None:
+        pass
+
+    def counters(self) -> None:
+        return None
+
+    def counters_fd(self) -> None:
+        return None
+
+
+class FakeProgram(PerPod):
     """FAKE Program: an 'attached' program that records its detach; one
     abandoned stays on its device in ``left`` (device -> program id), where
     the next attach finds it, as the kernel keeps it attached."""
@@ -110,20 +129,6 @@ class FakeProgram:
     def abandon(self) -> None:
         self._log.append(f"abandon {self.device}")
         self._left[self.device] = self.prog_id
-
-    carrier = None  # per-pod layout: a program per handout
-
-    def give(self, control_to_kernel: bool) -> FakeProgram:
-        raise DeviceError("per-pod fake: no slot")
-
-    def install(self) -> None:
-        pass
-
-    def counters(self) -> None:
-        return None
-
-    def counters_fd(self) -> None:
-        return None
 
 
 class FakeHandshake:
@@ -292,7 +297,7 @@ class FakeKernel:
         return KernelHandshake(self, netdev, path, idle_timeout)
 
 
-class KernelProgram:
+class KernelProgram(PerPod):
     """FAKE Program on a FakeKernel. ``detach`` takes it off only when it is
     still the one attached and its link is in our netns (as the kernel's
     expected-fd detach); an adopted one's detach is ``detach_stale`` by the
@@ -334,20 +339,6 @@ class KernelProgram:
 
     def abandon(self) -> None:
         pass  # stays attached: the kernel keeps it
-
-    carrier = None  # per-pod layout
-
-    def give(self, control_to_kernel: bool) -> KernelProgram:
-        raise DeviceError("per-pod fake: no slot")
-
-    def install(self) -> None:
-        pass
-
-    def counters(self) -> None:
-        return None
-
-    def counters_fd(self) -> None:
-        return None
 
 
 class KernelHandshake(FakeHandshake):

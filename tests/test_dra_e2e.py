@@ -23,37 +23,24 @@ import pytest
 
 from afxdp import control
 from afxdp import status as st
-from afxdp.bpf import libbpf
 from afxdp.cni import shim
 from afxdp.datapath import MAP_IN_MAP
 from afxdp.dra.apiserver import ApiServerClaims
 from afxdp.dra.claims import journal as claims_journal
 from afxdp.state import StateStore
-from afxdp.uds.client import HandshakeError, UdsClient
+from afxdp.uds.client import HandshakeError
 from tests.apiserver import FakeApiServer, resource_claim, result
 from tests.kernel import Lab, ip
 from tests.kubelet import FakeKubelet
 from tests.kubelet_dra import FakeDraKubelet
 from tests.node import NodeUnderTest, pool_config, running
 from tests.test_cni import cni
-from tests.test_restart import prog_on, until_ready
+from tests.test_restart import handshake, prog_on, until_ready
 
 pytestmark = [pytest.mark.privileged, pytest.mark.anyio]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 UID = "3d1f2c8e-5b7a-4c0e-9f61-0a2b3c4d5e6f"
 CLAIM = ("ns", "nic-claim", UID)
-
-
-def handshake(uds_dir: Path, dev: str, hostname: str) -> int:
-    """As the pod would, through the host side of its mounted directory: the XSKMAP's id."""
-    with UdsClient(uds_dir / dev / "afxdp.sock") as c:
-        c.connect(hostname)
-        fd = c.xsk_map_fd(dev)
-        c.fin()
-    try:
-        return int(libbpf.map_info(fd).id)
-    finally:
-        os.close(fd)
 
 
 def prog_exists(prog_id: int) -> bool:

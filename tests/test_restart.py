@@ -37,6 +37,18 @@ POD = "pod-r"
 SUBNET = "10.79.0"
 
 
+def handshake(uds_dir: Path, dev: str, hostname: str) -> int:
+    """As the pod would, through the host side of its mounted directory: the XSKMAP's id."""
+    with UdsClient(uds_dir / dev / "afxdp.sock") as c:
+        c.connect(hostname)
+        fd = c.xsk_map_fd(dev)
+        c.fin()
+    try:
+        return int(libbpf.map_info(fd).id)
+    finally:
+        os.close(fd)
+
+
 class Node:
     """afxdpd as a process on fixed directories, its kubelet double, its shim."""
 
@@ -92,16 +104,7 @@ class Node:
             client.close()
 
     def handshake(self, dev: str) -> int:
-        """As the pod would, through the host side of its mounted directory:
-        the XSKMAP's id."""
-        with UdsClient(self.uds_dir / dev / "afxdp.sock") as c:
-            c.connect(POD)
-            fd = c.xsk_map_fd(dev)
-            c.fin()
-        try:
-            return int(libbpf.map_info(fd).id)
-        finally:
-            os.close(fd)
+        return handshake(self.uds_dir, dev, POD)
 
     def netconf(self, dev: str) -> dict[str, Any]:
         return {

@@ -55,7 +55,7 @@ import anyio
 import msgspec
 
 from afxdp import config, contracts
-from afxdp.errors import AfxdpError, DeviceError
+from afxdp.errors import DeviceError
 from afxdp.handouts import Carried, Handout, Handouts, loads_program
 from afxdp.inventory import NetDev
 from afxdp.logsetup import about
@@ -458,13 +458,18 @@ class Devices:
             self.draining.add(name)
         for name, pool in new_by_name.items():
             self.draining.discard(name)
-            self.pools[name] = pool
-            self.changes.setdefault(name, Changes())
-            self._allocating.setdefault(name, anyio.Lock())
+            self._admit(pool)
             self.changes[name].bump()
         self.prune()
         self.prepare_all()
         return added, removed
+
+    def _admit(self, pool: Pool) -> None:
+        """Count ``pool`` among ours (in place of one of its name): its change
+        notification and Allocate lock stay, for listeners and callers waiting."""
+        self.pools[pool.name] = pool
+        self.changes.setdefault(pool.name, Changes())
+        self._allocating.setdefault(pool.name, anyio.Lock())
 
     def prune(self) -> list[str]:
         """Forget draining pools whose last allocation ended; their names."""
@@ -524,15 +529,11 @@ class Devices:
                 await self.handouts.forget(alloc)
                 continue
             pool, dev = self._holding(alloc.pool, alloc.device, alloc)
-            try:
-                await self.handouts.adopt(pool, alloc)
-            except (AfxdpError, OSError) as exc:
+            _, gone = await self.handouts.adopt_or_unknown(pool, alloc)
+            if gone is not None:
                 log.warning("%s: its program %s is gone (%s); kept allocated, setup unknown",
-                            alloc.device, alloc.prog_id, exc,
+                            alloc.device, alloc.prog_id, gone,
                             extra=about(pool=alloc.pool, device=alloc.device))  # fmt: skip
-                lost = msgspec.structs.replace(alloc, prog_id=None, setup_unknown=True)
-                await self.handouts.adopt(pool, lost)
-                await self.handouts.store.put([lost])
             dev.allocated, dev.healthy = True, True  # its link is its pod's to see
             kept.append(alloc.device)
             why = "held by a pod" if held is not None else "kubelet not reachable yet"
@@ -559,9 +560,7 @@ class Devices:
                 and (alloc.prog_id is None or alloc.pinned is not None),
                 bpf_map_pinning_enable=alloc is not None and alloc.pinned is not None,
             ))  # fmt: skip
-            self.pools[name] = pool
-            self.changes[name] = Changes()
-            self._allocating[name] = anyio.Lock()
+            self._admit(pool)
             self.draining.add(name)
             log.warning("%s: pool %s is no longer in the config; kept draining until kubelet "
                         "says no pod holds it", device, name,
@@ -796,21 +795,30 @@ class Devices:
         the durable record (else the last scan) describes them, which a config
         naming them still takes; without them a reload would see the config
         drop every device a pod has (and the pool lose it when its pod ends)."""
-        self.netdevs = {nd.name: nd for nd in await self._scan()}
-        elsewhere = {}
+        await self._rescan()
+        elsewhere = []
         for pool in self.pools.values():
             for dev in pool.devices.values():
                 if dev.allocated and dev.id not in self.netdevs:
                     alloc = self.handouts.store.record.allocations.get(dev.id)
-                    described = alloc.netdev if alloc is not None else {}
-                    elsewhere[dev.id] = (
-                        msgspec.convert(described, NetDev) if described else None
-                    ) or self._seen.get(dev.id)
-        return [*self.netdevs.values(), *(nd for nd in elsewhere.values() if nd is not None)]
+                    described = alloc.netdev if alloc is not None else None
+                    nd = msgspec.convert(described, NetDev) if described else self._seen.get(dev.id)
+                    if nd is not None:
+                        elsewhere.append(nd)
+        return [*self.netdevs.values(), *elsewhere]
 
     async def resync(self) -> None:
-        """Re-read every link and apply what is true now (after lost events),
-        a rename among them (a link known by its ifindex under another name)."""
+        """Re-read every link and apply what is true now (after lost events)."""
+        await self._rescan()
+        for pool in self.pools.values():
+            for dev in pool.devices.values():
+                if not dev.allocated:  # an allocated one's link is in its pod's netns
+                    name = dev.parent or dev.id
+                    self._apply_link(pool, name, self.netdevs.get(name))
+
+    async def _rescan(self) -> None:
+        """Read every link in our netns again, a rename among them (a link known
+        by its ifindex under another name)."""
         self.netdevs = {nd.name: nd for nd in await self._scan()}
         names, self._names = self._names, {}
         for nd in self.netdevs.values():
@@ -819,11 +827,6 @@ class Devices:
                 was = names.get(nd.ifindex)
                 if was is not None and was != nd.name:
                     self._renamed(was, nd.name, nd.ifindex)
-        for pool in self.pools.values():
-            for dev in pool.devices.values():
-                if not dev.allocated:  # an allocated one's link is in its pod's netns
-                    name = dev.parent or dev.id
-                    self._apply_link(pool, name, self.netdevs.get(name))
 
     async def _read_health(self, pool: Pool, name: str) -> None:
         self._apply_link(pool, name, await self._read_link(name))

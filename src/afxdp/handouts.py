@@ -251,15 +251,27 @@ class Handouts:
             # what the pod has on it is not known.
             setup_unknown=prog_id is None and (loads_program(cfg) or not in_host),
         )
-        try:
-            handout = await self.adopt(pool, alloc)
-        except (AfxdpError, OSError) as exc:  # gone since it was seen
-            log.warning("%s: taking over program %s failed: %s", dev.id, prog_id, exc,
+        handout, gone = await self.adopt_or_unknown(pool, alloc)
+        if gone is not None:  # gone since it was seen
+            log.warning("%s: taking over program %s failed: %s", dev.id, prog_id, gone,
                         extra=about(pool=pool.name, device=dev.id))  # fmt: skip
-            alloc = msgspec.structs.replace(alloc, prog_id=None, setup_unknown=True)
-            handout = await self.adopt(pool, alloc)
-        await self.store.put([alloc])
+        else:
+            await self.store.put([alloc])
         return handout
+
+    async def adopt_or_unknown(
+        self, pool: Pool, alloc: Allocation
+    ) -> tuple[Handout, AfxdpError | OSError | None]:
+        """``adopt``; when its program is gone, the allocation is kept all the
+        same, its setup unknown, and recorded so. Also returns why it was gone
+        (None: adopted as recorded), for the caller to say."""
+        try:
+            return await self.adopt(pool, alloc), None
+        except (AfxdpError, OSError) as exc:
+            lost = msgspec.structs.replace(alloc, prog_id=None, setup_unknown=True)
+            handout = await self.adopt(pool, lost)
+            await self.store.put([lost])
+            return handout, exc
 
     async def forget(self, alloc: Allocation) -> None:
         """Undo what a previous run left for an allocation that is over."""
@@ -606,16 +618,7 @@ class Handouts:
         elif handout.xdp is not None and keep_xdp:
             handout.xdp.abandon()  # replaced at the device's next allocation
         elif handout.xdp is not None:
-            try:
-                await run_sync(Work.DEVICES, handout.xdp.detach)
-            except AfxdpError as exc:
-                log.error("%s: detaching XDP failed: %s", handout.device, exc,
-                          extra=about(pool=handout.pool, device=handout.device))  # fmt: skip
-            if not await run_sync(Work.DEVICES, self.datapath.in_host, handout.device):
-                # Out of reach in its pod's netns, the program stays on it and
-                # comes home with it (a DEL): taken off then (``Devices.came_home``),
-                # or replaced by a fresh one, as a swap that did not come.
-                self.swap_pending.add(handout.device)
+            await self._detach(handout, handout.xdp)
         elif handout.setup_unknown and not keep_xdp:  # whatever of ours it came home with
             try:
                 await run_sync(Work.DEVICES, self.datapath.detach_stale, handout.device)
@@ -650,12 +653,20 @@ class Handouts:
             if keep_xdp:
                 carrier.abandon()
                 return
-            try:
-                await run_sync(Work.DEVICES, carrier.detach)
-            except AfxdpError as exc:
-                log.error("%s: detaching XDP failed: %s", device, exc)
-            if not await run_sync(Work.DEVICES, self.datapath.in_host, device):
-                self.swap_pending.add(device)  # taken off when it comes home, as per-pod
+            await self._detach(handout, carrier)
+
+    async def _detach(self, handout: Handout, program: Program) -> None:
+        """Detach ``program`` from the handout's device. Out of reach in its
+        pod's netns, the program stays on it and comes home with it (a DEL):
+        taken off then (``Devices.came_home``), or replaced by a fresh one, as a
+        swap that did not come."""
+        try:
+            await run_sync(Work.DEVICES, program.detach)
+        except AfxdpError as exc:
+            log.error("%s: detaching XDP failed: %s", handout.device, exc,
+                      extra=about(pool=handout.pool, device=handout.device))  # fmt: skip
+        if not await run_sync(Work.DEVICES, self.datapath.in_host, handout.device):
+            self.swap_pending.add(handout.device)
 
     async def release(self, device: str, keep_xdp: bool = False, *, swap: bool = False) -> bool:
         """Take ``device``'s handout back; False when it had none.
