@@ -301,13 +301,15 @@ class Devices:
                      extra=about(pool=pool.name, device=device))  # fmt: skip
             await self._read_health(pool, dev.parent or dev.id)
             self.changes[pool.name].bump()
-            if pool.name not in self.draining:
-                self.handouts.spawn(self._prepare, pool, dev)
+            self.handouts.spawn(self._prepare, pool, dev)
 
     async def _prepare(self, pool: Pool, dev: PoolDevice) -> None:
         """Attach a program to a free device ahead of Allocate; one that cannot
-        get one is Unhealthy, with the reason in status, until it can."""
+        get one is Unhealthy, with the reason in status, until it can. None for
+        a pod's device, nor for one of a draining pool (nobody allocates it)."""
         if dev.unknown or dev.held_by is not None or dev.allocated:  # a pod's
+            return
+        if pool.name in self.draining:
             return
         fault = await self.handouts.prepare(pool, dev)
         if fault != dev.fault:
@@ -718,8 +720,8 @@ class Devices:
                 continue
             if event.change is Change.REMOVED:  # its program went with the link
                 self.handouts.forget_prepared(dev.id)
-            elif event.change is Change.UP and pool.name not in self.draining:  # back (or new)
-                self.handouts.spawn(self._prepare, pool, dev)  # a draining pool's get none
+            elif event.change is Change.UP:  # back (or new): give it one
+                self.handouts.spawn(self._prepare, pool, dev)
 
     def _renamed(self, old: str, new: str, index: int) -> None:
         """The link ``index`` named ``old`` is named ``new`` now: for a device
